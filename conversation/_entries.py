@@ -1,0 +1,277 @@
+"""Entries: validation, the stored row format, identity, and marker edits.
+
+A stored row is the orjson encoding of one OpenAI-chat message with the
+engine's identity field first::
+
+    {"message_id":"1234","role":"user","content":"[Message ID: 1234] hi"}
+
+Keeping ``message_id`` and ``role`` as the first two fields lets the Lua
+scripts recognise a ``tool`` row without decoding JSON, and keeps rows readable
+with ``LRANGE``. ``message_id`` is stripped from everything handed to callers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final
+
+import orjson
+
+from ._errors import InvalidMessage
+
+ROLES: Final = frozenset({"user", "assistant", "system", "tool"})
+MAX_MESSAGE_ID_CHARS: Final = 256
+MAX_TAG_CHARS: Final = 2000
+
+#: The identity marker bots write into the visible text.
+MARKER_RE: Final = re.compile(r"\[Message ID: ([^\[\]\r\n]{1,256})\]")
+
+# Engine-maintained tags live directly after the marker (" [tag]" each), or at
+# the very start of the text ("[tag] " each) when the entry has no marker. Only
+# that zone is ever read or rewritten, so tags a user types further on stay text.
+_TAG_BODY = r"\[(?:deleted at (?P<deleted>[^\[\]\n]*)|Reactions: (?P<reactions>[^\[\]\n]*))\]"
+_TAG_AFTER_MARKER: Final = re.compile(" " + _TAG_BODY)
+_TAG_AT_START: Final = re.compile(_TAG_BODY + " ")
+_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
+
+Entry = dict[str, Any]
+Transform = Callable[[Entry, str], Entry]
+
+
+def normalise_message_id(message_id: object) -> str:
+    if isinstance(message_id, bool) or not isinstance(message_id, (str, int)):
+        raise InvalidMessage(
+            f"must be a str or int, not {type(message_id).__name__}", field="message_id"
+        )
+    text = str(message_id).strip()
+    if not text:
+        raise InvalidMessage("must not be empty", field="message_id")
+    if len(text) > MAX_MESSAGE_ID_CHARS:
+        raise InvalidMessage(f"longer than {MAX_MESSAGE_ID_CHARS} characters", field="message_id")
+    if "[" in text or "]" in text or _CONTROL_RE.search(text):
+        raise InvalidMessage("must not contain brackets or control characters", field="message_id")
+    return text
+
+
+def first_text(content: object) -> str | None:
+    """The text an identity marker is read from: the content, or its first text part."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text":
+                text = part.get("text")
+                return text if isinstance(text, str) else None
+    return None
+
+
+def identity_from_content(content: object) -> str | None:
+    text = first_text(content)
+    if text is None:
+        return None
+    match = MARKER_RE.search(text)
+    return match.group(1).strip() if match else None
+
+
+def _check_content(content: object) -> None:
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise InvalidMessage(
+            f"must be a str or a list of content parts, not {type(content).__name__}",
+            field="content",
+        )
+    for index, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise InvalidMessage(
+                f"part {index} must be a dict with a string 'type'", field="content"
+            )
+
+
+def build_entry(
+    role: object,
+    content: object,
+    *,
+    message_id: object = None,
+    name: object = None,
+    tool_calls: object = None,
+    tool_call_id: object = None,
+) -> Entry:
+    """Validate the fields of one turn and return its entry (identity first)."""
+    if role not in ROLES:
+        raise InvalidMessage(f"role {role!r:.40} is not one of {sorted(ROLES)}", field="role")
+    _check_content(content)
+    identity = (
+        normalise_message_id(message_id)
+        if message_id is not None
+        else identity_from_content(content)
+    )
+    entry: Entry = {"message_id": identity, "role": role, "content": content}
+    if name is not None:
+        if not isinstance(name, str):
+            raise InvalidMessage("must be a str", field="name")
+        entry["name"] = name
+    if tool_calls is not None:
+        if role != "assistant":
+            raise InvalidMessage("only assistant entries carry tool_calls", field="tool_calls")
+        if not isinstance(tool_calls, list) or not all(isinstance(c, dict) for c in tool_calls):
+            raise InvalidMessage("must be a list of dicts", field="tool_calls")
+        entry["tool_calls"] = tool_calls
+    if tool_call_id is not None:
+        if not isinstance(tool_call_id, str):
+            raise InvalidMessage("must be a str", field="tool_call_id")
+        entry["tool_call_id"] = tool_call_id
+    return entry
+
+
+def encode(entry: Entry, max_bytes: int) -> bytes:
+    try:
+        row = orjson.dumps(entry)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise InvalidMessage(f"cannot be serialised to JSON: {exc}", field="content") from exc
+    if len(row) > max_bytes:
+        raise InvalidMessage(
+            f"is {len(row)} bytes serialised; the limit is {max_bytes}", field="content"
+        )
+    return row
+
+
+def decode_row(row: bytes) -> tuple[str | None, str] | None:
+    """(identity, role) of a stored row, or None when the row is corrupt."""
+    try:
+        entry = orjson.loads(row)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(entry, dict):
+        return None
+    identity, role = entry.get("message_id"), entry.get("role")
+    if role not in ROLES or not isinstance(identity, (str, type(None))):
+        return None
+    if not isinstance(entry.get("content"), (str, list)):
+        return None
+    return identity, role
+
+
+def to_messages(rows: Iterable[bytes]) -> list[Entry]:
+    """Fresh, caller-owned OpenAI-chat messages for stored rows (one parse, no deepcopy)."""
+    messages: list[Entry] = orjson.loads(b"[" + b",".join(rows) + b"]")
+    for message in messages:
+        del message["message_id"]
+    return messages
+
+
+# --- marker edits -----------------------------------------------------------------
+
+
+def clean_tag_value(value: object, what: str) -> str:
+    """Tag values come from platform users: brackets and control characters are neutralised."""
+    if not isinstance(value, str):
+        raise InvalidMessage(f"must be a str, not {type(value).__name__}", field=what)
+    cleaned = _CONTROL_RE.sub(" ", value).replace("[", "(").replace("]", ")").strip()
+    if len(cleaned) > MAX_TAG_CHARS:
+        raise InvalidMessage(f"longer than {MAX_TAG_CHARS} characters", field=what)
+    return cleaned
+
+
+def _read_tags(text: str, identity: str) -> tuple[int, int, bool, dict[str, str]]:
+    """Where the tag zone starts and ends, whether it follows a marker, and its tags."""
+    marker = f"[Message ID: {identity}]"
+    at = text.find(marker)
+    after_marker = at >= 0
+    start = at + len(marker) if after_marker else 0
+    pattern = _TAG_AFTER_MARKER if after_marker else _TAG_AT_START
+    tags: dict[str, str] = {}
+    end = start
+    while (match := pattern.match(text, end)) is not None:
+        for kind in ("deleted", "reactions"):
+            if match.group(kind) is not None:
+                tags.setdefault(kind, match.group(kind))
+        end = match.end()
+    return start, end, after_marker, tags
+
+
+def _write_tags(text: str, identity: str, changes: Mapping[str, str | None]) -> str:
+    start, end, after_marker, tags = _read_tags(text, identity)
+    for kind, value in changes.items():
+        if value:
+            tags[kind] = value
+        else:
+            tags.pop(kind, None)
+    rendered = []
+    if "deleted" in tags:
+        rendered.append(f"[deleted at {tags['deleted']}]")
+    if "reactions" in tags:
+        rendered.append(f"[Reactions: {tags['reactions']}]")
+    zone = (
+        "".join(f" {t}" for t in rendered) if after_marker else "".join(f"{t} " for t in rendered)
+    )
+    return text[:start] + zone + text[end:]
+
+
+def _map_first_text(entry: Entry, change: Callable[[str], str]) -> Entry:
+    content = entry["content"]
+    if isinstance(content, str):
+        return {**entry, "content": change(content)}
+    parts = list(content)
+    for index, part in enumerate(parts):
+        if (
+            isinstance(part, dict)
+            and part.get("type") == "text"
+            and isinstance(part.get("text"), str)
+        ):
+            parts[index] = {**part, "text": change(part["text"])}
+            return {**entry, "content": parts}
+    parts.insert(0, {"type": "text", "text": change("")})
+    return {**entry, "content": parts}
+
+
+def deleted_transform(deleted_at_iso: str) -> Transform:
+    def apply(entry: Entry, identity: str) -> Entry:
+        def change(text: str) -> str:
+            if "deleted" in _read_tags(text, identity)[3]:
+                return text  # idempotent: the first deletion time stands
+            return _write_tags(text, identity, {"deleted": deleted_at_iso})
+
+        return _map_first_text(entry, change)
+
+    return apply
+
+
+def reactions_transform(summary: str) -> Transform:
+    def apply(entry: Entry, identity: str) -> Entry:
+        return _map_first_text(
+            entry, lambda text: _write_tags(text, identity, {"reactions": summary})
+        )
+
+    return apply
+
+
+def edit_transform(new_content: str | list[Any]) -> Transform:
+    """Replace the content; a text-only edit of a media post keeps the media parts."""
+
+    def apply(entry: Entry, identity: str) -> Entry:
+        old = entry["content"]
+        old_text = first_text(old) or ""
+        old_tags = _read_tags(old_text, identity)[3]
+        if isinstance(new_content, str) and isinstance(old, list):
+            media = [p for p in old if not (isinstance(p, dict) and p.get("type") == "text")]
+            content: str | list[Any] = [{"type": "text", "text": new_content}, *media]
+        else:
+            content = new_content
+        updated = {**entry, "content": content}
+        # Reactions and a deletion tag belong to the platform message, not to its
+        # text: an edit that does not restate them keeps them.
+        new_tags = _read_tags(first_text(content) or "", identity)[3]
+        carried = {k: v for k, v in old_tags.items() if k not in new_tags}
+        if carried:
+            updated = _map_first_text(updated, lambda text: _write_tags(text, identity, carried))
+        return updated
+
+    return apply
+
+
+def check_new_content(new_content: object) -> str | list[Any]:
+    _check_content(new_content)
+    assert isinstance(new_content, (str, list))
+    return new_content

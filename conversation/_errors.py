@@ -1,0 +1,110 @@
+"""Errors raised by the engine.
+
+The tree::
+
+    ConversationError                 base of everything raised on purpose
+    ├── InvalidRoomId                 a room id that cannot be stored safely
+    ├── InvalidMessage                a role, content, id or tag the engine refuses
+    ├── PersistError                  Redis did not confirm a write
+    │   ├── DurabilityError           a durable write could not be confirmed
+    │   └── DrainTimeout              shutdown could not flush every write in time
+    ├── RedisUnavailable              a read that needs Redis could not reach it
+    ├── ConfigurationError            the manager was built with unusable settings
+    └── TemplateError                 a prompt template failed to load or render
+
+Backend errors are chained with ``raise ... from``, so the redis-py or Jinja
+exception that caused one stays reachable as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "ConversationError",
+    "DrainTimeout",
+    "DurabilityError",
+    "InvalidMessage",
+    "InvalidRoomId",
+    "PersistError",
+    "RedisUnavailable",
+    "TemplateError",
+]
+
+
+class ConversationError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class InvalidRoomId(ConversationError, ValueError):
+    """A room id that would break key layout or cluster slotting."""
+
+    def __init__(self, room_id: object, reason: str) -> None:
+        self.room_id = room_id
+        self.reason = reason
+        super().__init__(f"invalid room id {room_id!r:.80}: {reason}")
+
+
+class InvalidMessage(ConversationError, ValueError):
+    """A message the engine refuses to store; nothing already stored changes."""
+
+    def __init__(self, reason: str, *, field: str | None = None) -> None:
+        self.reason = reason
+        self.field = field
+        where = f" ({field})" if field else ""
+        super().__init__(f"invalid message{where}: {reason}")
+
+
+class PersistError(ConversationError):
+    """Redis did not confirm a write."""
+
+    def __init__(self, message: str, *, room_id: str | None = None) -> None:
+        self.room_id = room_id
+        super().__init__(message)
+
+
+class DurabilityError(PersistError):
+    """A ``durable=True`` write could not be confirmed before its deadline.
+
+    The turn has been taken out of this worker's memory and will not be retried
+    in the background. Redis may or may not hold it (a timeout is ambiguous):
+    call ``append_async`` again with ``idempotency_key=err.idempotency_key`` and
+    it lands exactly once.
+    """
+
+    def __init__(self, message: str, *, room_id: str, idempotency_key: str) -> None:
+        self.idempotency_key = idempotency_key
+        super().__init__(message, room_id=room_id)
+
+
+class DrainTimeout(PersistError):
+    """``drain``/``aclose`` ran out of time; ``unflushed`` maps room id to pending writes."""
+
+    def __init__(self, unflushed: dict[str, int]) -> None:
+        self.unflushed = unflushed
+        total = sum(unflushed.values())
+        super().__init__(f"{total} write(s) in {len(unflushed)} room(s) were not flushed to Redis")
+
+
+class RedisUnavailable(ConversationError):
+    """A read that must consult Redis (``ensure_fresh_from_redis``) could not."""
+
+    def __init__(self, message: str, *, room_id: str | None = None) -> None:
+        self.room_id = room_id
+        super().__init__(message)
+
+
+class ConfigurationError(ConversationError, ValueError):
+    """The manager or renderer was constructed with settings it cannot work with."""
+
+
+class TemplateError(ConversationError):
+    """A prompt template could not be found, compiled or rendered.
+
+    ``template`` and ``lineno`` name the file and line where Jinja located the
+    problem, when it did.
+    """
+
+    def __init__(self, message: str, *, template: str | None = None, lineno: int | None = None):
+        self.template = template
+        self.lineno = lineno
+        super().__init__(message)

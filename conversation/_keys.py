@@ -1,0 +1,80 @@
+"""Every Redis key the engine uses, built in one place.
+
+All of a room's keys share the hash tag ``{<room_id>}`` so that a room lives in
+one Redis Cluster slot and each Lua script touches a single slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._errors import InvalidRoomId
+
+MAX_ROOM_ID_BYTES = 512
+
+#: Suffixes of a room's companion keys, in the order every script receives them.
+WINDOW, META, LOG, IDEM, ARCHIVE, LEASE = "", ":meta", ":log", ":idem", ":archive", ":lease"
+
+
+def validate_room_id(room_id: object) -> str:
+    if not isinstance(room_id, str):
+        raise InvalidRoomId(room_id, f"must be a str, not {type(room_id).__name__}")
+    if not room_id:
+        raise InvalidRoomId(room_id, "must not be empty")
+    if "{" in room_id or "}" in room_id:
+        raise InvalidRoomId(room_id, "must not contain '{' or '}' (they would break the hash tag)")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in room_id):
+        raise InvalidRoomId(room_id, "must not contain newlines or other control characters")
+    try:
+        size = len(room_id.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidRoomId(room_id, "is not valid Unicode (lone surrogate)") from exc
+    if size > MAX_ROOM_ID_BYTES:
+        raise InvalidRoomId(room_id, f"is {size} bytes; the limit is {MAX_ROOM_ID_BYTES}")
+    return room_id
+
+
+@dataclass(frozen=True, slots=True)
+class RoomKeys:
+    """The keys of one room, in the order the Lua scripts take them as KEYS."""
+
+    window: str
+    meta: str
+    log: str
+    idem: str
+
+    def as_list(self) -> list[str]:
+        return [self.window, self.meta, self.log, self.idem]
+
+
+class KeySpace:
+    """Builds key names under a user-settable prefix."""
+
+    def __init__(self, prefix: str = "sg") -> None:
+        if not prefix or "{" in prefix or "}" in prefix:
+            raise ValueError(f"key prefix {prefix!r} must be non-empty and free of braces")
+        self.prefix = prefix
+
+    def room_base(self, room_id: str) -> str:
+        return f"{self.prefix}:conversation:{{{room_id}}}"
+
+    def room(self, room_id: str) -> RoomKeys:
+        base = self.room_base(room_id)
+        return RoomKeys(base + WINDOW, base + META, base + LOG, base + IDEM)
+
+    def archive(self, room_id: str) -> str:
+        return self.room_base(room_id) + ARCHIVE
+
+    def lease(self, room_id: str) -> str:
+        return self.room_base(room_id) + LEASE
+
+    def meta_pattern(self) -> str:
+        """SCAN pattern matching every room's meta key (for operator tools)."""
+        return f"{self.prefix}:conversation:{{*}}{META}"
+
+    def room_from_meta_key(self, key: str) -> str | None:
+        head = f"{self.prefix}:conversation:{{"
+        tail = "}" + META
+        if key.startswith(head) and key.endswith(tail):
+            return key[len(head) : -len(tail)]
+        return None

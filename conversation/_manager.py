@@ -1,0 +1,752 @@
+"""``ConversationManager``: per-room windows in memory, mirrored to Redis.
+
+Each room keeps two states: *synced*, an exact mirror of Redis at some
+(epoch, version), and the *view*, which is synced plus this worker's writes that
+Redis has not confirmed yet. Writes change the view at once and queue; one
+persist task per room sends the queue in order, and every script reply carries
+what other workers changed meanwhile, so synced stays exact without extra reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from redis.exceptions import RedisError
+
+from ._entries import (
+    Entry,
+    build_entry,
+    check_new_content,
+    clean_tag_value,
+    deleted_transform,
+    edit_transform,
+    encode,
+    normalise_message_id,
+    reactions_transform,
+    to_messages,
+)
+from ._errors import (
+    ConfigurationError,
+    DrainTimeout,
+    DurabilityError,
+    InvalidMessage,
+    PersistError,
+    RedisUnavailable,
+)
+from ._keys import KeySpace, RoomKeys, validate_room_id
+from ._ops import AppendOp, BackfillOp, ClearOp, EditOp, LimitOp, Op, Row
+from ._stats import Stats
+from ._store import RoomStore
+from ._window import RoomState, SyncReply, apply_reply
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MIN_CHANNEL_LIMIT, MAX_CHANNEL_LIMIT = 50, 1000
+_MAX_BATCH_ROWS = 512
+_MAX_EDIT_CONFLICTS = 32
+# Above this many bytes a window is decoded in slices, yielding to the loop between
+# them, so one huge window never stalls every other coroutine of the worker.
+_ASYNC_DECODE_SLICE = 256 * 1024
+
+_TRANSIENT = (RedisError, OSError, TimeoutError)
+
+
+class Renderer(Protocol):
+    def render(self, room_context: Mapping[str, Any] | None = None) -> str: ...
+
+    def render_async(self, room_context: Mapping[str, Any] | None = None) -> Awaitable[str]: ...
+
+
+@dataclass(eq=False, slots=True)
+class _Batch:
+    ops: list[Op]
+    token: str
+    durable_deadline: float | None
+
+
+@dataclass(eq=False, slots=True)
+class _Room:
+    room_id: str
+    keys: RoomKeys
+    synced: RoomState = field(default_factory=RoomState)
+    view: RoomState = field(default_factory=RoomState)
+    pending: deque[Op] = field(default_factory=deque)
+    inflight: _Batch | None = None
+    task: asyncio.Task[None] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class ConversationManager:
+    """Per-room sliding windows of chat turns, shared by worker processes through Redis.
+
+    ``redis`` is any ``redis.asyncio`` client (``Redis``, ``RedisCluster``, or
+    ``Sentinel.master_for``) created with ``decode_responses=False``; ``None``
+    keeps everything in this process's memory.
+    """
+
+    def __init__(
+        self,
+        prompt_renderer: Renderer | None,
+        max_history: int = 100,
+        redis: Any = None,
+        *,
+        key_prefix: str = "sg",
+        ttl_seconds: float | None = None,
+        max_entry_bytes: int = 8 * 1024 * 1024,
+        durable_timeout: float = 5.0,
+        command_timeout: float | None = 10.0,
+        sync_timeout: float = 30.0,
+        retry_backoff: tuple[float, float] = (0.05, 2.0),
+    ) -> None:
+        if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
+            raise ConfigurationError(f"max_history must be a positive int, got {max_history!r}")
+        if ttl_seconds is not None and ttl_seconds <= 0:
+            raise ConfigurationError(f"ttl_seconds must be positive or None, got {ttl_seconds!r}")
+        _reject_decoding_client(redis)
+        self._renderer = prompt_renderer
+        self._max_history = max_history
+        self._redis = redis
+        self._keyspace = KeySpace(key_prefix)
+        self._max_entry_bytes = max_entry_bytes
+        self._durable_timeout = durable_timeout
+        self._sync_timeout = sync_timeout
+        self._backoff_base, self._backoff_max = retry_backoff
+        self._stats = Stats()
+        self._rooms: dict[str, _Room] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._store = (
+            RoomStore(
+                redis,
+                self._stats,
+                ttl_ms=int(ttl_seconds * 1000) if ttl_seconds else 0,
+                default_limit=max_history,
+                command_timeout=command_timeout,
+            )
+            if redis is not None
+            else None
+        )
+
+    # ------------------------------------------------------------------ writes
+
+    def append(
+        self,
+        room_id: str,
+        role: str,
+        content: str | list[Any],
+        *,
+        message_id: str | int | None = None,
+        name: str | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
+        tool_call_id: str | None = None,
+    ) -> None:
+        """Record a turn now; it reaches Redis in a tracked background task."""
+        op = AppendOp([self._row(role, content, message_id, name, tool_calls, tool_call_id)])
+        self._submit(room_id, op)
+
+    async def append_async(
+        self,
+        room_id: str,
+        role: str,
+        content: str | list[Any],
+        *,
+        message_id: str | int | None = None,
+        name: str | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
+        tool_call_id: str | None = None,
+        durable: bool = False,
+        idempotency_key: str | None = None,
+    ) -> None:
+        """Record a turn and return once Redis holds it.
+
+        Without ``durable`` a failing Redis is retried in the background for as
+        long as it takes (cancelling the await does not cancel the write). With
+        ``durable=True`` the write gets ``durable_timeout`` seconds; then
+        ``DurabilityError`` is raised, the turn leaves this worker's memory, and
+        re-calling with ``idempotency_key=err.idempotency_key`` lands it once.
+        """
+        row = self._row(role, content, message_id, name, tool_calls, tool_call_id)
+        op = AppendOp([row])
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 128:
+                raise InvalidMessage(
+                    "must be a non-empty str of at most 128 characters", field="idempotency_key"
+                )
+            op.token = idempotency_key
+        if durable and self._redis is not None:
+            op.durable_deadline = asyncio.get_running_loop().time() + self._durable_timeout
+        self._submit(room_id, op)
+        await self._settled(op)
+
+    def update_message(
+        self, room_id: str, message_id: str | int, new_content: str | list[Any]
+    ) -> bool:
+        return self._submit(
+            room_id, self._edit(message_id, edit_transform(check_new_content(new_content)))
+        )
+
+    async def update_message_async(
+        self, room_id: str, message_id: str | int, new_content: str | list[Any]
+    ) -> bool:
+        return await self._edit_async(
+            room_id, self._edit(message_id, edit_transform(check_new_content(new_content)))
+        )
+
+    def mark_deleted(self, room_id: str, message_id: str | int, deleted_at_iso: str) -> bool:
+        transform = deleted_transform(clean_tag_value(deleted_at_iso, "deleted_at_iso"))
+        return self._submit(room_id, self._edit(message_id, transform))
+
+    async def mark_deleted_async(
+        self, room_id: str, message_id: str | int, deleted_at_iso: str
+    ) -> bool:
+        transform = deleted_transform(clean_tag_value(deleted_at_iso, "deleted_at_iso"))
+        return await self._edit_async(room_id, self._edit(message_id, transform))
+
+    def patch_reactions(self, room_id: str, message_id: str | int, reactions_str: str) -> bool:
+        transform = reactions_transform(clean_tag_value(reactions_str, "reactions_str"))
+        return self._submit(room_id, self._edit(message_id, transform))
+
+    async def patch_reactions_async(
+        self, room_id: str, message_id: str | int, reactions_str: str
+    ) -> bool:
+        transform = reactions_transform(clean_tag_value(reactions_str, "reactions_str"))
+        return await self._edit_async(room_id, self._edit(message_id, transform))
+
+    def clear(self, room_id: str) -> None:
+        self._submit(room_id, ClearOp())
+
+    async def clear_async(self, room_id: str) -> None:
+        op = ClearOp()
+        self._submit(room_id, op)
+        await self._settled(op)
+
+    def set_channel_limit(self, room_id: str, limit: int) -> int:
+        """Clamp to [50, 1000]; raising flags re-backfill, lowering trims at once."""
+        clamped = _clamp_limit(limit)
+        self._submit(room_id, LimitOp(clamped, None))
+        return clamped
+
+    async def set_channel_limit_async(self, room_id: str, limit: int) -> int:
+        clamped = _clamp_limit(limit)
+        op = LimitOp(clamped, None)
+        self._submit(room_id, op)
+        await self._settled(op)
+        return clamped
+
+    def get_channel_limit(self, room_id: str) -> int:
+        view = self._room(room_id).view
+        return view.limit or self._max_history
+
+    def is_rebackfill_requested(self, room_id: str) -> bool:
+        return self._room(room_id).view.rebackfill
+
+    def discard_rebackfill_request(self, room_id: str) -> None:
+        self._submit(room_id, LimitOp(0, False))
+
+    async def backfill_async(
+        self, room_id: str, older_messages: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Prepend older platform history (oldest first) and settle the re-backfill request.
+
+        Messages take the fields of ``append`` (``role``, ``content``,
+        ``message_id``, ...). Entries the window already holds are skipped, and
+        turns appended meanwhile by any worker are kept (compare-and-set).
+        """
+        rows = []
+        for message in older_messages:
+            fields = dict(message)
+            try:
+                role, content = fields.pop("role"), fields.pop("content")
+            except KeyError as exc:
+                raise InvalidMessage(f"backfill message lacks {exc.args[0]!r}") from exc
+            rows.append(self._row(role, content, **fields))
+        op = BackfillOp(rows)
+        self._submit(room_id, op)
+        await self._settled(op)
+
+    # ------------------------------------------------------------------- reads
+
+    def get_messages(
+        self, room_id: str, room_context: Mapping[str, Any] | None = None
+    ) -> list[Entry]:
+        """``[system] + window`` from this worker's memory only (no Redis round trip)."""
+        room = self._room(room_id)
+        messages = to_messages(room.view.window.healthy_rows())
+        if self._renderer is None:
+            return messages
+        return [_system(self._renderer.render(_context(room_id, room_context))), *messages]
+
+    async def get_messages_async(
+        self, room_id: str, room_context: Mapping[str, Any] | None = None
+    ) -> list[Entry]:
+        """``[system] + window`` after catching up with Redis in one round trip.
+
+        If Redis cannot be reached the worker keeps serving what it holds (counted
+        as ``stale_reads``); ``ensure_fresh_from_redis`` is the call that raises.
+        """
+        room = self._room(room_id)
+        if self._store is not None:
+            try:
+                await self._refresh(room)
+            except _TRANSIENT as exc:
+                self._stats.stale_reads += 1
+                logger.warning("room %s: serving memory, Redis unreachable: %r", room_id, exc)
+        messages = await _decode_yielding(room.view.window.healthy_rows())
+        if self._renderer is None:
+            return messages
+        system = await self._renderer.render_async(_context(room_id, room_context))
+        return [_system(system), *messages]
+
+    async def ensure_fresh_from_redis(self, room_id: str) -> None:
+        """Wait for this worker's writes to the room, then match Redis exactly."""
+        room = self._room(room_id)
+        if self._store is None:
+            return
+        if room.pending:
+            await self._wait_for(room.pending[-1], room_id)
+        try:
+            await self._refresh(room)
+        except _TRANSIENT as exc:
+            raise RedisUnavailable(
+                f"room {room_id}: cannot sync with Redis: {exc!r}", room_id=room_id
+            ) from exc
+
+    def last_history_role(self, room_id: str) -> str | None:
+        return self._room(room_id).view.window.last_role()
+
+    def get_history_message_count(self, room_id: str) -> int:
+        window = self._room(room_id).view.window
+        return len(window) - window.corrupt
+
+    # --------------------------------------------------------------- lifecycle
+
+    def reap_stale(self, max_idle_seconds: float = 3600) -> int:
+        """Forget rooms idle that long from THIS process's memory; Redis is untouched."""
+        cutoff = time.monotonic() - max_idle_seconds
+        stale = [
+            room_id
+            for room_id, room in self._rooms.items()
+            if room.last_used < cutoff
+            and not room.pending
+            and (room.task is None or room.task.done())
+        ]
+        for room_id in stale:
+            del self._rooms[room_id]
+        return len(stale)
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until every write queued so far is confirmed by Redis."""
+        waits = [room.pending[-1] for room in self._rooms.values() if room.pending]
+        if not waits:
+            return
+        futures = [asyncio.shield(op.done) for op in waits if op.done is not None]
+        _done, not_done = await asyncio.wait(futures, timeout=timeout)
+        for future in not_done:
+            future.cancel()
+        unflushed = {
+            room.room_id: len(room.pending) for room in self._rooms.values() if room.pending
+        }
+        if unflushed:
+            raise DrainTimeout(unflushed)
+
+    async def aclose(self, timeout: float | None = 30.0) -> None:
+        """Flush pending writes (bounded by ``timeout``), then stop background work.
+
+        Raises ``DrainTimeout`` listing per room what could not be flushed.
+        """
+        if self._closed:
+            return
+        try:
+            await self.drain(timeout)
+        finally:
+            self._closed = True
+            tasks = [room.task for room in self._rooms.values() if room.task is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._store is not None:
+                await self._store.wait_idle()
+
+    def stats(self) -> dict[str, int]:
+        counters = self._stats.as_dict()
+        counters["rooms"] = len(self._rooms)
+        counters["pending_writes"] = sum(len(room.pending) for room in self._rooms.values())
+        return counters
+
+    # ----------------------------------------------------------- construction
+
+    def _row(
+        self,
+        role: object,
+        content: object,
+        message_id: object = None,
+        name: object = None,
+        tool_calls: object = None,
+        tool_call_id: object = None,
+    ) -> Row:
+        entry = build_entry(
+            role,
+            content,
+            message_id=message_id,
+            name=name,
+            tool_calls=tool_calls,
+            tool_call_id=tool_call_id,
+        )
+        return encode(entry, self._max_entry_bytes), entry["message_id"], entry["role"]
+
+    def _edit(self, message_id: object, transform: Any) -> EditOp:
+        return EditOp(normalise_message_id(message_id), transform, self._max_entry_bytes)
+
+    def _room(self, room_id: str) -> _Room:
+        room = self._rooms.get(room_id)
+        if room is None:
+            validate_room_id(room_id)
+            room = _Room(room_id, self._keyspace.room(room_id))
+            self._rooms[room_id] = room
+        room.last_used = time.monotonic()
+        return room
+
+    # ------------------------------------------------------ submitting writes
+
+    def _submit(self, room_id: str, op: Op) -> bool:
+        """Apply a write to the view and queue it; safe from the loop or any thread."""
+        if self._closed:
+            raise PersistError("the manager is closed", room_id=room_id)
+        loop = self._bound_loop()
+        if loop is None:
+            if self._store is not None:
+                raise PersistError(
+                    "no running event loop to persist this write on: call it from the "
+                    "manager's loop, from a thread while that loop runs, or use the _async form",
+                    room_id=room_id,
+                )
+            return self._apply(room_id, op, None)
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            return self._apply(room_id, op, loop)
+        if running is not None:
+            raise ConfigurationError("this manager belongs to another event loop")
+        # A thread without a loop: hand the write to the manager's loop and wait
+        # for the local effect (not for Redis), so nothing is skipped.
+        handoff = asyncio.run_coroutine_threadsafe(_call(self._apply, room_id, op, loop), loop)
+        return handoff.result(timeout=self._sync_timeout)
+
+    def _bound_loop(self) -> asyncio.AbstractEventLoop | None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None and (self._loop is None or self._loop.is_closed()):
+            self._loop = running
+        if self._loop is not None and (self._loop.is_closed() or not self._loop.is_running()):
+            return None
+        return self._loop
+
+    def _apply(self, room_id: str, op: Op, loop: asyncio.AbstractEventLoop | None) -> bool:
+        room = self._room(room_id)
+        found = op.apply(room.view, self._max_history)
+        if isinstance(op, AppendOp):
+            self._stats.appends += len(op.rows)
+        elif isinstance(op, EditOp):
+            self._stats.edits += 1
+        if not found or self._store is None or loop is None:
+            return found
+        op.done = loop.create_future()
+        op.done.add_done_callback(_consume_exception)
+        room.pending.append(op)
+        if room.task is None:
+            room.task = loop.create_task(self._persist_loop(room))
+        return True
+
+    async def _settled(self, op: Op) -> Any:
+        if op.done is None:
+            return True
+        return await asyncio.shield(op.done)
+
+    async def _edit_async(self, room_id: str, op: EditOp) -> bool:
+        if self._submit(room_id, op):
+            return bool(await self._settled(op))
+        if self._store is None:
+            return False
+        # Not in memory: the room may be cold or behind another worker.
+        await self.ensure_fresh_from_redis(room_id)
+        if self._submit(room_id, op):
+            return bool(await self._settled(op))
+        return False
+
+    async def _wait_for(self, op: Op, room_id: str) -> None:
+        if op.done is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(op.done), self._sync_timeout)
+        except TimeoutError as exc:
+            raise RedisUnavailable(
+                f"room {room_id}: writes still unconfirmed after {self._sync_timeout}s",
+                room_id=room_id,
+            ) from exc
+        except DurabilityError:
+            pass  # the writer was told; the room is in a consistent state again
+
+    # ----------------------------------------------------------- persisting
+
+    async def _persist_loop(self, room: _Room) -> None:
+        assert self._store is not None
+        loop = asyncio.get_running_loop()
+        failures = 0
+        try:
+            while room.pending:
+                batch = room.inflight or self._next_batch(room)
+                room.inflight = batch
+                try:
+                    async with room.lock:
+                        results = await self._persist(room, batch)
+                except _TRANSIENT as exc:
+                    failures += 1
+                    self._stats.persist_failures += 1
+                    logger.warning(
+                        "room %s: persist of %d write(s) failed (attempt %d): %r",
+                        room.room_id,
+                        len(batch.ops),
+                        failures,
+                        exc,
+                    )
+                    now = loop.time()
+                    if batch.durable_deadline is not None and now >= batch.durable_deadline:
+                        self._abandon_durable(room, batch, exc)
+                        failures = 0
+                        continue
+                    delay = min(self._backoff_max, self._backoff_base * 2 ** (failures - 1))
+                    delay *= 0.5 + random.random() / 2  # jitter: workers do not retry in lockstep
+                    if batch.durable_deadline is not None:
+                        delay = min(delay, batch.durable_deadline - now)
+                    self._stats.persist_retries += 1
+                    await asyncio.sleep(delay)
+                    continue
+                failures = 0
+                self._stats.persists += 1
+                self._finish(room, batch, results)
+        finally:
+            room.task = None
+
+    def _next_batch(self, room: _Room) -> _Batch:
+        first = room.pending[0]
+        ops: list[Op] = [first]
+        if first.durable_deadline is None:
+            if isinstance(first, AppendOp):
+                rows = len(first.rows)
+                for op in list(room.pending)[1:]:
+                    if not isinstance(op, AppendOp) or op.durable_deadline is not None:
+                        break
+                    if rows + len(op.rows) > _MAX_BATCH_ROWS:
+                        break
+                    rows += len(op.rows)
+                    ops.append(op)
+            elif isinstance(first, EditOp):
+                # A reaction storm on one message becomes one replace of its row.
+                for op in list(room.pending)[1:]:
+                    if not isinstance(op, EditOp) or op.identity != first.identity:
+                        break
+                    ops.append(op)
+        # The batch is frozen until it succeeds: a retry must resend exactly what
+        # the idempotency token named, or an ambiguous first attempt could double.
+        return _Batch(ops, first.token, first.durable_deadline)
+
+    async def _persist(self, room: _Room, batch: _Batch) -> list[Any]:
+        assert self._store is not None
+        store, synced, keys = self._store, room.synced, room.keys
+        first = batch.ops[0]
+        epoch = uuid.uuid4().hex
+        if isinstance(first, AppendOp):
+            rows = [row for op in batch.ops for row in op.rows]  # type: ignore[attr-defined]
+            reply = await store.append(keys, synced, batch.token, epoch, [row[0] for row in rows])
+            self._absorb(room, reply, rows)
+            return [True] * len(batch.ops)
+        if isinstance(first, EditOp):
+            return await self._persist_edit(room, batch)
+        if isinstance(first, ClearOp):
+            reply = await store.clear(keys, synced, batch.token, epoch)
+        elif isinstance(first, LimitOp):
+            reply = await store.set_limit(
+                keys, synced, batch.token, epoch, first.limit, first.rebackfill
+            )
+        elif isinstance(first, BackfillOp):
+            for _attempt in range(_MAX_EDIT_CONFLICTS):
+                rows = first.merged(synced.window)
+                reply = await store.rewrite(
+                    keys, synced, batch.token, epoch, [row[0] for row in rows]
+                )
+                self._absorb(room, reply)
+                if reply.status != 0:
+                    return [True]
+                self._stats.conflicts += 1
+            return [
+                PersistError(
+                    f"room {room.room_id}: backfill kept conflicting", room_id=room.room_id
+                )
+            ]
+        else:  # pragma: no cover - every Op subclass is handled above
+            raise TypeError(f"unknown write {first!r}")
+        self._absorb(room, reply)
+        return [True]
+
+    async def _persist_edit(self, room: _Room, batch: _Batch) -> list[Any]:
+        assert self._store is not None
+        synced = room.synced
+        edits: list[EditOp] = batch.ops  # type: ignore[assignment]
+        identity = edits[0].identity
+        for _attempt in range(_MAX_EDIT_CONFLICTS):
+            index = synced.window.find_last(identity)
+            if index is None:
+                return [False] * len(edits)
+            old_row = synced.window.rows[index]
+            try:
+                new_row = old_row
+                for edit in edits:
+                    new_row = edit.edited_row(new_row)
+            except InvalidMessage as exc:
+                return [exc] * len(edits)
+            position = synced.head + index
+            reply = await self._store.replace(
+                room.keys, synced, batch.token, position, old_row, new_row
+            )
+            self._absorb(room, reply)
+            if reply.status == 1 and reply.kind == 1:
+                here = position - synced.head
+                if 0 <= here < len(synced.window):
+                    synced.window.set(here, new_row, identity, synced.window.roles[here])
+            if reply.status != 0:
+                return [True] * len(edits)
+            # Someone changed the entry since we last saw it: the reply brought us
+            # up to date, so re-apply the edit on top of their version.
+            self._stats.conflicts += 1
+        raise PersistError(
+            f"room {room.room_id}: edit of {identity} kept conflicting", room_id=room.room_id
+        )
+
+    def _absorb(self, room: _Room, reply: SyncReply, own_rows: Sequence[Row] = ()) -> None:
+        self._stats.corrupt_rows += apply_reply(room.synced, reply, room.room_id, own_rows)
+
+    def _finish(self, room: _Room, batch: _Batch, results: list[Any]) -> None:
+        for op, result in zip(batch.ops, results, strict=True):
+            room.pending.popleft()
+            if op.done is not None and not op.done.done():
+                if isinstance(result, Exception):
+                    op.done.set_exception(result)
+                else:
+                    op.done.set_result(result)
+        room.inflight = None
+        self._rebuild_view(room)
+
+    def _abandon_durable(self, room: _Room, batch: _Batch, cause: BaseException) -> None:
+        self._stats.durable_failures += 1
+        for op in batch.ops:
+            room.pending.remove(op)
+            if op.done is not None and not op.done.done():
+                error = DurabilityError(
+                    f"room {room.room_id}: write not confirmed by Redis within "
+                    f"{self._durable_timeout}s ({cause!r})",
+                    room_id=room.room_id,
+                    idempotency_key=op.token,
+                )
+                error.__cause__ = cause
+                op.done.set_exception(error)
+        room.inflight = None
+        self._rebuild_view(room)
+
+    def _rebuild_view(self, room: _Room) -> None:
+        view = room.synced.copy()
+        for op in room.pending:
+            # An op that no longer applies (its entry left the window) will be
+            # settled by its own persist; the view simply lacks its effect.
+            with contextlib.suppress(InvalidMessage):
+                op.apply(view, self._max_history)
+        room.view = view
+
+    async def _refresh(self, room: _Room) -> None:
+        assert self._store is not None
+        async with room.lock:
+            reply = await self._store.sync(room.keys, room.synced)
+            if reply.kind == 0 and reply.version == room.synced.version:
+                return
+            self._absorb(room, reply)
+            if reply.kind == 2:
+                self._stats.reloads += 1
+            else:
+                self._stats.catch_ups += 1
+            self._rebuild_view(room)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _clamp_limit(limit: object) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(f"channel limit must be an int, not {type(limit).__name__}")
+    return max(MIN_CHANNEL_LIMIT, min(MAX_CHANNEL_LIMIT, limit))
+
+
+def _system(text: str) -> Entry:
+    return {"role": "system", "content": text}
+
+
+def _context(room_id: str, room_context: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {"room_id": room_id, **(room_context or {})}
+
+
+async def _call(fn: Callable[..., T], *args: Any) -> T:
+    return fn(*args)
+
+
+def _consume_exception(future: asyncio.Future[Any]) -> None:
+    # A sync-form write has nobody awaiting its future; reading the exception
+    # keeps asyncio from reporting it as never retrieved.
+    if not future.cancelled():
+        future.exception()
+
+
+async def _decode_yielding(rows: list[bytes]) -> list[Entry]:
+    total = sum(map(len, rows))
+    if total <= _ASYNC_DECODE_SLICE:
+        return to_messages(rows)
+    messages: list[Entry] = []
+    start, size = 0, 0
+    for index, row in enumerate(rows):
+        size += len(row)
+        if size >= _ASYNC_DECODE_SLICE:
+            messages.extend(to_messages(rows[start : index + 1]))
+            start, size = index + 1, 0
+            await asyncio.sleep(0)
+    messages.extend(to_messages(rows[start:]))
+    return messages
+
+
+def _reject_decoding_client(redis: Any) -> None:
+    if redis is None:
+        return
+    get_encoder = getattr(redis, "get_encoder", None)
+    if get_encoder is None:
+        return
+    try:
+        decoding = bool(get_encoder().decode_responses)
+    except Exception:  # an unusual client shape: let the first command tell
+        return
+    if decoding:
+        raise ConfigurationError(
+            "the redis client must be created with decode_responses=False: "
+            "the engine stores and compares raw bytes"
+        )

@@ -1,0 +1,27 @@
+"""Counters exposed by ``ConversationManager.stats()``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(slots=True)
+class Stats:
+    appends: int = 0
+    edits: int = 0
+    persists: int = 0
+    persist_failures: int = 0
+    persist_retries: int = 0
+    durable_failures: int = 0
+    reloads: int = 0
+    catch_ups: int = 0
+    conflicts: int = 0
+    corrupt_rows: int = 0
+    round_trips: int = 0
+    script_reloads: int = 0
+    stale_reads: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)

@@ -1,0 +1,237 @@
+"""The Redis side: Lua scripts called by SHA, batched into pipelines per loop tick.
+
+``RoomStore`` has one typed method per script in ``lua/``. Calls made in the
+same event-loop tick (by any room) travel in one non-transactional pipeline, the
+way ioredis auto-pipelines: with many rooms busy, one round trip carries many
+persists. Per-room order is the caller's job (one call per room at a time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+from ._keys import RoomKeys
+from ._resources import data_dir
+from ._stats import Stats
+from ._window import RoomState, SyncReply
+
+logger = logging.getLogger(__name__)
+
+SCRIPT_NAMES = ("sync", "append", "replace", "clear", "set_limit", "rewrite")
+
+Arg = str | bytes | int
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    name: str
+    source: str
+    sha: str
+
+    @classmethod
+    def load(cls, name: str, prelude: str) -> Script:
+        body = (data_dir("lua") / f"{name}.lua").read_text(encoding="utf-8")
+        source = f"{prelude}\n{body}"
+        return cls(name, source, hashlib.sha1(source.encode("utf-8")).hexdigest())
+
+
+def load_scripts() -> dict[str, Script]:
+    prelude = (data_dir("lua") / "_lib.lua").read_text(encoding="utf-8")
+    return {name: Script.load(name, prelude) for name in SCRIPT_NAMES}
+
+
+@dataclass(slots=True)
+class _Call:
+    script: Script
+    keys: list[str]
+    args: list[Arg]
+    future: asyncio.Future[Any]
+
+
+class _Pipeliner:
+    """Collects the script calls of one loop tick and sends them as one pipeline."""
+
+    def __init__(self, redis: Any, scripts: dict[str, Script], stats: Stats, timeout: float | None):
+        self._redis = redis
+        self._scripts = scripts
+        self._stats = stats
+        self._timeout = timeout
+        self._queue: list[_Call] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def call(self, script: Script, keys: list[str], args: list[Arg]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append(_Call(script, keys, args, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        calls, self._queue = self._queue, []
+        task = asyncio.get_running_loop().create_task(self._send(calls))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, calls: list[_Call]) -> None:
+        try:
+            results = await asyncio.wait_for(self._execute(calls), self._timeout)
+            retry = [
+                call
+                for call, result in zip(calls, results, strict=True)
+                if isinstance(result, NoScriptError)
+            ]
+            if retry:
+                # SCRIPT FLUSH, a restart or a failover emptied the script cache:
+                # load every script again and resend only the calls that did not run.
+                self._stats.script_reloads += 1
+                for script in {call.script.name: call.script for call in retry}.values():
+                    await self._redis.script_load(script.source)
+                again = await asyncio.wait_for(self._execute(retry), self._timeout)
+                replaced = dict(zip(map(id, retry), again, strict=True))
+                results = [
+                    replaced.get(id(call), result)
+                    for call, result in zip(calls, results, strict=True)
+                ]
+        except BaseException as exc:
+            for call in calls:
+                if not call.future.done():
+                    call.future.set_exception(
+                        exc if isinstance(exc, Exception) else asyncio.CancelledError()
+                    )
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for call, result in zip(calls, results, strict=True):
+            if call.future.done():
+                continue
+            if isinstance(result, Exception):
+                call.future.set_exception(result)
+            else:
+                call.future.set_result(result)
+
+    async def _execute(self, calls: list[_Call]) -> list[Any]:
+        self._stats.round_trips += 1
+        for call in calls:
+            self._stats.bytes_sent += sum(
+                len(a) if isinstance(a, (bytes, str)) else 8 for a in call.args
+            )
+        if len(calls) == 1:
+            call = calls[0]
+            try:
+                return [
+                    await self._redis.evalsha(
+                        call.script.sha, len(call.keys), *call.keys, *call.args
+                    )
+                ]
+            except NoScriptError as exc:
+                return [exc]
+        pipe = self._redis.pipeline(transaction=False)
+        for call in calls:
+            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def wait_idle(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class RoomStore:
+    """One typed method per Lua script; every reply is a parsed ``SyncReply``."""
+
+    def __init__(
+        self,
+        redis: Any,
+        stats: Stats,
+        *,
+        ttl_ms: int,
+        default_limit: int,
+        command_timeout: float | None,
+    ) -> None:
+        self.redis = redis
+        self.scripts = load_scripts()
+        self._stats = stats
+        self._ttl_ms = ttl_ms
+        self._default_limit = default_limit
+        self._pipeliner = _Pipeliner(redis, self.scripts, stats, command_timeout)
+
+    def _common(self, state: RoomState, token: str, fresh_epoch: str) -> list[Arg]:
+        return [
+            state.epoch,
+            state.version,
+            state.head,
+            len(state.window),
+            token,
+            self._ttl_ms,
+            self._default_limit,
+            fresh_epoch,
+        ]
+
+    async def _run(
+        self,
+        name: str,
+        keys: RoomKeys,
+        state: RoomState,
+        token: str,
+        fresh_epoch: str,
+        extra: Sequence[Arg],
+    ) -> SyncReply:
+        args = self._common(state, token, fresh_epoch)
+        args.extend(extra)
+        raw = await self._pipeliner.call(self.scripts[name], keys.as_list(), args)
+        reply = SyncReply.parse(raw)
+        self._stats.bytes_received += reply.payload_bytes()
+        return reply
+
+    async def sync(self, keys: RoomKeys, state: RoomState) -> SyncReply:
+        return await self._run("sync", keys, state, "", "", ())
+
+    async def append(
+        self, keys: RoomKeys, state: RoomState, token: str, epoch: str, rows: Sequence[bytes]
+    ) -> SyncReply:
+        return await self._run("append", keys, state, token, epoch, rows)
+
+    async def replace(
+        self,
+        keys: RoomKeys,
+        state: RoomState,
+        token: str,
+        position: int,
+        old_row: bytes,
+        new_row: bytes,
+    ) -> SyncReply:
+        digest = hashlib.sha1(old_row).hexdigest()
+        return await self._run("replace", keys, state, token, "", (position, digest, new_row))
+
+    async def clear(self, keys: RoomKeys, state: RoomState, token: str, epoch: str) -> SyncReply:
+        return await self._run("clear", keys, state, token, epoch, ())
+
+    async def set_limit(
+        self,
+        keys: RoomKeys,
+        state: RoomState,
+        token: str,
+        epoch: str,
+        limit: int,
+        rebackfill: bool | None,
+    ) -> SyncReply:
+        flag = "" if rebackfill is None else ("1" if rebackfill else "0")
+        return await self._run("set_limit", keys, state, token, epoch, (limit, flag))
+
+    async def rewrite(
+        self, keys: RoomKeys, state: RoomState, token: str, epoch: str, rows: Sequence[bytes]
+    ) -> SyncReply:
+        return await self._run("rewrite", keys, state, token, epoch, (state.version, *rows))
+
+    async def wait_idle(self) -> None:
+        await self._pipeliner.wait_idle()

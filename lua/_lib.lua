@@ -1,0 +1,210 @@
+-- Shared prelude: the loader prepends this file to every other script here, so
+-- each script below is "this prelude + its own body", loaded and called by SHA.
+--
+-- KEYS (every script, all sharing the room's hash tag {<room_id>}):
+--   [1] window  LIST of rows (orjson entries, identity and role first)
+--   [2] meta    HASH epoch, version, head, base, logfloor, limit, rebackfill
+--   [3] log     LIST of "<version>:<absolute position>" for replaced rows (capped)
+--   [4] idem    ZSET of idempotency tokens of applied writes (capped)
+-- ARGV (every script): [1] caller epoch ('' = knows nothing), [2] caller version,
+--   [3] caller head, [4] caller length (the caller's synced window), [5] idempotency
+--   token ('' = none), [6] TTL in ms (0 = keys do not expire), [7] default window
+--   limit, [8] fresh epoch to adopt when the room has no meta yet.
+--
+-- Invariants kept by every script:
+--   * version only grows within an epoch; every mutation advances it by one;
+--   * head is the absolute position of window[0]; it only grows until a
+--     non-incremental change (clear, rewrite), which also sets base = version;
+--   * a caller at (epoch, version >= max(base, logfloor)) can be brought up to
+--     date from head, length and the log alone; anyone else gets a snapshot.
+--
+-- Every script returns a sync reply, prefixed by its own status:
+--   {status, 0, version}                                   nothing changed
+--   {status, 1, version, head, limit, rebackfill, own_k, n,
+--        pos_1, row_1, ..., pos_n, row_n, tail rows...}    incremental
+--   {status, 2, epoch, version, head, limit, rebackfill, rows...}  snapshot
+-- own_k: how many of the caller's own just-appended rows end the window (not
+-- echoed back); pos_i/row_i: rows replaced since the caller's version that lie
+-- inside what the caller holds; tail rows: rows past the caller's end.
+
+local unpack = unpack or table.unpack
+
+local WINDOW, META, LOG, IDEM = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local C_EPOCH = ARGV[1]
+local C_VERSION = tonumber(ARGV[2])
+local C_HEAD = tonumber(ARGV[3])
+local C_LEN = tonumber(ARGV[4])
+local TOKEN = ARGV[5]
+local TTL = tonumber(ARGV[6])
+local DEFAULT_LIMIT = tonumber(ARGV[7])
+local FRESH_EPOCH = ARGV[8]
+local LOG_CAP = 256
+local IDEM_CAP = 1024
+local PUSH_CHUNK = 1000
+
+local function read_meta()
+  local m = redis.call('HMGET', META, 'epoch', 'version', 'head', 'base', 'logfloor',
+                       'limit', 'rebackfill')
+  if not m[1] then
+    return nil
+  end
+  return {
+    epoch = m[1],
+    version = tonumber(m[2]) or 0,
+    head = tonumber(m[3]) or 0,
+    base = tonumber(m[4]) or 0,
+    logfloor = tonumber(m[5]) or 0,
+    limit = tonumber(m[6]) or 0,
+    rebackfill = tonumber(m[7]) or 0,
+  }
+end
+
+-- A writer on a room without meta (new, expired, flushed, evicted) starts a new
+-- epoch: no worker may apply its old positions to it. Rows that survived
+-- without their meta are adopted, never deleted.
+local function ensure_meta()
+  local m = read_meta()
+  if m then
+    return m
+  end
+  redis.call('DEL', LOG)
+  redis.call('HSET', META, 'epoch', FRESH_EPOCH, 'version', 0, 'head', 0, 'base', 0,
+             'logfloor', 0)
+  return {epoch = FRESH_EPOCH, version = 0, head = 0, base = 0, logfloor = 0, limit = 0,
+          rebackfill = 0}
+end
+
+local function bump(m)
+  m.version = redis.call('HINCRBY', META, 'version', 1)
+end
+
+local function touch()
+  if TTL > 0 then
+    redis.call('PEXPIRE', WINDOW, TTL)
+    redis.call('PEXPIRE', META, TTL)
+    redis.call('PEXPIRE', LOG, TTL)
+    redis.call('PEXPIRE', IDEM, TTL)
+  end
+end
+
+local function seen()
+  return TOKEN ~= '' and redis.call('ZSCORE', IDEM, TOKEN) ~= false
+end
+
+local function remember()
+  if TOKEN == '' then
+    return
+  end
+  -- Scores are a private counter, not versions: versions restart in a new epoch.
+  local last = redis.call('ZRANGE', IDEM, -1, -1, 'WITHSCORES')
+  local score = 1
+  if last[2] then
+    score = tonumber(last[2]) + 1
+  end
+  redis.call('ZADD', IDEM, score, TOKEN)
+  local n = redis.call('ZCARD', IDEM)
+  if n > IDEM_CAP then
+    redis.call('ZREMRANGEBYRANK', IDEM, 0, n - IDEM_CAP - 1)
+  end
+end
+
+local function push_rows(first, last)
+  for i = first, last, PUSH_CHUNK do
+    redis.call('RPUSH', WINDOW, unpack(ARGV, i, math.min(i + PUSH_CHUNK - 1, last)))
+  end
+end
+
+local function is_tool(row)
+  local at = string.find(row, ',"role":"', 1, true)
+  return at ~= nil and string.sub(row, at + 9, at + 13) == 'tool"'
+end
+
+-- Drop rows from the front down to the limit; if anything was dropped, also drop
+-- tool results left at the front without the assistant call they answer.
+local function trim(m)
+  local limit = m.limit
+  if limit <= 0 then
+    limit = DEFAULT_LIMIT
+  end
+  local len = redis.call('LLEN', WINDOW)
+  if len <= limit then
+    return 0
+  end
+  local drop = len - limit
+  while drop < len and is_tool(redis.call('LINDEX', WINDOW, drop)) do
+    drop = drop + 1
+  end
+  redis.call('LTRIM', WINDOW, drop, -1)
+  m.head = m.head + drop
+  redis.call('HSET', META, 'head', m.head)
+  return drop
+end
+
+local function log_replace(m, pos)
+  redis.call('RPUSH', LOG, m.version .. ':' .. pos)
+  local n = redis.call('LLEN', LOG)
+  if n > LOG_CAP then
+    local dropped = redis.call('LPOP', LOG, n - LOG_CAP)
+    local last = dropped[#dropped]
+    m.logfloor = tonumber(string.sub(last, 1, string.find(last, ':', 1, true) - 1))
+    redis.call('HSET', META, 'logfloor', m.logfloor)
+  end
+end
+
+local function snapshot(status, m)
+  local reply = {status, 2, m.epoch, m.version, m.head, m.limit, m.rebackfill}
+  local rows = redis.call('LRANGE', WINDOW, 0, -1)
+  for i = 1, #rows do
+    reply[#reply + 1] = rows[i]
+  end
+  return reply
+end
+
+-- own_k: rows the caller just appended (they end the window; not echoed back).
+-- own_pos: absolute position the caller just replaced (not echoed back), or -1.
+local function sync_reply(status, m, own_k, own_pos)
+  if m == nil then
+    if C_EPOCH == '' and C_VERSION == 0 then
+      return {status, 0, 0}
+    end
+    return {status, 2, '', 0, 0, 0, 0}
+  end
+  local len = redis.call('LLEN', WINDOW)
+  local caller_end = C_HEAD + C_LEN
+  if C_EPOCH ~= m.epoch or C_VERSION > m.version or C_VERSION < m.base
+      or C_VERSION < m.logfloor or C_HEAD > m.head or caller_end > m.head + len then
+    return snapshot(status, m)
+  end
+  if C_VERSION == m.version then
+    return {status, 0, m.version}
+  end
+  local tail_start = math.max(caller_end, m.head)
+  local reply = {status, 1, m.version, m.head, m.limit, m.rebackfill, own_k, 0}
+  local records = redis.call('LRANGE', LOG, 0, -1)
+  local sent = {}
+  local n = 0
+  for i = #records, 1, -1 do
+    local record = records[i]
+    local sep = string.find(record, ':', 1, true)
+    if tonumber(string.sub(record, 1, sep - 1)) <= C_VERSION then
+      break
+    end
+    local pos = tonumber(string.sub(record, sep + 1))
+    if pos >= m.head and pos < tail_start and pos ~= own_pos and not sent[pos] then
+      sent[pos] = true
+      reply[#reply + 1] = pos
+      reply[#reply + 1] = redis.call('LINDEX', WINDOW, pos - m.head)
+      n = n + 1
+    end
+  end
+  reply[8] = n
+  local tail_from = tail_start - m.head
+  local tail_to = len - 1 - own_k
+  if tail_to >= tail_from then
+    local tail = redis.call('LRANGE', WINDOW, tail_from, tail_to)
+    for i = 1, #tail do
+      reply[#reply + 1] = tail[i]
+    end
+  end
+  return reply
+end

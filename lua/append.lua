@@ -1,0 +1,17 @@
+-- append: push a batch of rows, trim to the limit, refresh the TTL, once per token.
+-- KEYS, common ARGV and reply: see _lib.lua.
+-- ARGV[9..]: the rows, oldest first.
+-- Status: 1 applied, 2 the token was already applied (nothing pushed again).
+-- Invariant: a batch is pushed whole or not at all, exactly once per token; the
+-- window never starts with tool results whose assistant call was trimmed.
+local m = ensure_meta()
+if seen() then
+  return sync_reply(2, m, 0, -1)
+end
+push_rows(9, #ARGV)
+bump(m)
+trim(m)
+remember()
+touch()
+local own = math.min(#ARGV - 8, redis.call('LLEN', WINDOW))
+return sync_reply(1, m, own, -1)

@@ -1,0 +1,18 @@
+-- clear: empty the room for every worker; the version still advances.
+-- KEYS, common ARGV and reply: see _lib.lua.
+-- Status: 1 cleared, 2 the token was already applied.
+-- Invariant: version never goes backwards (meta, limit and idempotency survive);
+-- base = version, so every other worker reloads (an empty snapshot).
+local m = ensure_meta()
+if seen() then
+  return sync_reply(2, m, 0, -1)
+end
+redis.call('DEL', WINDOW, LOG)
+bump(m)
+m.head = 0
+m.base = m.version
+m.logfloor = 0
+redis.call('HSET', META, 'head', 0, 'base', m.version, 'logfloor', 0)
+remember()
+touch()
+return sync_reply(1, m, 0, -1)

@@ -1,0 +1,26 @@
+-- rewrite: compare-and-set of the whole window (used by backfill).
+-- KEYS, common ARGV and reply: see _lib.lua.
+-- ARGV[9]: the version the caller based the new window on; ARGV[10..]: the rows.
+-- Status: 1 rewritten, 0 conflict (someone wrote since; the reply brings the
+-- caller up to date to merge and retry), 2 the token was already applied.
+-- Invariant: never overwrites a write the caller did not see; base = version so
+-- every worker reloads; the re-backfill request is settled.
+local m = ensure_meta()
+if seen() then
+  return sync_reply(2, m, 0, -1)
+end
+if C_EPOCH ~= m.epoch or tonumber(ARGV[9]) ~= m.version then
+  return sync_reply(0, m, 0, -1)
+end
+redis.call('DEL', WINDOW, LOG)
+push_rows(10, #ARGV)
+bump(m)
+m.head = 0
+m.base = m.version
+m.logfloor = 0
+m.rebackfill = 0
+redis.call('HSET', META, 'head', 0, 'base', m.version, 'logfloor', 0, 'rebackfill', 0)
+trim(m)
+remember()
+touch()
+return sync_reply(1, m, 0, -1)

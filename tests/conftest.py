@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import fakeredis
+import pytest
+import redis.asyncio as aioredis
+
+from conversation import ConversationManager
+from redis_servers import RedisServer
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis(port=redis_server.port, socket_timeout=5)
+    # Start every test with an empty script cache so the NOSCRIPT reload path runs.
+    await client.script_flush()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def fake_client() -> AsyncIterator[aioredis.Redis]:
+    client = fakeredis.FakeAsyncRedis()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(params=["real", "fake"])
+async def any_client(request: pytest.FixtureRequest) -> AsyncIterator[aioredis.Redis]:
+    """Both backends: fakeredis runs Lua 5.4, Redis runs 5.1; the scripts must suit both."""
+    if request.param == "real":
+        server = RedisServer(Path(request.getfixturevalue("tmp_path")) / "redis").start()
+        client = aioredis.Redis(port=server.port, socket_timeout=5)
+        await client.script_flush()
+        try:
+            yield client
+        finally:
+            await client.aclose()
+            server.stop()
+    else:
+        client = fakeredis.FakeAsyncRedis()
+        try:
+            yield client
+        finally:
+            await client.aclose()
+
+
+@pytest.fixture
+def room() -> str:
+    return f"test:{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def make_manager() -> AsyncIterator[object]:
+    managers: list[ConversationManager] = []
+
+    def make(redis: object = None, **kwargs: object) -> ConversationManager:
+        kwargs.setdefault("max_history", 100)
+        manager = ConversationManager(None, redis=redis, **kwargs)  # type: ignore[arg-type]
+        managers.append(manager)
+        return manager
+
+    yield make
+    for manager in managers:
+        await manager.aclose(timeout=10)

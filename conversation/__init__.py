@@ -18,6 +18,7 @@ from ._errors import (
     TemplateError,
 )
 from ._manager import ConversationManager
+from ._renderer import PromptRenderer
 
 __all__ = [
     "ConfigurationError",
@@ -28,6 +29,7 @@ __all__ = [
     "InvalidMessage",
     "InvalidRoomId",
     "PersistError",
+    "PromptRenderer",
     "RedisUnavailable",
     "TemplateError",
 ]

@@ -254,11 +254,14 @@ def edit_transform(new_content: str | list[Any]) -> Transform:
         old = entry["content"]
         old_text = first_text(old) or ""
         old_tags = _read_tags(old_text, identity)[3]
-        if isinstance(new_content, str) and isinstance(old, list):
-            media = [p for p in old if not (isinstance(p, dict) and p.get("type") == "text")]
-            content: str | list[Any] = [{"type": "text", "text": new_content}, *media]
-        else:
-            content = new_content
+        media = (
+            [p for p in old if not (isinstance(p, dict) and p.get("type") == "text")]
+            if isinstance(new_content, str) and isinstance(old, list)
+            else []
+        )
+        content: str | list[Any] = (
+            [{"type": "text", "text": new_content}, *media] if media else new_content
+        )
         updated = {**entry, "content": content}
         # Reactions and a deletion tag belong to the platform message, not to its
         # text: an edit that does not restate them keeps them.

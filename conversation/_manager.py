@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from ._entries import (
     Entry,
@@ -60,6 +60,15 @@ _MAX_EDIT_CONFLICTS = 32
 _ASYNC_DECODE_SLICE = 256 * 1024
 
 _TRANSIENT = (RedisError, OSError, TimeoutError)
+# Server replies that say "not now" rather than "never": the write is retried.
+_RETRYABLE_REPLIES = (
+    "OOM", "BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS",
+)  # fmt: skip
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    """A script error that retrying cannot fix (as opposed to a network or capacity fault)."""
+    return isinstance(exc, ResponseError) and not str(exc).startswith(_RETRYABLE_REPLIES)
 
 
 class Renderer(Protocol):
@@ -518,6 +527,18 @@ class ConversationManager:
                 except _TRANSIENT as exc:
                     failures += 1
                     self._stats.persist_failures += 1
+                    if _is_permanent(exc):
+                        logger.error(
+                            "room %s: Redis rejected %d write(s), dropping them: %r",
+                            room.room_id, len(batch.ops), exc,
+                        )  # fmt: skip
+                        error = PersistError(
+                            f"room {room.room_id}: Redis rejected the write: {exc}"
+                        )
+                        error.__cause__ = exc
+                        self._finish(room, batch, [error] * len(batch.ops))
+                        failures = 0
+                        continue
                     logger.warning(
                         "room %s: persist of %d write(s) failed (attempt %d): %r",
                         room.room_id,

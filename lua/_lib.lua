@@ -164,10 +164,13 @@ end
 -- own_pos: absolute position the caller just replaced (not echoed back), or -1.
 local function sync_reply(status, m, own_k, own_pos)
   if m == nil then
-    if C_EPOCH == '' and C_VERSION == 0 then
+    -- No meta: a room nobody wrote, or rows whose meta was evicted. Serve the
+    -- rows as they are under the empty epoch; the next writer starts a real one.
+    if C_EPOCH == '' and C_VERSION == 0 and C_LEN == 0
+        and redis.call('LLEN', WINDOW) == 0 then
       return {status, 0, 0}
     end
-    return {status, 2, '', 0, 0, 0, 0}
+    return snapshot(status, {epoch = '', version = 0, head = 0, limit = 0, rebackfill = 0})
   end
   local len = redis.call('LLEN', WINDOW)
   local caller_end = C_HEAD + C_LEN

@@ -1,19 +1,27 @@
 -- replace: swap ONE row, only if it is still the row the caller based its edit on.
 -- KEYS, common ARGV and reply: see _lib.lua.
 -- ARGV[9]: absolute position of the row; ARGV[10]: SHA1 hex of the row the caller
--- holds there; ARGV[11]: the new row.
+-- holds there, or '=' followed by that whole row (for servers without
+-- redis.sha1hex, such as fakeredis); ARGV[11]: the new row.
 -- Status: 1 replaced, 0 conflict (the reply brings the caller up to date so it
 -- can re-apply its edit and retry), 2 the token was already applied.
 -- Invariant: concurrent appends never conflict (positions are absolute); an edit
 -- is never applied on top of a row it did not see.
-local m = read_meta()
-if m and seen() then
+local m = ensure_meta()
+if seen() then
   return sync_reply(2, m, 0, -1)
 end
 local pos = tonumber(ARGV[9])
-if m and C_EPOCH == m.epoch and C_VERSION >= m.base and pos >= m.head then
+if C_EPOCH == m.epoch and C_VERSION >= m.base and pos >= m.head then
   local current = redis.call('LINDEX', WINDOW, pos - m.head)
-  if current and redis.sha1hex(current) == ARGV[10] then
+  local expected = ARGV[10]
+  local same
+  if string.sub(expected, 1, 1) == '=' then
+    same = current and current == string.sub(expected, 2)
+  else
+    same = current and redis.sha1hex(current) == expected
+  end
+  if same then
     redis.call('LSET', WINDOW, pos - m.head, ARGV[11])
     bump(m)
     log_replace(m, pos)

@@ -7,9 +7,9 @@ from pathlib import Path
 import fakeredis
 import pytest
 import redis.asyncio as aioredis
+from redis_servers import RedisServer
 
 from conversation import ConversationManager
-from redis_servers import RedisServer
 
 
 @pytest.fixture

@@ -1,0 +1,190 @@
+"""SPEC §3.14 and §3.16 against a real redis-server that is flushed, restarted and stopped."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis_servers import RedisServer
+
+from conversation import ConversationManager, DurabilityError, RedisUnavailable
+
+Make = Callable[..., ConversationManager]
+AOF = ("--appendonly", "yes", "--appendfsync", "always")
+
+
+def window_key(room: str) -> str:
+    return f"sg:conversation:{{{room}}}"
+
+
+async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Wait on a real condition, yielding to the loop (never a fixed sleep)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def aof_server(tmp_path: Path) -> Any:
+    server = RedisServer(tmp_path / "aof", extra=AOF).start()
+    yield server
+    server.stop()
+
+
+def client_for(server: RedisServer) -> aioredis.Redis:
+    # No client-side retries: the engine's own retry loop is what is under test.
+    return aioredis.Redis(
+        port=server.port, socket_timeout=2, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+    )
+
+
+async def test_scripts_survive_script_flush_and_restart(
+    aof_server: RedisServer, make_manager: Make, room: str
+) -> None:
+    client = client_for(aof_server)
+    manager = make_manager(client)
+    await manager.append_async(room, "user", "[Message ID: 1] one")
+    await client.script_flush()
+    await manager.append_async(room, "user", "[Message ID: 2] two")
+    assert await manager.patch_reactions_async(room, 1, "x")
+    aof_server.restart()
+    await manager.append_async(room, "user", "[Message ID: 3] three")
+    assert manager.stats()["script_reloads"] >= 3
+    reader = make_manager(client)
+    assert [m["content"] for m in await reader.get_messages_async(room)] == [
+        "[Message ID: 1] [Reactions: x] one",
+        "[Message ID: 2] two",
+        "[Message ID: 3] three",
+    ]
+    await client.aclose()
+
+
+async def test_sync_append_while_redis_is_down_lands_exactly_once(
+    aof_server: RedisServer, make_manager: Make, room: str
+) -> None:
+    client = client_for(aof_server)
+    manager = make_manager(client, retry_backoff=(0.02, 0.2))
+    await manager.append_async(room, "user", "[Message ID: 1] before")
+    aof_server.stop()
+    manager.append(room, "user", "[Message ID: 2] while down")
+    assert [m["content"] for m in manager.get_messages(room)][-1] == "[Message ID: 2] while down"
+    await wait_for(lambda: manager.stats()["persist_failures"] >= 2, "failed persist attempts")
+    # Reads keep serving memory while Redis is away; the explicit sync point raises.
+    assert len(await manager.get_messages_async(room)) == 2
+    assert manager.stats()["stale_reads"] >= 1
+    aof_server.start()
+    await manager.drain(timeout=20)
+    rows = await client.lrange(window_key(room), 0, -1)  # type: ignore[misc]
+    assert [r.count(b"while down") for r in rows] == [0, 1]
+    assert manager.stats()["persist_retries"] >= 1
+    await client.aclose()
+
+
+async def test_ensure_fresh_raises_when_redis_is_unreachable(
+    redis_server: RedisServer, make_manager: Make, room: str
+) -> None:
+    client = client_for(redis_server)
+    manager = make_manager(client)
+    await manager.append_async(room, "user", "hi")
+    redis_server.stop()
+    with pytest.raises(RedisUnavailable, match=room):
+        await manager.ensure_fresh_from_redis(room)
+    await client.aclose()
+
+
+class _LoseFirstReplies:
+    """Forwards to a real client, but the first ``n`` script calls time out AFTER running."""
+
+    def __init__(self, client: aioredis.Redis, n: int) -> None:
+        self._client = client
+        self.remaining = n
+
+    async def evalsha(self, *args: Any) -> Any:
+        result = await self._client.evalsha(*args)  # type: ignore[misc]
+        if self.remaining > 0:
+            self.remaining -= 1
+            raise RedisTimeoutError("reply lost (injected)")
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+async def test_retry_after_an_ambiguous_timeout_never_duplicates(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    lossy = _LoseFirstReplies(any_client, 0)
+    manager = make_manager(lossy, retry_backoff=(0.01, 0.05))
+    await manager.append_async(room, "user", "[Message ID: 0] warm")  # loads scripts
+    lossy.remaining = 2
+    await manager.append_async(room, "user", "[Message ID: 1] once")
+    lossy.remaining = 1
+    assert await manager.patch_reactions_async(room, 1, "👍")
+    lossy.remaining = 1
+    await manager.clear_async(room)
+    await manager.append_async(room, "user", "[Message ID: 2] after clear")
+    rows = await any_client.lrange(window_key(room), 0, -1)  # type: ignore[misc]
+    assert rows == [b'{"message_id":"2","role":"user","content":"[Message ID: 2] after clear"}']
+    assert manager.stats()["persist_retries"] >= 4
+
+
+async def test_idempotent_append_lands_once_after_lost_reply(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    lossy = _LoseFirstReplies(any_client, 0)
+    manager = make_manager(lossy, retry_backoff=(0.01, 0.05))
+    await manager.append_async(room, "user", "[Message ID: 0] warm")
+    lossy.remaining = 3
+    await manager.append_async(room, "user", "[Message ID: 1] once")
+    rows = await any_client.lrange(window_key(room), 0, -1)  # type: ignore[misc]
+    assert len(rows) == 2
+    assert [m["content"] for m in manager.get_messages(room)] == [
+        "[Message ID: 0] warm",
+        "[Message ID: 1] once",
+    ]
+
+
+async def test_durable_append_raises_and_retry_with_key_lands_once(
+    aof_server: RedisServer, make_manager: Make, room: str
+) -> None:
+    client = client_for(aof_server)
+    manager = make_manager(client, durable_timeout=0.5, retry_backoff=(0.02, 0.1))
+    await manager.append_async(room, "user", "[Message ID: 1] stored")
+    aof_server.stop()
+    with pytest.raises(DurabilityError) as info:
+        await manager.append_async(room, "user", "[Message ID: 2] important", durable=True)
+    assert info.value.room_id == room
+    # The turn left memory: it is neither served as if stored nor retried behind our back.
+    assert [m["content"] for m in manager.get_messages(room)] == ["[Message ID: 1] stored"]
+    assert manager.stats()["durable_failures"] == 1
+    aof_server.start()
+    key = info.value.idempotency_key
+    await manager.append_async(
+        room, "user", "[Message ID: 2] important", durable=True, idempotency_key=key
+    )
+    await manager.append_async(
+        room, "user", "[Message ID: 2] important", durable=True, idempotency_key=key
+    )
+    rows = await client.lrange(window_key(room), 0, -1)  # type: ignore[misc]
+    assert [r.count(b"important") for r in rows] == [0, 1]
+    await client.aclose()
+
+
+async def test_aclose_flushes_pending_writes(redis_server: RedisServer, room: str) -> None:
+    client = client_for(redis_server)
+    manager = ConversationManager(None, redis=client)
+    for i in range(300):
+        manager.append(room, "user", f"m{i}")
+    await manager.aclose(timeout=20)
+    assert await client.llen(window_key(room)) == 100  # type: ignore[misc]
+    await client.aclose()

@@ -356,19 +356,24 @@ class ConversationManager:
         return len(stale)
 
     async def drain(self, timeout: float | None = None) -> None:
-        """Wait until every write queued so far is confirmed by Redis."""
-        waits = [room.pending[-1] for room in self._rooms.values() if room.pending]
-        if not waits:
-            return
-        futures = [asyncio.shield(op.done) for op in waits if op.done is not None]
-        _done, not_done = await asyncio.wait(futures, timeout=timeout)
-        for future in not_done:
-            future.cancel()
-        unflushed = {
-            room.room_id: len(room.pending) for room in self._rooms.values() if room.pending
-        }
-        if unflushed:
-            raise DrainTimeout(unflushed)
+        """Wait until every write queued so far is confirmed (or, if durable, given up)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            waits = [
+                asyncio.shield(room.pending[-1].done)
+                for room in self._rooms.values()
+                if room.pending and room.pending[-1].done is not None
+            ]
+            if not waits:
+                return
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            _done, not_done = await asyncio.wait(waits, timeout=remaining)
+            if not_done:
+                for future in not_done:
+                    future.cancel()
+                unflushed = {r.room_id: len(r.pending) for r in self._rooms.values() if r.pending}
+                raise DrainTimeout(unflushed)
 
     async def aclose(self, timeout: float | None = 30.0) -> None:
         """Flush pending writes (bounded by ``timeout``), then stop background work.

@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 
 from redis.exceptions import RedisError, ResponseError
 
+from ._budget import fit_to_budget
 from ._entries import (
     Entry,
     build_entry,
@@ -298,12 +299,18 @@ class ConversationManager:
         return [_system(self._renderer.render(_context(room_id, room_context))), *messages]
 
     async def get_messages_async(
-        self, room_id: str, room_context: Mapping[str, Any] | None = None
+        self,
+        room_id: str,
+        room_context: Mapping[str, Any] | None = None,
+        *,
+        token_budget: int | None = None,
     ) -> list[Entry]:
         """``[system] + window`` after catching up with Redis in one round trip.
 
         If Redis cannot be reached the worker keeps serving what it holds (counted
         as ``stale_reads``); ``ensure_fresh_from_redis`` is the call that raises.
+        ``token_budget`` trims the returned copy (not the stored window) to fit:
+        the first user message and the newest turns stay, whole tool groups go.
         """
         room = self._room(room_id)
         if self._store is not None:
@@ -313,10 +320,12 @@ class ConversationManager:
                 self._stats.stale_reads += 1
                 logger.warning("room %s: serving memory, Redis unreachable: %r", room_id, exc)
         messages = await _decode_yielding(room.view.window.healthy_rows())
-        if self._renderer is None:
-            return messages
-        system = await self._renderer.render_async(_context(room_id, room_context))
-        return [_system(system), *messages]
+        if self._renderer is not None:
+            system = await self._renderer.render_async(_context(room_id, room_context))
+            messages = [_system(system), *messages]
+        if token_budget is not None:
+            messages = fit_to_budget(messages, token_budget)
+        return messages
 
     async def ensure_fresh_from_redis(self, room_id: str) -> None:
         """Wait for this worker's writes to the room, then match Redis exactly."""

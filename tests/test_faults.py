@@ -188,3 +188,27 @@ async def test_aclose_flushes_pending_writes(redis_server: RedisServer, room: st
     await manager.aclose(timeout=20)
     assert await client.llen(window_key(room)) == 100  # type: ignore[misc]
     await client.aclose()
+
+
+async def test_pipelined_calls_reload_scripts_after_flush(
+    redis_server: RedisServer, make_manager: Make
+) -> None:
+    client = client_for(redis_server)
+    manager = make_manager(client)
+    rooms = [f"pipelined:{i}" for i in range(30)]
+    for name in rooms:
+        await manager.append_async(name, "user", "warm")
+    await client.script_flush()
+    before = manager.stats()
+    for name in rooms:  # one loop tick: one pipeline, every call answered NOSCRIPT
+        manager.append(name, "user", "after flush")
+    await manager.drain()
+    after = manager.stats()
+    assert after["script_reloads"] == before["script_reloads"] + 1
+    assert after["round_trips"] - before["round_trips"] == 2  # the pipeline, then its resend
+    for name in rooms:
+        assert await client.lrange(window_key(name), 0, -1) == [  # type: ignore[misc]
+            b'{"message_id":null,"role":"user","content":"warm"}',
+            b'{"message_id":null,"role":"user","content":"after flush"}',
+        ]
+    await client.aclose()

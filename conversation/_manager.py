@@ -188,7 +188,31 @@ class ConversationManager:
         re-calling with ``idempotency_key=err.idempotency_key`` lands it once.
         """
         row = self._row(role, content, message_id, name, tool_calls, tool_call_id)
-        op = AppendOp([row])
+        await self._append_rows(room_id, [row], durable, idempotency_key)
+
+    async def append_many_async(
+        self,
+        room_id: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        durable: bool = False,
+        idempotency_key: str | None = None,
+    ) -> None:
+        """Record several turns as one write: Redis gets all of them in one script, or none.
+
+        Each message takes the fields of ``append`` (``role``, ``content``,
+        ``message_id``, ``name``, ``tool_calls``, ``tool_call_id``); all are
+        validated before any is recorded. ``durable`` and ``idempotency_key`` are
+        as for ``append_async``, for the batch as a whole.
+        """
+        rows = [self._row_from_mapping(message) for message in messages]
+        if rows:
+            await self._append_rows(room_id, rows, durable, idempotency_key)
+
+    async def _append_rows(
+        self, room_id: str, rows: list[Row], durable: bool, idempotency_key: str | None
+    ) -> None:
+        op = AppendOp(rows)
         if idempotency_key is not None:
             if not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 128:
                 raise InvalidMessage(
@@ -274,15 +298,7 @@ class ConversationManager:
         ``message_id``, ...). Entries the window already holds are skipped, and
         turns appended meanwhile by any worker are kept (compare-and-set).
         """
-        rows = []
-        for message in older_messages:
-            fields = dict(message)
-            try:
-                role, content = fields.pop("role"), fields.pop("content")
-            except KeyError as exc:
-                raise InvalidMessage(f"backfill message lacks {exc.args[0]!r}") from exc
-            rows.append(self._row(role, content, **fields))
-        op = BackfillOp(rows)
+        op = BackfillOp([self._row_from_mapping(message) for message in older_messages])
         self._submit(room_id, op)
         await self._settled(op)
 
@@ -312,6 +328,7 @@ class ConversationManager:
         ``token_budget`` trims the returned copy (not the stored window) to fit:
         the first user message and the newest turns stay, whole tool groups go.
         """
+        self._bound_loop()  # a read on a loop makes it the manager's, as a write does
         room = self._room(room_id)
         if self._store is not None:
             try:
@@ -329,6 +346,7 @@ class ConversationManager:
 
     async def ensure_fresh_from_redis(self, room_id: str) -> None:
         """Wait for this worker's writes to the room, then match Redis exactly."""
+        self._bound_loop()
         room = self._room(room_id)
         if self._store is None:
             return
@@ -428,6 +446,17 @@ class ConversationManager:
             tool_call_id=tool_call_id,
         )
         return encode(entry, self._max_entry_bytes), entry["message_id"], entry["role"]
+
+    def _row_from_mapping(self, message: Mapping[str, Any]) -> Row:
+        fields = dict(message)
+        try:
+            role, content = fields.pop("role"), fields.pop("content")
+        except KeyError as exc:
+            raise InvalidMessage(f"message lacks {exc.args[0]!r}") from exc
+        unknown = set(fields) - {"message_id", "name", "tool_calls", "tool_call_id"}
+        if unknown:
+            raise InvalidMessage(f"unknown field(s) {sorted(unknown)}")
+        return self._row(role, content, **fields)
 
     def _edit(self, message_id: object, transform: Any) -> EditOp:
         return EditOp(normalise_message_id(message_id), transform, self._max_entry_bytes)

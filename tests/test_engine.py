@@ -470,3 +470,20 @@ async def test_ensure_fresh_waits_for_this_workers_writes(
     assert manager.stats()["pending_writes"] == 0
     assert len(await redis_rows(any_client, room)) == 50
     assert len(manager.get_messages(room)) == 50
+
+
+async def test_append_many_is_all_or_nothing(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    manager = make_manager(any_client)
+    batch = [
+        {"role": "user", "content": "[Message ID: 1] a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "robot", "content": "refused"},
+    ]
+    with pytest.raises(InvalidMessage, match="role"):
+        await manager.append_many_async(room, batch)
+    assert manager.get_messages(room) == []
+    await manager.append_many_async(room, batch[:2])
+    assert len(await redis_rows(any_client, room)) == 2
+    assert manager.stats()["persists"] == 1

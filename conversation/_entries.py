@@ -101,7 +101,9 @@ def build_entry(
     """Validate the fields of one turn and return its entry (identity first)."""
     if role not in ROLES:
         raise InvalidMessage(f"role {role!r:.40} is not one of {sorted(ROLES)}", field="role")
-    _check_content(content)
+    # OpenAI sends content=null on an assistant turn that only calls tools.
+    if not (content is None and role == "assistant" and tool_calls):
+        _check_content(content)
     identity = (
         normalise_message_id(message_id)
         if message_id is not None
@@ -148,7 +150,8 @@ def decode_row(row: bytes) -> tuple[str | None, str] | None:
     identity, role = entry.get("message_id"), entry.get("role")
     if role not in ROLES or not isinstance(identity, (str, type(None))):
         return None
-    if not isinstance(entry.get("content"), (str, list)):
+    content = entry.get("content")
+    if not isinstance(content, (str, list)) and not (content is None and role == "assistant"):
         return None
     return identity, role
 
@@ -211,6 +214,8 @@ def _write_tags(text: str, identity: str, changes: Mapping[str, str | None]) -> 
 
 def _map_first_text(entry: Entry, change: Callable[[str], str]) -> Entry:
     content = entry["content"]
+    if content is None:
+        return {**entry, "content": change("")}
     if isinstance(content, str):
         return {**entry, "content": change(content)}
     parts = list(content)

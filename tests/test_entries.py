@@ -141,3 +141,13 @@ def test_all_room_keys_share_one_hash_tag() -> None:
     for key in keys.as_list():
         assert key.startswith("bot:conversation:{discord:1234}")
     assert orjson.dumps(keys.as_list())
+
+
+def test_assistant_tool_call_may_have_null_content_but_nothing_else_may() -> None:
+    calls = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    row = encode(build_entry("assistant", None, tool_calls=calls), 1 << 20)
+    assert decode_row(row) == (None, "assistant")
+    with pytest.raises(InvalidMessage, match="content"):
+        build_entry("assistant", None)
+    with pytest.raises(InvalidMessage, match="content"):
+        build_entry("user", None)

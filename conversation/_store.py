@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from ._keys import RoomKeys
@@ -66,6 +67,7 @@ class _Pipeliner:
         self._queue: list[_Call] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reload_before_next = False
 
     def call(self, script: Script, keys: list[str], args: list[Arg]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -85,6 +87,12 @@ class _Pipeliner:
 
     async def _send(self, calls: list[_Call]) -> None:
         try:
+            if self._reload_before_next:
+                # After a lost connection the server may be a restarted or failed-over
+                # one with an empty script cache; some servers (fakeredis's TCP server)
+                # even drop the connection on an error reply, so NOSCRIPT never shows.
+                await self._load_all()
+                self._reload_before_next = False
             results = await asyncio.wait_for(self._execute(calls), self._timeout)
             retry = [
                 call
@@ -94,9 +102,7 @@ class _Pipeliner:
             if retry:
                 # SCRIPT FLUSH, a restart or a failover emptied the script cache:
                 # load every script again and resend only the calls that did not run.
-                self._stats.script_reloads += 1
-                for script in {call.script.name: call.script for call in retry}.values():
-                    await self._redis.script_load(script.source)
+                await self._load_all()
                 again = await asyncio.wait_for(self._execute(retry), self._timeout)
                 replaced = dict(zip(map(id, retry), again, strict=True))
                 results = [
@@ -104,6 +110,8 @@ class _Pipeliner:
                     for call, result in zip(calls, results, strict=True)
                 ]
         except BaseException as exc:
+            if isinstance(exc, (RedisConnectionError, OSError)):
+                self._reload_before_next = True
             for call in calls:
                 if not call.future.done():
                     call.future.set_exception(
@@ -119,6 +127,11 @@ class _Pipeliner:
                 call.future.set_exception(result)
             else:
                 call.future.set_result(result)
+
+    async def _load_all(self) -> None:
+        self._stats.script_reloads += 1
+        for script in self._scripts.values():
+            await self._redis.script_load(script.source)
 
     async def _execute(self, calls: list[_Call]) -> list[Any]:
         self._stats.round_trips += 1

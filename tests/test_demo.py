@@ -1,0 +1,196 @@
+"""The multi-process demo, end to end at a small size, and its building blocks."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+from redis_servers import RedisServer
+
+from conversation._cli import Palette
+from conversation._demo import (
+    ROOM_CATALOGUE,
+    WEATHER_TOOL,
+    FakeModel,
+    build_script,
+    compare_windows,
+    fake_weather,
+    script_summary,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+ROOMS = [room for room, *_ in ROOM_CATALOGUE[:3]]
+
+pytestmark = pytest.mark.slow
+
+
+def _demo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "conversation", "demo", *args],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+        cwd=ROOT,
+        env=environment,
+    )
+
+
+def _assert_converged(result: subprocess.CompletedProcess[str], rooms: int) -> None:
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    plural = "s" if rooms != 1 else ""
+    assert f"converged: 3 workers × {rooms} room{plural} hold exactly what Redis holds" in out
+    assert out.count("✓ equal") == 3 * rooms
+    assert "✗" not in out
+    assert "NOT converged" not in out
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_converges_on_a_private_redis_server(redis_server: RedisServer) -> None:
+    result = _demo("--redis-url", redis_server.url, "--rooms", "2", "--events", "60", "--seed", "3")
+    _assert_converged(result, rooms=2)
+    out = result.stdout
+    assert f"Redis at {redis_server.url}" in out
+    assert "FAKE deterministic model" in out
+    assert "All 60 events handled by every worker" in out
+    # The rendered prompt and the window of the showcase room.
+    assert "Rendered inference prompt for demo:discord:general" in out
+    assert "FALLBACK" not in out
+    assert "Window of demo:discord:general" in out
+    assert "[Reactions: " in out
+    assert "<image https://images.example.com/general/" in out
+    # The stats table: every worker handled every event, without errors.
+    for role in ("inference", "agents", "consolidation"):
+        row = next(line.split() for line in out.splitlines() if line.strip().startswith(role))
+        assert row[2] == "60", row  # events
+        assert row[-1] == "0", row  # errors
+    assert "agents: tool calls: 2" in out
+
+    # An independent look at Redis after the demo: every consumer group read and
+    # acknowledged every event, and each room's window is the one the demo printed.
+    with redis_server.sync_client() as client:
+        groups = {g["name"].decode(): g for g in client.xinfo_groups("sg:demo:events")}
+        assert set(groups) == {"inference", "agents", "consolidation"}
+        for group in groups.values():
+            assert group["pending"] == 0
+            assert group["entries-read"] == 60
+        for room in ROOMS[:2]:
+            key = f"sg:conversation:{{{room}}}"
+            entries = client.llen(key)
+            version = int(client.hget(f"{key}:meta", "version") or 0)
+            assert re.search(rf"{re.escape(room)}\s+{entries}\s+{version}\s+✓ equal", out), room
+        calls = 0
+        for room in ROOMS[:2]:
+            rows = [orjson.loads(r) for r in client.lrange(f"sg:conversation:{{{room}}}", 0, -1)]
+            for index, row in enumerate(rows):
+                if row.get("tool_calls"):  # each call is directly followed by its result
+                    calls += 1
+                    assert rows[index + 1]["role"] == "tool"
+                    assert rows[index + 1]["tool_call_id"] == row["tool_calls"][0]["id"]
+        assert calls >= 1, "the agents worker's tool call is in the window"
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+def test_demo_embeds_a_private_redis_server_by_default() -> None:
+    result = _demo("--rooms", "1", "--events", "40")
+    _assert_converged(result, rooms=1)
+    match = re.search(r"private redis-server \S+ on 127\.0\.0\.1:(\d+) \(pid (\d+);", result.stdout)
+    assert match, result.stdout
+    port, pid = int(match.group(1)), int(match.group(2))
+    assert port != 6379
+    # Stopped by pid before the demo exited.
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_demo_falls_back_to_fakeredis_tcp_server() -> None:
+    result = _demo("--embedded", "fakeredis", "--rooms", "2", "--events", "40")
+    _assert_converged(result, rooms=2)
+    assert "fakeredis TCP server on 127.0.0.1:" in result.stdout
+
+
+def test_demo_without_any_redis_is_a_clear_error(tmp_path: Path) -> None:
+    # A PATH without redis-server and fakeredis hidden: nothing to run on.
+    blocker = tmp_path / "fakeredis.py"
+    blocker.write_text("raise ImportError('hidden for this test')\n")
+    result = _demo(
+        "--embedded",
+        "auto",
+        env={"PATH": str(tmp_path), "PYTHONPATH": str(tmp_path)},
+    )
+    assert result.returncode == 3
+    assert "no Redis to run on: pass --redis-url" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------ the pieces
+
+
+def test_the_script_is_deterministic_and_has_every_kind_of_event() -> None:
+    script = build_script(ROOMS, 40, seed=11)
+    assert script == build_script(ROOMS, 40, seed=11)
+    assert script != build_script(ROOMS, 40, seed=12)
+    assert len(script) == 40
+    assert [event.seq for event in script] == list(range(40))
+    summary = script_summary(script)
+    assert summary["image posts"] >= 1
+    assert summary["tool requests"] == 2
+    assert summary["/clear"] == 1
+    assert summary["/limit"] == 1
+    assert summary["deletes"] >= 1
+    posts = {e.data["message_id"]: e for e in script if e.kind == "message"}
+    edited_images = [
+        e for e in script if e.kind == "edit" and posts[e.data["message_id"]].data["images"]
+    ]
+    assert edited_images, "an image post gets a text-only edit"
+    storm = Counter(e.data["message_id"] for e in script if e.kind == "reaction")
+    assert max(storm.values()) >= 8, "a reaction storm on one message"
+    targets = [e.data["message_id"] for e in script if e.kind in {"edit", "delete", "reaction"}]
+    assert set(targets) <= set(posts)
+
+
+async def test_the_fake_model_is_deterministic_and_calls_the_tool() -> None:
+    model = FakeModel(seed=1)
+    question = {
+        "role": "user",
+        "name": "ana",
+        "content": "[Message ID: 3] @Sage explain consumer groups",
+    }
+    first = await model.complete([question])
+    assert first == await FakeModel(seed=1).complete([question])
+    assert first["content"].startswith("(fake model) @ana ")
+
+    request = {"role": "user", "content": "[Message ID: 4] /weather Oslo"}
+    assert "tool_calls" not in await model.complete([request])  # no tools offered
+    step = await model.complete([request], tools=[WEATHER_TOOL])
+    (call,) = step["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city":"Oslo"}'}
+    result = orjson.dumps(fake_weather("Oslo")).decode()
+    final = await model.complete(
+        [request, step, {"role": "tool", "tool_call_id": call["id"], "content": result}]
+    )
+    assert final["content"].startswith("(fake model) Oslo: ")
+
+
+def test_convergence_check_reports_a_differing_worker() -> None:
+    same = [{"role": "user", "content": "a"}]
+    verdict = compare_windows(
+        ["r1", "r2"],
+        {"inference": {"r1": same, "r2": []}, "agents": {"r1": same, "r2": same}},
+        {"r1": (3, same), "r2": (1, [])},
+        Palette(False),
+    )
+    assert not verdict.converged
+    assert verdict.rows[0] == ["r1", "1", "3", "✓ equal", "✓ equal"]
+    assert verdict.rows[1] == ["r2", "0", "1", "✓ equal", "✗ differs"]
+    assert verdict.problems == ["agents / r2: 1 entries in the worker, 0 in Redis"]

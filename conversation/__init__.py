@@ -6,30 +6,60 @@ are mirrored to Redis by Lua scripts, so every worker converges on one history.
 
 from __future__ import annotations
 
+from ._consolidation import (
+    ArchiveBatch,
+    ConsolidationConfig,
+    ConsolidationResult,
+    ConsolidationWorker,
+    ExtractiveSummarizer,
+    Summarizer,
+    format_transcript,
+)
 from ._errors import (
     ConfigurationError,
+    ConsolidationError,
     ConversationError,
     DrainTimeout,
     DurabilityError,
     InvalidMessage,
     InvalidRoomId,
+    InvalidSessionId,
     PersistError,
     RedisUnavailable,
+    SessionError,
+    SessionExists,
+    SessionNotFound,
     TemplateError,
 )
 from ._manager import ConversationManager
 from ._renderer import PromptRenderer
+from ._sessions import Session, SessionInfo, SessionStore
 
 __all__ = [
+    "ArchiveBatch",
     "ConfigurationError",
+    "ConsolidationConfig",
+    "ConsolidationError",
+    "ConsolidationResult",
+    "ConsolidationWorker",
     "ConversationError",
     "ConversationManager",
     "DrainTimeout",
     "DurabilityError",
+    "ExtractiveSummarizer",
     "InvalidMessage",
     "InvalidRoomId",
+    "InvalidSessionId",
     "PersistError",
     "PromptRenderer",
     "RedisUnavailable",
+    "Session",
+    "SessionError",
+    "SessionExists",
+    "SessionInfo",
+    "SessionNotFound",
+    "SessionStore",
+    "Summarizer",
     "TemplateError",
+    "format_transcript",
 ]

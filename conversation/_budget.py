@@ -60,7 +60,7 @@ def _opens_or_continues_calls(group: list[Message]) -> bool:
 
 
 def fit_to_budget(messages: Sequence[Message], budget: int) -> list[Message]:
-    """Keep the system prompt, the first user message and the newest turns that fit.
+    """Keep the system prompt(s), the first user message and the newest turns that fit.
 
     Turns are dropped from the middle, a tool-call group is kept or dropped
     whole, and the result keeps the original order. The input is not changed.
@@ -69,7 +69,8 @@ def fit_to_budget(messages: Sequence[Message], budget: int) -> list[Message]:
         raise ValueError(f"token budget must be >= 0, got {budget}")
     head: list[Message] = []
     rest = list(messages)
-    if rest and rest[0].get("role") == "system":
+    # The system prompt, and the consolidation summary that follows it.
+    while rest and rest[0].get("role") == "system":
         head.append(rest.pop(0))
     used = sum(estimate_tokens(m) for m in head)
     groups = _groups(rest)

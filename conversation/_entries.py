@@ -23,6 +23,11 @@ from ._errors import InvalidMessage
 ROLES: Final = frozenset({"user", "assistant", "system", "tool"})
 MAX_MESSAGE_ID_CHARS: Final = 256
 MAX_TAG_CHARS: Final = 2000
+#: Identity prefix of the rolling summary entry that consolidation keeps at the
+#: head of a window ("summary:<n>", role "system"). Users cannot forge one: a
+#: marker typed into a message only ever yields a user/assistant/tool entry.
+SUMMARY_ID_PREFIX: Final = "summary:"
+SUMMARY_ROLE: Final = "system"
 
 #: The identity marker bots write into the visible text.
 MARKER_RE: Final = re.compile(r"\[Message ID: ([^\[\]\r\n]{1,256})\]")
@@ -125,6 +130,11 @@ def build_entry(
             raise InvalidMessage("must be a str", field="tool_call_id")
         entry["tool_call_id"] = tool_call_id
     return entry
+
+
+def is_summary(identity: str | None, role: str | None) -> bool:
+    """Whether a stored entry is a consolidation summary (identity AND role decide)."""
+    return role == SUMMARY_ROLE and identity is not None and identity.startswith(SUMMARY_ID_PREFIX)
 
 
 def encode(entry: Entry, max_bytes: int) -> bytes:

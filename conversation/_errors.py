@@ -9,8 +9,13 @@ The tree::
     │   ├── DurabilityError           a durable write could not be confirmed
     │   └── DrainTimeout              shutdown could not flush every write in time
     ├── RedisUnavailable              a read that needs Redis could not reach it
+    ├── ConsolidationError            a summary could not be made; the room is unchanged
     ├── ConfigurationError            the manager was built with unusable settings
-    └── TemplateError                 a prompt template failed to load or render
+    ├── TemplateError                 a prompt template failed to load or render
+    └── SessionError                  the sessions service refused a call
+        ├── InvalidSessionId          a user or session id that cannot be stored safely
+        ├── SessionExists             create_session with the id of a live session
+        └── SessionNotFound           no live session (or a forged/stale handle)
 
 Backend errors are chained with ``raise ... from``, so the redis-py or Jinja
 exception that caused one stays reachable as ``__cause__``.
@@ -20,13 +25,18 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigurationError",
+    "ConsolidationError",
     "ConversationError",
     "DrainTimeout",
     "DurabilityError",
     "InvalidMessage",
     "InvalidRoomId",
+    "InvalidSessionId",
     "PersistError",
     "RedisUnavailable",
+    "SessionError",
+    "SessionExists",
+    "SessionNotFound",
     "TemplateError",
 ]
 
@@ -93,6 +103,17 @@ class RedisUnavailable(ConversationError):
         super().__init__(message)
 
 
+class ConsolidationError(ConversationError):
+    """Consolidation failed before the fold (summariser error, bad summary, template).
+
+    Nothing in the room changed; the summariser's own exception is ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, room_id: str) -> None:
+        self.room_id = room_id
+        super().__init__(message)
+
+
 class ConfigurationError(ConversationError, ValueError):
     """The manager or renderer was constructed with settings it cannot work with."""
 
@@ -108,3 +129,42 @@ class TemplateError(ConversationError):
         self.template = template
         self.lineno = lineno
         super().__init__(message)
+
+
+class SessionError(ConversationError):
+    """Base of every error the sessions service raises on purpose."""
+
+
+class InvalidSessionId(SessionError, ValueError):
+    """A user id or session id that would break key layout or cluster slotting."""
+
+    def __init__(self, field: str, value: object, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"invalid {field} {value!r:.80}: {reason}")
+
+
+class SessionExists(SessionError):
+    """``create_session`` was given the id of a live session of that user."""
+
+    def __init__(self, user_id: str, session_id: str) -> None:
+        self.user_id = user_id
+        self.session_id = session_id
+        super().__init__(f"user {user_id!r:.80} already has a session {session_id!r:.80}")
+
+
+class SessionNotFound(SessionError, LookupError):
+    """No live session: never created, deleted, expired — or a forged or stale handle.
+
+    The same error covers a ``Session`` whose handle does not match the stored
+    session, so a caller cannot learn whether another user's session exists.
+    """
+
+    def __init__(self, user_id: str, session_id: str) -> None:
+        self.user_id = user_id
+        self.session_id = session_id
+        super().__init__(
+            f"no live session {session_id!r:.80} for user {user_id!r:.80} (never created, "
+            "deleted or expired, or the Session object was not issued by this store for it)"
+        )

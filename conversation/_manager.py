@@ -23,6 +23,13 @@ from typing import Any, Protocol, TypeVar
 from redis.exceptions import RedisError, ResponseError
 
 from ._budget import fit_to_budget
+from ._consolidation import (
+    ArchiveBatch,
+    ConsolidationConfig,
+    ConsolidationResult,
+    Consolidator,
+    Summarizer,
+)
 from ._entries import (
     Entry,
     build_entry,
@@ -119,6 +126,7 @@ class ConversationManager:
         command_timeout: float | None = 10.0,
         sync_timeout: float = 30.0,
         retry_backoff: tuple[float, float] = (0.05, 2.0),
+        consolidation: ConsolidationConfig | None = None,
     ) -> None:
         if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
             raise ConfigurationError(f"max_history must be a positive int, got {max_history!r}")
@@ -148,6 +156,7 @@ class ConversationManager:
             if redis is not None
             else None
         )
+        self._consolidation = Consolidator(self, consolidation)
 
     # ------------------------------------------------------------------ writes
 
@@ -365,6 +374,37 @@ class ConversationManager:
     def get_history_message_count(self, room_id: str) -> int:
         window = self._room(room_id).view.window
         return len(window) - window.corrupt
+
+    # ----------------------------------------------------------- consolidation
+
+    def should_consolidate(self, room_id: str) -> bool:
+        """Whether the room passes a threshold (turns or tokens) and has turns to fold.
+
+        Reads this worker's memory only: call ``ensure_fresh_from_redis`` first
+        (the consolidation worker does).
+        """
+        return self._consolidation.should_consolidate(room_id)
+
+    async def consolidate(
+        self,
+        room_id: str,
+        summarize: Summarizer | None = None,
+        *,
+        keep_recent: int | None = None,
+        room_context: Mapping[str, Any] | None = None,
+    ) -> ConsolidationResult:
+        """Fold the oldest turns into the rolling summary and archive them, atomically.
+
+        See ``docs/consolidation.md``. Raises ``ConsolidationError`` (room
+        unchanged) when the summariser fails; cancelling it changes nothing.
+        """
+        return await self._consolidation.consolidate(
+            room_id, summarize, keep_recent=keep_recent, room_context=room_context
+        )
+
+    async def list_archives(self, room_id: str) -> list[ArchiveBatch]:
+        """The room's archived turns, oldest batch first, each with the summary that replaced it."""
+        return await self._consolidation.list_archives(room_id)
 
     # --------------------------------------------------------------- lifecycle
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from ._entries import Entry, Transform, encode
+from ._entries import Entry, Transform, encode, is_summary
 from ._window import RoomState, Window
 
 Row = tuple[bytes, str | None, str]  # stored bytes, identity, role
@@ -99,6 +99,10 @@ class BackfillOp(Op):
     def merged(self, window: Window) -> list[Row]:
         present = {identity for identity in window.ids if identity is not None}
         older: Sequence[Row] = self.older
+        if window.rows and is_summary(window.ids[0], window.roles[0]):
+            # A consolidation summary stands for everything before it (archived):
+            # platform history older than the window would come back twice.
+            older = ()
         # Platform history may overlap the window: keep only what is older than
         # the first entry both share, and nothing the window already holds.
         for index, (_, identity, _) in enumerate(older):

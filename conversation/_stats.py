@@ -16,6 +16,7 @@ class Stats:
     reloads: int = 0
     catch_ups: int = 0
     conflicts: int = 0
+    folds: int = 0
     corrupt_rows: int = 0
     round_trips: int = 0
     script_reloads: int = 0

@@ -25,7 +25,9 @@ from ._window import RoomState, SyncReply
 
 logger = logging.getLogger(__name__)
 
-SCRIPT_NAMES = ("sync", "append", "replace", "clear", "set_limit", "rewrite")
+SCRIPT_NAMES = ("sync", "append", "replace", "clear", "set_limit", "rewrite", "fold")
+#: Scripts that run without the ``_lib.lua`` prelude: they touch no room window.
+STANDALONE_SCRIPT_NAMES = ("lease_release", "lease_renew")
 
 Arg = str | bytes | int
 
@@ -45,7 +47,9 @@ class Script:
 
 def load_scripts() -> dict[str, Script]:
     prelude = (data_dir("lua") / "_lib.lua").read_text(encoding="utf-8")
-    return {name: Script.load(name, prelude) for name in SCRIPT_NAMES}
+    scripts = {name: Script.load(name, prelude) for name in SCRIPT_NAMES}
+    scripts.update((name, Script.load(name, "")) for name in STANDALONE_SCRIPT_NAMES)
+    return scripts
 
 
 @dataclass(slots=True)
@@ -176,6 +180,7 @@ class RoomStore:
         self._stats = stats
         self._ttl_ms = ttl_ms
         self._default_limit = default_limit
+        self._timeout = command_timeout
         self._pipeliner = _Pipeliner(redis, self.scripts, stats, command_timeout)
         self._has_sha1hex: bool | None = None
 
@@ -199,10 +204,11 @@ class RoomStore:
         token: str,
         fresh_epoch: str,
         extra: Sequence[Arg],
+        extra_keys: Sequence[str] = (),
     ) -> SyncReply:
         args = self._common(state, token, fresh_epoch)
         args.extend(extra)
-        raw = await self._pipeliner.call(self.scripts[name], keys.as_list(), args)
+        raw = await self._pipeliner.call(self.scripts[name], [*keys.as_list(), *extra_keys], args)
         reply = SyncReply.parse(raw)
         self._stats.bytes_received += reply.payload_bytes()
         return reply
@@ -252,6 +258,51 @@ class RoomStore:
         self, keys: RoomKeys, state: RoomState, token: str, epoch: str, rows: Sequence[bytes]
     ) -> SyncReply:
         return await self._run("rewrite", keys, state, token, epoch, (state.version, *rows))
+
+    async def fold(
+        self,
+        keys: RoomKeys,
+        archive_key: str,
+        state: RoomState,
+        token: str,
+        *,
+        epoch: str,
+        head: int,
+        rows: Sequence[bytes],
+        keep: int,
+        summary_row: bytes,
+        record: bytes,
+        archive_cap: int,
+        archive_ttl_ms: int | None,
+    ) -> SyncReply:
+        """Replace the first ``len(rows)`` rows (planned at ``epoch``/``head``) by a summary.
+
+        ``keep`` indexes a row of ``rows`` to keep right after the summary (-1:
+        none); ``archive_ttl_ms=None`` gives the archive the room's TTL.
+        """
+        framed = b"".join(b"%d:%s" % (len(row), row) for row in rows)
+        expected = await self._expected(framed)
+        ttl = self._ttl_ms if archive_ttl_ms is None else archive_ttl_ms
+        extra = (epoch, head, len(rows), expected, keep, archive_cap, ttl, record, summary_row)
+        return await self._run("fold", keys, state, token, "", extra, extra_keys=(archive_key,))
+
+    async def _expected(self, data: bytes) -> bytes | str:
+        """What a script compares stored bytes with: their SHA1, or the bytes themselves."""
+        if self._has_sha1hex is None:
+            self._has_sha1hex = bool(await self.redis.eval("return redis.sha1hex and 1 or 0", 0))
+        return hashlib.sha1(data).hexdigest() if self._has_sha1hex else b"=" + data
+
+    async def lease_acquire(self, key: str, token: str, ttl_ms: int) -> bool:
+        """SET NX PX: the lease is ``token``'s for ``ttl_ms`` unless someone holds it."""
+        return bool(
+            await asyncio.wait_for(self.redis.set(key, token, nx=True, px=ttl_ms), self._timeout)
+        )
+
+    async def lease_release(self, key: str, token: str) -> bool:
+        return bool(await self._pipeliner.call(self.scripts["lease_release"], [key], [token]))
+
+    async def lease_renew(self, key: str, token: str, ttl_ms: int) -> bool:
+        return bool(await self._pipeliner.call(self.scripts["lease_renew"], [key], [token, ttl_ms]))
 
     async def wait_idle(self) -> None:
         await self._pipeliner.wait_idle()

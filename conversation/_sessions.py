@@ -1,0 +1,872 @@
+"""Sessions service (SPEC §4.19): per-user chat sessions with idle expiry.
+
+A session is an ordered list of OpenAI-chat messages owned by one user, as
+agent runtimes expose them. ``SessionStore`` keeps them in Redis (or in this
+process's memory when ``redis`` is None)::
+
+    {prefix}:session:{<user_id>}:index            ZSET session id -> expiry deadline (ms)
+    {prefix}:session:{<user_id>}:seq              STRING creation counter
+    {prefix}:session:{<user_id>}:meta:<session>   HASH user, sid, token, seq, created, ...
+    {prefix}:session:{<user_id>}:msgs:<session>   LIST orjson rows, oldest first
+    {prefix}:session:{<user_id>}:idem:<session>   ZSET ids of the last 64 appends applied
+
+Every key is built from the user id and shares its hash tag, so one user's
+index and sessions live in one cluster slot and each script touches one slot;
+no operation can name another user's keys. ``list_sessions`` answers from the
+index, never by scanning the keyspace.
+
+Idle expiry is the keys' TTL, refreshed by every use of a session: creating,
+appending, and reading it (``get_session``) — a session an agent keeps reading
+must not expire under it. ``list_sessions`` and ``delete_session`` do not
+refresh anything. The index score of a session is the absolute deadline its
+keys expire at (server clock), so pruning expired members is exact.
+
+A ``Session`` carries an unguessable handle token issued at creation; the
+append script compares it with the stored one, so a ``Session`` built or
+altered by hand (another user's id, a guessed session id, a handle kept
+across a delete and re-create) cannot write.
+
+redis-py retries a command after a connection error or timeout, and the first
+attempt may have landed: every create carries a fresh token and every append a
+fresh write id, so a retried call is recognised and applied once.
+
+Its errors are the ``SessionError`` branch of the tree in ``_errors.py``.
+Backend failures are the engine's: ``PersistError`` for a write Redis did not
+confirm, ``RedisUnavailable`` for a read, each raised ``from`` the redis-py error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, RedisError
+
+from ._entries import ROLES, build_entry, encode
+from ._errors import (
+    ConfigurationError,
+    InvalidMessage,
+    InvalidRoomId,
+    InvalidSessionId,
+    PersistError,
+    RedisUnavailable,
+    SessionExists,
+    SessionNotFound,
+)
+from ._keys import KeySpace, validate_room_id
+from ._resources import data_dir
+from ._stats import Stats
+from ._store import Arg, Script, _Pipeliner
+
+__all__ = ["Session", "SessionInfo", "SessionStore"]
+
+logger = logging.getLogger(__name__)
+
+MAX_USER_ID_BYTES: Final = 512
+MAX_SESSION_ID_BYTES: Final = 256
+#: Sessions described per ``session_list`` call (each one is a key of that call).
+LIST_CHUNK: Final = 256
+SESSION_SCRIPTS: Final = (
+    "session_create",
+    "session_get",
+    "session_append",
+    "session_delete",
+    "session_list",
+)
+MESSAGE_FIELDS: Final = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
+#: Append ids remembered per session (the scripts' IDEM_CAP).
+IDEM_CAP: Final = 64
+MAX_IDEMPOTENCY_KEY_CHARS: Final = 128
+_BACKEND_ERRORS: Final = (RedisError, OSError, TimeoutError)
+
+Message = dict[str, Any]
+
+
+# ---------------------------------------------------------------- public data
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """A session without its messages, as ``list_sessions`` returns it.
+
+    Times are Unix seconds by the Redis server's clock (this process's clock
+    when memory-only). ``updated_at`` moves on writes; ``expires_at`` moves on
+    every use, reads included.
+    """
+
+    user_id: str
+    session_id: str
+    created_at: float
+    updated_at: float
+    expires_at: float
+    message_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Session(SessionInfo):
+    """A session with its messages: a snapshot as of the call that returned it.
+
+    ``messages`` is a fresh, caller-owned list (changing it changes nothing
+    stored). ``append_message`` does not update it; ``get_session`` again to
+    see other writers' messages. The handle token is private: a ``Session``
+    built by hand, or copied with another user or session id, cannot write.
+    """
+
+    messages: list[Message]
+    _token: str = field(repr=False, compare=False)
+
+    @property
+    def info(self) -> SessionInfo:
+        return SessionInfo(
+            self.user_id,
+            self.session_id,
+            self.created_at,
+            self.updated_at,
+            self.expires_at,
+            self.message_count,
+        )
+
+
+# ------------------------------------------------------------------ validation
+
+
+def validate_user_id(user_id: object) -> str:
+    return _validate_id("user_id", user_id, MAX_USER_ID_BYTES)
+
+
+def validate_session_id(session_id: object) -> str:
+    return _validate_id("session_id", session_id, MAX_SESSION_ID_BYTES)
+
+
+def _validate_id(what: str, value: object, max_bytes: int) -> str:
+    """Room-id rules (no braces, no control characters, valid Unicode), own length cap."""
+    try:
+        text = validate_room_id(value)
+    except InvalidRoomId as exc:
+        raise InvalidSessionId(what, value, exc.reason) from exc
+    size = len(text.encode("utf-8"))
+    if size > max_bytes:
+        raise InvalidSessionId(what, value, f"is {size} bytes; the limit is {max_bytes}")
+    return text
+
+
+def message_row(message: object, max_bytes: int) -> bytes:
+    """Validate one OpenAI-chat message like the engine's entries; its stored row.
+
+    Rows start with ``{"role":`` so the scripts recognise tool results without
+    decoding JSON. Fields other than ``role``, ``content``, ``name``,
+    ``tool_calls`` and ``tool_call_id`` are refused unless they are None.
+    """
+    if not isinstance(message, Mapping):
+        raise InvalidMessage(f"must be a mapping, not {type(message).__name__}")
+    unknown = sorted(
+        str(key)
+        for key, value in message.items()
+        if key not in MESSAGE_FIELDS and value is not None
+    )
+    if unknown:
+        raise InvalidMessage(f"unknown field(s) {unknown!r:.200}", field=unknown[0])
+    if "role" not in message:
+        raise InvalidMessage(f"is missing; one of {sorted(ROLES)}", field="role")
+    if "content" not in message:
+        raise InvalidMessage("is missing", field="content")
+    entry = build_entry(
+        message["role"],
+        message["content"],
+        name=message.get("name"),
+        tool_calls=message.get("tool_calls"),
+        tool_call_id=message.get("tool_call_id"),
+    )
+    del entry["message_id"]  # the engine's identity field: sessions have none
+    return encode(entry, max_bytes)
+
+
+# --------------------------------------------------------------------- keys
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKeys:
+    """The keys one session script takes as KEYS, in order."""
+
+    index: str
+    seq: str
+    meta: str
+    messages: str
+    idem: str
+
+    def as_list(self) -> list[str]:
+        return [self.index, self.seq, self.meta, self.messages, self.idem]
+
+
+class SessionKeySpace:
+    """Key names of the sessions service: every key carries the user's hash tag.
+
+    The session id is always the last component after a fixed ``:meta:``,
+    ``:msgs:`` or ``:idem:``, and the user id sits inside braces it cannot contain, so no two
+    (user, session) pairs can map to the same key.
+    """
+
+    def __init__(self, prefix: str = "sg") -> None:
+        self.prefix = KeySpace(prefix).prefix  # same prefix rules as the engine
+
+    def user_base(self, user_id: str) -> str:
+        return f"{self.prefix}:session:{{{user_id}}}"
+
+    def index(self, user_id: str) -> str:
+        return self.user_base(user_id) + ":index"
+
+    def seq(self, user_id: str) -> str:
+        return self.user_base(user_id) + ":seq"
+
+    def meta(self, user_id: str, session_id: str) -> str:
+        return f"{self.user_base(user_id)}:meta:{session_id}"
+
+    def messages(self, user_id: str, session_id: str) -> str:
+        return f"{self.user_base(user_id)}:msgs:{session_id}"
+
+    def idem(self, user_id: str, session_id: str) -> str:
+        return f"{self.user_base(user_id)}:idem:{session_id}"
+
+    def session(self, user_id: str, session_id: str) -> SessionKeys:
+        return SessionKeys(
+            self.index(user_id),
+            self.seq(user_id),
+            self.meta(user_id, session_id),
+            self.messages(user_id, session_id),
+            self.idem(user_id, session_id),
+        )
+
+
+# ----------------------------------------------------------- backend records
+
+
+@dataclass(frozen=True, slots=True)
+class _Created:
+    seq: int
+    created_ms: int
+    deadline_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    token: str
+    seq: int
+    created_ms: int
+    updated_ms: int
+    deadline_ms: int
+    rows: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class _Appended:
+    count: int
+    created_ms: int
+    updated_ms: int
+    deadline_ms: int
+    dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Listed:
+    session_id: str
+    seq: int
+    created_ms: int
+    updated_ms: int
+    deadline_ms: int
+    count: int
+
+
+class _Forged:
+    """The append script found the session but not the handle's token."""
+
+
+_FORGED: Final = _Forged()
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _rows(values: Sequence[object]) -> list[bytes]:
+    return [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in values]
+
+
+# ----------------------------------------------------------- Redis backend
+
+
+def load_session_scripts() -> dict[str, Script]:
+    prelude = (data_dir("lua") / "session_lib.lua").read_text(encoding="utf-8")
+    return {name: Script.load(name, prelude) for name in SESSION_SCRIPTS}
+
+
+class _RedisSessions:
+    """One typed method per ``lua/session_*.lua`` script; calls of a tick share a pipeline."""
+
+    def __init__(
+        self,
+        redis: Any,
+        keys: SessionKeySpace,
+        *,
+        ttl_ms: int,
+        cap: int,
+        command_timeout: float | None,
+    ) -> None:
+        self.redis = redis
+        self.scripts = load_session_scripts()
+        self.stats = Stats()
+        self._keys = keys
+        self._ttl_ms = ttl_ms
+        self._cap = cap
+        self._timeout = command_timeout
+        self._reload_lock = asyncio.Lock()
+        self._loads = 0
+        # redis-py refuses EVALSHA in a RedisCluster pipeline: there each call goes
+        # alone (a session call is one user's, one slot, one round trip anyway).
+        self._pipeliner = (
+            None
+            if isinstance(redis, RedisCluster)
+            else _Pipeliner(redis, self.scripts, self.stats, command_timeout)
+        )
+
+    async def _call(self, name: str, keys: list[str], args: list[Arg]) -> Any:
+        script = self.scripts[name]
+        if self._pipeliner is not None:
+            return await self._pipeliner.call(script, keys, args)
+        return await asyncio.wait_for(self._evalsha(script, keys, args), self._timeout)
+
+    async def _evalsha(self, script: Script, keys: list[str], args: list[Arg]) -> Any:
+        if self._loads == 0:
+            await self._load_scripts(0)  # once, before the first call: no NOSCRIPT storm
+        for _attempt in range(2):
+            generation = self._loads
+            self.stats.round_trips += 1
+            try:
+                return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                # SCRIPT FLUSH, a restart or a failover emptied a script cache.
+                await self._load_scripts(generation)
+        self.stats.round_trips += 1
+        return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
+
+    async def _load_scripts(self, generation: int) -> None:
+        """Load every script on every primary; calls failing together share one load."""
+        async with self._reload_lock:
+            if self._loads != generation:
+                return  # another call reloaded meanwhile
+            for each in self.scripts.values():
+                await self.redis.script_load(each.source)
+            if generation:
+                self.stats.script_reloads += 1
+            self._loads += 1
+
+    def _common(self, user_id: str) -> list[Arg]:
+        return [user_id, self._ttl_ms]
+
+    async def create(self, user_id: str, session_id: str, token: str) -> _Created | None:
+        keys = self._keys.session(user_id, session_id)
+        reply = await self._call(
+            "session_create", keys.as_list(), [*self._common(user_id), session_id, token]
+        )
+        if int(reply[0]) != 1:
+            return None
+        return _Created(int(reply[1]), int(reply[2]), int(reply[3]))
+
+    async def get(self, user_id: str, session_id: str) -> _Loaded | None:
+        keys = self._keys.session(user_id, session_id)
+        reply = await self._call(
+            "session_get", keys.as_list(), [*self._common(user_id), session_id]
+        )
+        if int(reply[0]) != 1:
+            return None
+        return _Loaded(
+            _text(reply[1]),
+            int(reply[2]),
+            int(reply[3]),
+            int(reply[4]),
+            int(reply[5]),
+            _rows(reply[6:]),
+        )
+
+    async def append(
+        self,
+        user_id: str,
+        session_id: str,
+        token: str | None,
+        write_id: str,
+        rows: Sequence[bytes],
+    ) -> _Appended | _Forged | None:
+        keys = self._keys.session(user_id, session_id)
+        args: list[Arg] = [
+            *self._common(user_id),
+            session_id,
+            "0" if token is None else "1",
+            token or "",
+            self._cap,
+            write_id,
+            *rows,
+        ]
+        reply = await self._call("session_append", keys.as_list(), args)
+        status = int(reply[0])
+        if status == 2:
+            return _FORGED
+        if status != 1:
+            return None
+        return _Appended(*(int(v) for v in reply[1:6]))
+
+    async def delete(self, user_id: str, session_id: str) -> bool:
+        keys = self._keys.session(user_id, session_id)
+        reply = await self._call(
+            "session_delete", keys.as_list(), [*self._common(user_id), session_id]
+        )
+        return int(reply) == 1
+
+    async def list(self, user_id: str) -> list[_Listed]:
+        index = self._keys.index(user_id)
+        members = await asyncio.wait_for(self.redis.zrange(index, 0, -1), self._timeout)
+        session_ids = [_text(m) for m in members]
+        listed: list[_Listed] = []
+        for start in range(0, len(session_ids), LIST_CHUNK):
+            chunk = session_ids[start : start + LIST_CHUNK]
+            keys = [index, self._keys.seq(user_id)]
+            keys.extend(self._keys.meta(user_id, sid) for sid in chunk)
+            reply = await self._call("session_list", keys, [*self._common(user_id), *chunk])
+            for at in range(0, len(reply), 6):
+                sid, seq, created, updated, deadline, count = reply[at : at + 6]
+                listed.append(
+                    _Listed(
+                        _text(sid), int(seq), int(created), int(updated), int(deadline), int(count)
+                    )
+                )
+        return listed
+
+
+# ---------------------------------------------------------- memory backend
+
+
+@dataclass(slots=True)
+class _MemSession:
+    token: str
+    seq: int
+    created_ms: int
+    updated_ms: int
+    deadline: float  # time.monotonic()
+    deadline_ms: int  # the same moment on the wall clock, for callers
+    rows: list[bytes]
+    write_ids: dict[str, None] = field(default_factory=dict)  # insertion-ordered
+
+
+def _is_tool_row(row: bytes) -> bool:
+    return row.startswith(b'{"role":"tool"')
+
+
+def _trim(rows: list[bytes], cap: int) -> int:
+    """The scripts' trim: oldest first down to cap, then no leading orphan tool result."""
+    if len(rows) <= cap:
+        return 0
+    drop = len(rows) - cap
+    while drop < len(rows) and _is_tool_row(rows[drop]):
+        drop += 1
+    del rows[:drop]
+    return drop
+
+
+class _MemorySessions:
+    """The same operations on this process's memory (single process, no Redis)."""
+
+    SWEEP_EVERY = 1024
+
+    def __init__(self, *, ttl_ms: int, cap: int) -> None:
+        self._ttl_ms = ttl_ms
+        self._cap = cap
+        self._users: dict[str, dict[str, _MemSession]] = {}
+        self._seq = 0
+        self._ops = 0
+
+    def _sessions(self, user_id: str) -> dict[str, _MemSession]:
+        """The user's live sessions (expired ones dropped on the way); {} for none."""
+        self._ops += 1
+        now = time.monotonic()
+        if self._ops % self.SWEEP_EVERY == 0:
+            for uid in list(self._users):
+                self._prune(uid, now)
+        return self._prune(user_id, now) or {}
+
+    def _prune(self, user_id: str, now: float) -> dict[str, _MemSession] | None:
+        sessions = self._users.get(user_id)
+        if sessions is None:
+            return None
+        for sid in [sid for sid, s in sessions.items() if s.deadline <= now]:
+            del sessions[sid]
+        if not sessions:
+            del self._users[user_id]
+            return None
+        return sessions
+
+    def _touch(self, session: _MemSession) -> None:
+        session.deadline = time.monotonic() + self._ttl_ms / 1000
+        session.deadline_ms = _now_ms() + self._ttl_ms
+
+    async def create(self, user_id: str, session_id: str, token: str) -> _Created | None:
+        if session_id in self._sessions(user_id):
+            return None
+        self._seq += 1
+        now = _now_ms()
+        session = _MemSession(token, self._seq, now, now, 0.0, 0, [])
+        self._touch(session)
+        self._users.setdefault(user_id, {})[session_id] = session
+        return _Created(session.seq, now, session.deadline_ms)
+
+    async def get(self, user_id: str, session_id: str) -> _Loaded | None:
+        session = self._sessions(user_id).get(session_id)
+        if session is None:
+            return None
+        self._touch(session)
+        return _Loaded(
+            session.token,
+            session.seq,
+            session.created_ms,
+            session.updated_ms,
+            session.deadline_ms,
+            list(session.rows),
+        )
+
+    async def append(
+        self,
+        user_id: str,
+        session_id: str,
+        token: str | None,
+        write_id: str,
+        rows: Sequence[bytes],
+    ) -> _Appended | _Forged | None:
+        session = self._sessions(user_id).get(session_id)
+        if session is None:
+            return None
+        if token is not None and not secrets.compare_digest(token, session.token):
+            return _FORGED
+        dropped = 0
+        if write_id not in session.write_ids:
+            session.rows.extend(rows)
+            dropped = _trim(session.rows, self._cap)
+            session.updated_ms = _now_ms()
+            session.write_ids[write_id] = None
+            if len(session.write_ids) > IDEM_CAP:
+                del session.write_ids[next(iter(session.write_ids))]
+        self._touch(session)
+        return _Appended(
+            len(session.rows), session.created_ms, session.updated_ms, session.deadline_ms, dropped
+        )
+
+    async def delete(self, user_id: str, session_id: str) -> bool:
+        return self._sessions(user_id).pop(session_id, None) is not None
+
+    async def list(self, user_id: str) -> list[_Listed]:
+        return [
+            _Listed(sid, s.seq, s.created_ms, s.updated_ms, s.deadline_ms, len(s.rows))
+            for sid, s in self._sessions(user_id).items()
+        ]
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# ------------------------------------------------------------------ the store
+
+
+class SessionStore:
+    """Per-user chat sessions with idle expiry, shared by worker processes through Redis.
+
+    ``redis`` is any ``redis.asyncio`` client (``Redis``, ``RedisCluster``,
+    ``Sentinel.master_for``); ``None`` keeps sessions in this process's memory.
+    ``idle_ttl_seconds`` is how long an unused session lives; every create,
+    append and read restarts it. ``max_messages`` caps each session: the oldest
+    messages fall off (never leaving a leading tool result without its call).
+    """
+
+    def __init__(
+        self,
+        redis: Any = None,
+        *,
+        key_prefix: str = "sg",
+        idle_ttl_seconds: float = 1800,
+        max_messages: int = 200,
+        max_message_bytes: int = 8 * 1024 * 1024,
+        command_timeout: float | None = 10.0,
+    ) -> None:
+        if (
+            isinstance(idle_ttl_seconds, bool)
+            or not isinstance(idle_ttl_seconds, (int, float))
+            or not math.isfinite(idle_ttl_seconds)
+            or idle_ttl_seconds <= 0
+        ):
+            raise ConfigurationError(
+                f"idle_ttl_seconds must be a positive number, got {idle_ttl_seconds!r}"
+            )
+        if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
+            raise ConfigurationError(f"max_messages must be a positive int, got {max_messages!r}")
+        if max_message_bytes < 1:
+            raise ConfigurationError(
+                f"max_message_bytes must be positive, got {max_message_bytes!r}"
+            )
+        self.idle_ttl_seconds = float(idle_ttl_seconds)
+        self.max_messages = max_messages
+        self.keys = SessionKeySpace(key_prefix)
+        self._max_message_bytes = max_message_bytes
+        ttl_ms = max(1, round(idle_ttl_seconds * 1000))
+        self._backend: _RedisSessions | _MemorySessions = (
+            _RedisSessions(
+                redis, self.keys, ttl_ms=ttl_ms, cap=max_messages, command_timeout=command_timeout
+            )
+            if redis is not None
+            else _MemorySessions(ttl_ms=ttl_ms, cap=max_messages)
+        )
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def create_session(self, user_id: str, session_id: str | None = None) -> Session:
+        """Start an empty session; ``session_id=None`` generates one.
+
+        Raises ``SessionExists`` when the user already has a live session with
+        that id (an expired or deleted id may be reused).
+        """
+        user_id = validate_user_id(user_id)
+        generated = session_id is None
+        sid = uuid.uuid4().hex if session_id is None else validate_session_id(session_id)
+        for _attempt in range(3):
+            token = secrets.token_urlsafe(18)
+            try:
+                created = await self._backend.create(user_id, sid, token)
+            except _BACKEND_ERRORS as exc:
+                raise PersistError(
+                    f"user {user_id}: creating session {sid} was not confirmed: {exc!r}"
+                ) from exc
+            if created is not None:
+                logger.debug("user %s: created session %s", user_id, sid)
+                return Session(
+                    user_id,
+                    sid,
+                    created.created_ms / 1000,
+                    created.created_ms / 1000,
+                    created.deadline_ms / 1000,
+                    0,
+                    [],
+                    token,
+                )
+            if not generated:
+                break
+            sid = uuid.uuid4().hex  # a 122-bit collision: astronomically rare, but never fatal
+        raise SessionExists(user_id, sid)
+
+    async def get_session(self, user_id: str, session_id: str) -> Session | None:
+        """The session with its messages, or None; refreshes its idle TTL."""
+        user_id = validate_user_id(user_id)
+        session_id = validate_session_id(session_id)
+        try:
+            loaded = await self._backend.get(user_id, session_id)
+        except _BACKEND_ERRORS as exc:
+            raise RedisUnavailable(
+                f"user {user_id}: reading session {session_id} failed: {exc!r}"
+            ) from exc
+        if loaded is None:
+            return None
+        messages = self._decode(user_id, session_id, loaded.rows)
+        return Session(
+            user_id,
+            session_id,
+            loaded.created_ms / 1000,
+            loaded.updated_ms / 1000,
+            loaded.deadline_ms / 1000,
+            len(messages),
+            messages,
+            loaded.token,
+        )
+
+    async def delete_session(self, user_id: str, session_id: str) -> bool:
+        """Remove the session; True iff a live one was there."""
+        user_id = validate_user_id(user_id)
+        session_id = validate_session_id(session_id)
+        try:
+            deleted = await self._backend.delete(user_id, session_id)
+        except _BACKEND_ERRORS as exc:
+            raise PersistError(
+                f"user {user_id}: deleting session {session_id} was not confirmed: {exc!r}"
+            ) from exc
+        if deleted:
+            logger.debug("user %s: deleted session %s", user_id, session_id)
+        return deleted
+
+    async def list_sessions(self, user_id: str) -> list[SessionInfo]:
+        """The user's live sessions without messages, newest (last created) first.
+
+        Answered from the user's index, never by scanning the keyspace; members
+        whose session expired or vanished are pruned from it. TTLs are not
+        refreshed: listing is not using a session.
+        """
+        user_id = validate_user_id(user_id)
+        try:
+            listed = await self._backend.list(user_id)
+        except _BACKEND_ERRORS as exc:
+            raise RedisUnavailable(f"user {user_id}: listing sessions failed: {exc!r}") from exc
+        listed.sort(key=lambda s: s.seq, reverse=True)
+        return [
+            SessionInfo(
+                user_id,
+                s.session_id,
+                s.created_ms / 1000,
+                s.updated_ms / 1000,
+                s.deadline_ms / 1000,
+                s.count,
+            )
+            for s in listed
+        ]
+
+    # ---------------------------------------------------------------- writes
+
+    async def append_message(
+        self,
+        session: Session,
+        message: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+        *,
+        idempotency_key: str | None = None,
+    ) -> SessionInfo:
+        """Append one message, or a list of them atomically, to a session.
+
+        ``session`` must be a ``Session`` this store returned (from
+        ``create_session`` or ``get_session``) for a session that is still live:
+        the stored handle token is checked in the same script that writes, so a
+        forged or stale ``Session`` raises ``SessionNotFound`` and writes
+        nothing. Every message is validated before anything is sent. Returns
+        the session's info after the append; ``session`` itself is not updated.
+
+        A ``PersistError`` (e.g. a timeout) leaves it unknown whether the batch
+        landed: pass the same ``idempotency_key`` when calling again and it
+        lands once (keys are remembered for the session's last 64 appends).
+        """
+        if not isinstance(session, Session):
+            raise TypeError(f"session must be a Session, not {type(session).__name__}")
+        user_id = validate_user_id(session.user_id)
+        session_id = validate_session_id(session.session_id)
+        token = session._token
+        if not isinstance(token, str) or not token:
+            raise SessionNotFound(user_id, session_id)
+        rows = self._rows(message)
+        return await self._append(user_id, session_id, token, idempotency_key, rows)
+
+    async def append_system_message(
+        self, user_id: str, session_id: str, text: str, *, idempotency_key: str | None = None
+    ) -> SessionInfo:
+        """Append ``{"role": "system", "content": text}`` to the user's session.
+
+        Authorised by the user id alone (no handle needed). ``idempotency_key``:
+        as for ``append_message``.
+        """
+        user_id = validate_user_id(user_id)
+        session_id = validate_session_id(session_id)
+        if not isinstance(text, str):
+            raise InvalidMessage(f"must be a str, not {type(text).__name__}", field="content")
+        rows = self._rows({"role": "system", "content": text})
+        return await self._append(user_id, session_id, None, idempotency_key, rows)
+
+    # ------------------------------------------------------------- internals
+
+    def _rows(self, message: object) -> list[bytes]:
+        if isinstance(message, Mapping):
+            return [message_row(message, self._max_message_bytes)]
+        if isinstance(message, (list, tuple)):
+            # The whole batch goes to the script: cutting it here first would hide
+            # from the trim which tool results lost their assistant call.
+            return [message_row(m, self._max_message_bytes) for m in message]
+        raise InvalidMessage(
+            f"must be a message dict or a list of them, not {type(message).__name__}"
+        )
+
+    async def _append(
+        self,
+        user_id: str,
+        session_id: str,
+        token: str | None,
+        idempotency_key: str | None,
+        rows: list[bytes],
+    ) -> SessionInfo:
+        if idempotency_key is None:
+            write_id = secrets.token_urlsafe(12)
+        elif (
+            isinstance(idempotency_key, str)
+            and 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS
+        ):
+            write_id = "k:" + idempotency_key  # never equal to a generated id
+        else:
+            raise InvalidMessage(
+                f"must be a non-empty str of at most {MAX_IDEMPOTENCY_KEY_CHARS} characters",
+                field="idempotency_key",
+            )
+        try:
+            result = await self._backend.append(user_id, session_id, token, write_id, rows)
+        except _BACKEND_ERRORS as exc:
+            raise PersistError(
+                f"user {user_id}: appending {len(rows)} message(s) to session {session_id} "
+                f"was not confirmed: {exc!r}"
+            ) from exc
+        if isinstance(result, _Forged):
+            logger.warning(
+                "user %s: refused a write to session %s through a Session handle the store "
+                "did not issue for it (forged, or kept across a delete and re-create)",
+                user_id,
+                session_id,
+            )
+            raise SessionNotFound(user_id, session_id)
+        if result is None:
+            raise SessionNotFound(user_id, session_id)
+        if result.dropped:
+            logger.debug(
+                "user %s: session %s trimmed %d message(s) to its cap of %d",
+                user_id,
+                session_id,
+                result.dropped,
+                self.max_messages,
+            )
+        return SessionInfo(
+            user_id,
+            session_id,
+            result.created_ms / 1000,
+            result.updated_ms / 1000,
+            result.deadline_ms / 1000,
+            result.count,
+        )
+
+    def _decode(self, user_id: str, session_id: str, rows: list[bytes]) -> list[Message]:
+        try:
+            messages: list[Message] = orjson.loads(b"[" + b",".join(rows) + b"]")
+        except orjson.JSONDecodeError:
+            messages = []
+            for row in rows:
+                try:
+                    messages.append(orjson.loads(row))
+                except orjson.JSONDecodeError:
+                    messages.append({})  # rejected below with the other bad shapes
+        good = [m for m in messages if _well_formed(m)]
+        if len(good) != len(messages):
+            logger.warning(
+                "user %s: session %s has %d corrupt row(s); skipped",
+                user_id,
+                session_id,
+                len(messages) - len(good),
+            )
+        return good
+
+
+def _well_formed(message: object) -> bool:
+    return (
+        isinstance(message, dict)
+        and message.get("role") in ROLES
+        and isinstance(message.get("content"), (str, list))
+    )

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._entries import decode_row
+from ._entries import decode_row, is_summary
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +81,21 @@ class Window:
         self.corrupt = 0
 
     def trim(self, limit: int) -> int:
-        """Mirror of the Lua trim: down to ``limit``, then no leading orphan tool results."""
-        if len(self.rows) <= limit:
+        """Mirror of the Lua trim: down to ``limit``, no leading orphan tool results,
+        and a consolidation summary at the head stays there."""
+        size = len(self.rows)
+        if size <= limit:
             return 0
-        drop = len(self.rows) - limit
-        while drop < len(self.rows) and self.roles[drop] == "tool":
+        drop = size - limit
+        keep_summary = limit > 1 and is_summary(self.ids[0], self.roles[0])
+        summary = (self.rows[0], self.ids[0], self.roles[0])
+        next_kept = drop + 1 if keep_summary else drop
+        while next_kept < size and self.roles[next_kept] == "tool":
             drop += 1
+            next_kept += 1
         self.drop_front(drop)
+        if keep_summary and self.rows:
+            self.set(0, *summary)
         return drop
 
     def find_last(self, identity: str) -> int | None:

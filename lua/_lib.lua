@@ -119,8 +119,18 @@ local function is_tool(row)
   return at ~= nil and string.sub(row, at + 9, at + 13) == 'tool"'
 end
 
+local function is_summary(row)
+  return string.sub(row, 1, 23) == '{"message_id":"summary:'
+      and string.find(row, ',"role":"system"', 1, true) ~= nil
+end
+
+local log_replace
+
 -- Drop rows from the front down to the limit; if anything was dropped, also drop
--- tool results left at the front without the assistant call they answer.
+-- tool results left at the front without the assistant call they answer. A
+-- consolidation summary at the head stands for everything before it, so it
+-- stays: the rows after it go instead, and it moves onto the first kept slot
+-- (logged as a replaced row, so catch-up stays incremental).
 local function trim(m)
   local limit = m.limit
   if limit <= 0 then
@@ -131,16 +141,30 @@ local function trim(m)
     return 0
   end
   local drop = len - limit
-  while drop < len and is_tool(redis.call('LINDEX', WINDOW, drop)) do
+  local first = redis.call('LINDEX', WINDOW, 0)
+  local keep_summary = limit > 1 and is_summary(first)
+  local next_kept = drop
+  if keep_summary then
+    next_kept = drop + 1
+  end
+  while next_kept < len and is_tool(redis.call('LINDEX', WINDOW, next_kept)) do
     drop = drop + 1
+    next_kept = next_kept + 1
+  end
+  if keep_summary and drop < len then
+    redis.call('LSET', WINDOW, drop, first)
   end
   redis.call('LTRIM', WINDOW, drop, -1)
   m.head = m.head + drop
   redis.call('HSET', META, 'head', m.head)
+  if keep_summary and drop < len then
+    log_replace(m, m.head)
+    m.summary_moved = true
+  end
   return drop
 end
 
-local function log_replace(m, pos)
+log_replace = function(m, pos)
   redis.call('RPUSH', LOG, m.version .. ':' .. pos)
   local n = redis.call('LLEN', LOG)
   if n > LOG_CAP then

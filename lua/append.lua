@@ -13,5 +13,9 @@ bump(m)
 trim(m)
 remember()
 touch()
-local own = math.min(#ARGV - 8, redis.call('LLEN', WINDOW))
+local kept = redis.call('LLEN', WINDOW)
+if m.summary_moved then
+  kept = kept - 1 -- the head slot now holds the summary, not one of our rows
+end
+local own = math.min(#ARGV - 8, kept)
 return sync_reply(1, m, own, -1)

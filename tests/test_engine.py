@@ -487,3 +487,35 @@ async def test_append_many_is_all_or_nothing(
     await manager.append_many_async(room, batch[:2])
     assert len(await redis_rows(any_client, room)) == 2
     assert manager.stats()["persists"] == 1
+
+
+async def test_trim_keeps_a_consolidation_summary_at_the_head(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    writer, reader = (
+        make_manager(any_client, max_history=4),
+        make_manager(any_client, max_history=4),
+    )
+    await writer.append_async(room, "system", "summary of older turns", message_id="summary:1")
+    for i in range(3):
+        await writer.append_async(room, "user", f"[Message ID: {i}] m{i}")
+    await reader.get_messages_async(room)
+    calls = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    await writer.append_many_async(
+        room,
+        [
+            {"role": "assistant", "content": None, "tool_calls": calls},
+            {"role": "tool", "content": "r", "tool_call_id": "c"},
+            {"role": "user", "content": "[Message ID: 9] after"},
+            {"role": "user", "content": "[Message ID: 10] later"},
+        ],
+    )
+    # Trimming to 4 would leave [summary, tool, user, user]: the orphaned tool
+    # result goes, the summary stays.
+    expected = ["summary of older turns", "[Message ID: 9] after", "[Message ID: 10] later"]
+    assert [m["content"] for m in writer.get_messages(room)] == expected
+    before = reader.stats()
+    assert [m["content"] for m in await reader.get_messages_async(room)] == expected
+    assert reader.stats()["reloads"] == before["reloads"]  # caught up incrementally
+    rows = await redis_rows(any_client, room)
+    assert len(rows) == 3 and rows[0].startswith(b'{"message_id":"summary:1","role":"system"')

@@ -59,7 +59,13 @@ from ._entries import (
     is_summary,
     to_messages,
 )
-from ._errors import ConfigurationError, ConsolidationError, ConversationError, RedisUnavailable
+from ._errors import (
+    ConfigurationError,
+    ConsolidationError,
+    ConversationError,
+    RedisUnavailable,
+    describe_error,
+)
 from ._keys import KeySpace, validate_room_id
 from ._window import RoomState, SyncReply, Window
 
@@ -564,7 +570,7 @@ class Consolidator:
             except _TRANSIENT as exc:
                 if attempt == _FOLD_SEND_ATTEMPTS - 1:
                     raise RedisUnavailable(
-                        f"room {room.room_id}: could not confirm the fold: {exc!r}",
+                        f"room {room.room_id}: could not confirm the fold: {describe_error(exc)}",
                         room_id=room.room_id,
                     ) from exc
                 logger.warning(
@@ -607,7 +613,8 @@ class Consolidator:
                 raw = list(await store.redis.lrange(self._engine.archive_key(room_id), 0, -1))
             except _TRANSIENT as exc:
                 raise RedisUnavailable(
-                    f"room {room_id}: cannot read the archive: {exc!r}", room_id=room_id
+                    f"room {room_id}: cannot read the archive: {describe_error(exc)}",
+                    room_id=room_id,
                 ) from exc
         batches = []
         for index, record in enumerate(raw):

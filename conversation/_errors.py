@@ -168,3 +168,8 @@ class SessionNotFound(SessionError, LookupError):
             f"no live session {session_id!r:.80} for user {user_id!r:.80} (never created, "
             "deleted or expired, or the Session object was not issued by this store for it)"
         )
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` of a backend error (redis-py 8's repr() hides the message)."""
+    return f"{type(exc).__name__}: {exc}"

@@ -20,7 +20,16 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ._budget import fit_to_budget
 from ._consolidation import (
@@ -49,6 +58,7 @@ from ._errors import (
     InvalidMessage,
     PersistError,
     RedisUnavailable,
+    describe_error,
 )
 from ._keys import KeySpace, RoomKeys, validate_room_id
 from ._ops import AppendOp, BackfillOp, ClearOp, EditOp, LimitOp, Op, Row
@@ -63,6 +73,7 @@ T = TypeVar("T")
 MIN_CHANNEL_LIMIT, MAX_CHANNEL_LIMIT = 50, 1000
 _MAX_BATCH_ROWS = 512
 _MAX_EDIT_CONFLICTS = 32
+_SYNC_ATTEMPTS = 3
 # Above this many bytes a window is decoded in slices, yielding to the loop between
 # them, so one huge window never stalls every other coroutine of the worker.
 _ASYNC_DECODE_SLICE = 256 * 1024
@@ -74,9 +85,21 @@ _RETRYABLE_REPLIES = (
 )  # fmt: skip
 
 
+# redis-py maps these codes to classes and strips the code from the message.
+_RETRYABLE_ERRORS = (
+    OutOfMemoryError,
+    ReadOnlyError,
+    TryAgainError,
+    ClusterDownError,
+    NoScriptError,
+)
+
+
 def _is_permanent(exc: BaseException) -> bool:
     """A script error that retrying cannot fix (as opposed to a network or capacity fault)."""
-    return isinstance(exc, ResponseError) and not str(exc).startswith(_RETRYABLE_REPLIES)
+    if not isinstance(exc, ResponseError) or isinstance(exc, _RETRYABLE_ERRORS):
+        return False
+    return not str(exc).startswith(_RETRYABLE_REPLIES)
 
 
 class Renderer(Protocol):
@@ -90,6 +113,9 @@ class _Batch:
     ops: list[Op]
     token: str
     durable_deadline: float | None
+    # A sync found the token applied: an attempt that timed out did land, so the
+    # view must not apply these ops on top of a synced state that holds them.
+    landed: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -231,7 +257,10 @@ class ConversationManager:
         if durable and self._redis is not None:
             op.durable_deadline = asyncio.get_running_loop().time() + self._durable_timeout
         self._submit(room_id, op)
-        await self._settled(op)
+        if op.durable_deadline is not None and op.done is not None:
+            await self._settled_durable(room_id, op, op.durable_deadline)
+        else:
+            await self._settled(op)
 
     def update_message(
         self, room_id: str, message_id: str | int, new_content: str | list[Any]
@@ -344,7 +373,9 @@ class ConversationManager:
                 await self._refresh(room)
             except _TRANSIENT as exc:
                 self._stats.stale_reads += 1
-                logger.warning("room %s: serving memory, Redis unreachable: %r", room_id, exc)
+                logger.warning(
+                    "room %s: serving memory, Redis unreachable: %s", room_id, describe_error(exc)
+                )
         messages = await _decode_yielding(room.view.window.healthy_rows())
         if self._renderer is not None:
             system = await self._renderer.render_async(_context(room_id, room_context))
@@ -361,12 +392,21 @@ class ConversationManager:
             return
         if room.pending:
             await self._wait_for(room.pending[-1], room_id)
-        try:
-            await self._refresh(room)
-        except _TRANSIENT as exc:
-            raise RedisUnavailable(
-                f"room {room_id}: cannot sync with Redis: {exc!r}", room_id=room_id
-            ) from exc
+        for attempt in range(_SYNC_ATTEMPTS):
+            try:
+                await self._refresh(room)
+                return
+            except _TRANSIENT as exc:
+                # A pooled connection that a restart, failover or CLIENT KILL closed
+                # fails at once; the next attempt takes another (or a new) one. A
+                # timeout is not retried: the caller asked to know, not to wait.
+                stale = isinstance(exc, (RedisConnectionError, ConnectionError))
+                if stale and attempt + 1 < _SYNC_ATTEMPTS:
+                    continue
+                raise RedisUnavailable(
+                    f"room {room_id}: cannot sync with Redis: {describe_error(exc)}",
+                    room_id=room_id,
+                ) from exc
 
     def last_history_role(self, room_id: str) -> str | None:
         return self._room(room_id).view.window.last_role()
@@ -570,6 +610,24 @@ class ConversationManager:
             return True
         return await asyncio.shield(op.done)
 
+    async def _settled_durable(self, room_id: str, op: Op, deadline: float) -> None:
+        """Wait for a durable write, no longer than its deadline even while it is queued."""
+        assert op.done is not None
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        try:
+            await asyncio.wait_for(asyncio.shield(op.done), remaining)
+            return
+        except TimeoutError:
+            pass
+        room = self._rooms.get(room_id)
+        inflight = room.inflight.ops if room is not None and room.inflight is not None else []
+        if room is not None and op in room.pending and not any(op is o for o in inflight):
+            # Still queued behind writes that cannot land: never sent, so it is
+            # withdrawn cleanly. (If it is being sent, its own persist settles it.)
+            cause = TimeoutError("queued behind writes Redis has not confirmed")
+            self._abandon_durable(room, _Batch([op], op.token, deadline), cause)
+        await asyncio.shield(op.done)
+
     async def _edit_async(self, room_id: str, op: EditOp) -> bool:
         if self._submit(room_id, op):
             return bool(await self._settled(op))
@@ -612,8 +670,8 @@ class ConversationManager:
                     self._stats.persist_failures += 1
                     if _is_permanent(exc):
                         logger.error(
-                            "room %s: Redis rejected %d write(s), dropping them: %r",
-                            room.room_id, len(batch.ops), exc,
+                            "room %s: Redis rejected %d write(s), dropping them: %s",
+                            room.room_id, len(batch.ops), describe_error(exc),
                         )  # fmt: skip
                         error = PersistError(
                             f"room {room.room_id}: Redis rejected the write: {exc}"
@@ -623,11 +681,11 @@ class ConversationManager:
                         failures = 0
                         continue
                     logger.warning(
-                        "room %s: persist of %d write(s) failed (attempt %d): %r",
+                        "room %s: persist of %d write(s) failed (attempt %d): %s",
                         room.room_id,
                         len(batch.ops),
                         failures,
-                        exc,
+                        describe_error(exc),
                     )
                     now = loop.time()
                     if batch.durable_deadline is not None and now >= batch.durable_deadline:
@@ -738,9 +796,10 @@ class ConversationManager:
             # Someone changed the entry since we last saw it: the reply brought us
             # up to date, so re-apply the edit on top of their version.
             self._stats.conflicts += 1
-        raise PersistError(
+        error = PersistError(
             f"room {room.room_id}: edit of {identity} kept conflicting", room_id=room.room_id
         )
+        return [error] * len(edits)
 
     def _absorb(self, room: _Room, reply: SyncReply, own_rows: Sequence[Row] = ()) -> None:
         self._stats.corrupt_rows += apply_reply(room.synced, reply, room.room_id, own_rows)
@@ -763,18 +822,22 @@ class ConversationManager:
             if op.done is not None and not op.done.done():
                 error = DurabilityError(
                     f"room {room.room_id}: write not confirmed by Redis within "
-                    f"{self._durable_timeout}s ({cause!r})",
+                    f"{self._durable_timeout}s ({describe_error(cause)})",
                     room_id=room.room_id,
                     idempotency_key=op.token,
                 )
                 error.__cause__ = cause
                 op.done.set_exception(error)
-        room.inflight = None
+        if room.inflight is batch:
+            room.inflight = None
         self._rebuild_view(room)
 
     def _rebuild_view(self, room: _Room) -> None:
         view = room.synced.copy()
+        landed = room.inflight.ops if room.inflight is not None and room.inflight.landed else []
         for op in room.pending:
+            if any(op is done for done in landed):
+                continue  # already in synced: it landed before its reply was lost
             # An op that no longer applies (its entry left the window) will be
             # settled by its own persist; the view simply lacks its effect.
             with contextlib.suppress(InvalidMessage):
@@ -784,8 +847,12 @@ class ConversationManager:
     async def _refresh(self, room: _Room) -> None:
         assert self._store is not None
         async with room.lock:
-            reply = await self._store.sync(room.keys, room.synced)
-            if reply.kind == 0 and reply.version == room.synced.version:
+            batch = room.inflight
+            reply = await self._store.sync(room.keys, room.synced, batch.token if batch else "")
+            landed = False
+            if batch is not None and reply.status == 2 and not batch.landed:
+                batch.landed = landed = True
+            if reply.kind == 0 and reply.version == room.synced.version and not landed:
                 return
             self._absorb(room, reply)
             if reply.kind == 2:

@@ -61,6 +61,7 @@ from ._errors import (
     RedisUnavailable,
     SessionExists,
     SessionNotFound,
+    describe_error,
 )
 from ._keys import KeySpace, validate_room_id
 from ._resources import data_dir
@@ -647,7 +648,8 @@ class SessionStore:
                 created = await self._backend.create(user_id, sid, token)
             except _BACKEND_ERRORS as exc:
                 raise PersistError(
-                    f"user {user_id}: creating session {sid} was not confirmed: {exc!r}"
+                    f"user {user_id}: creating session {sid} was not confirmed: "
+                    + describe_error(exc)
                 ) from exc
             if created is not None:
                 logger.debug("user %s: created session %s", user_id, sid)
@@ -674,7 +676,7 @@ class SessionStore:
             loaded = await self._backend.get(user_id, session_id)
         except _BACKEND_ERRORS as exc:
             raise RedisUnavailable(
-                f"user {user_id}: reading session {session_id} failed: {exc!r}"
+                f"user {user_id}: reading session {session_id} failed: {describe_error(exc)}"
             ) from exc
         if loaded is None:
             return None
@@ -698,7 +700,8 @@ class SessionStore:
             deleted = await self._backend.delete(user_id, session_id)
         except _BACKEND_ERRORS as exc:
             raise PersistError(
-                f"user {user_id}: deleting session {session_id} was not confirmed: {exc!r}"
+                f"user {user_id}: deleting session {session_id} was not confirmed: "
+                + describe_error(exc)
             ) from exc
         if deleted:
             logger.debug("user %s: deleted session %s", user_id, session_id)
@@ -715,7 +718,9 @@ class SessionStore:
         try:
             listed = await self._backend.list(user_id)
         except _BACKEND_ERRORS as exc:
-            raise RedisUnavailable(f"user {user_id}: listing sessions failed: {exc!r}") from exc
+            raise RedisUnavailable(
+                f"user {user_id}: listing sessions failed: {describe_error(exc)}"
+            ) from exc
         listed.sort(key=lambda s: s.seq, reverse=True)
         return [
             SessionInfo(
@@ -814,7 +819,7 @@ class SessionStore:
         except _BACKEND_ERRORS as exc:
             raise PersistError(
                 f"user {user_id}: appending {len(rows)} message(s) to session {session_id} "
-                f"was not confirmed: {exc!r}"
+                f"was not confirmed: {describe_error(exc)}"
             ) from exc
         if isinstance(result, _Forged):
             logger.warning(

@@ -95,7 +95,7 @@ class _Pipeliner:
                 # After a lost connection the server may be a restarted or failed-over
                 # one with an empty script cache; some servers (fakeredis's TCP server)
                 # even drop the connection on an error reply, so NOSCRIPT never shows.
-                await self._load_all()
+                await asyncio.wait_for(self._load_all(), self._timeout)
                 self._reload_before_next = False
             results = await asyncio.wait_for(self._execute(calls), self._timeout)
             retry = [
@@ -106,7 +106,7 @@ class _Pipeliner:
             if retry:
                 # SCRIPT FLUSH, a restart or a failover emptied the script cache:
                 # load every script again and resend only the calls that did not run.
-                await self._load_all()
+                await asyncio.wait_for(self._load_all(), self._timeout)
                 again = await asyncio.wait_for(self._execute(retry), self._timeout)
                 replaced = dict(zip(map(id, retry), again, strict=True))
                 results = [
@@ -114,7 +114,9 @@ class _Pipeliner:
                     for call, result in zip(calls, results, strict=True)
                 ]
         except BaseException as exc:
-            if isinstance(exc, (RedisConnectionError, OSError)):
+            # A lost connection (not a timeout: the server is still there) may mean
+            # a restarted server with an empty script cache.
+            if isinstance(exc, (RedisConnectionError, ConnectionError)):
                 self._reload_before_next = True
             for call in calls:
                 if not call.future.done():
@@ -213,8 +215,9 @@ class RoomStore:
         self._stats.bytes_received += reply.payload_bytes()
         return reply
 
-    async def sync(self, keys: RoomKeys, state: RoomState) -> SyncReply:
-        return await self._run("sync", keys, state, "", "", ())
+    async def sync(self, keys: RoomKeys, state: RoomState, token: str = "") -> SyncReply:
+        """Catch up; status 2 says the write named by ``token`` already landed."""
+        return await self._run("sync", keys, state, token, "", ())
 
     async def append(
         self, keys: RoomKeys, state: RoomState, token: str, epoch: str, rows: Sequence[bytes]

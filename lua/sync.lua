@@ -1,4 +1,11 @@
 -- sync: bring a caller up to date in one round trip.
--- KEYS, common ARGV and reply: see _lib.lua. Status is always 0.
+-- KEYS, common ARGV and reply: see _lib.lua. ARGV[5]: the idempotency token of
+-- the caller's unconfirmed (possibly timed-out) write, or ''.
+-- Status: 2 if that token was already applied (the write landed), else 0.
 -- Read-only: never creates, refreshes or changes a key.
-return sync_reply(0, read_meta(), 0, -1)
+local m = read_meta()
+local status = 0
+if m and seen() then
+  status = 2
+end
+return sync_reply(status, m, 0, -1)

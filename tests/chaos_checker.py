@@ -1,0 +1,1036 @@
+"""A randomized multi-process checker: nothing acknowledged is lost, doubled or reordered.
+
+``ChaosCluster`` starts a private ``redis-server`` (AOF on, ``appendfsync
+always``), a ``FaultProxy`` in front of it and P worker processes (spawned once,
+reused round after round). One *round* is one seed:
+
+1. every worker runs, for each of R rooms, a seeded random sequence of writes
+   through the proxy: appends with unique ids (sync, ``_async`` and
+   ``durable=True``), edits, deletes and reactions (of its own entries, other
+   workers' entries and ids that never existed), clears and limit changes, and
+   reads (``ensure_fresh_from_redis``, ``get_messages_async``) that check the
+   view on the spot. It logs every operation with its invocation time, its
+   completion time when it was awaited, and what it returned;
+2. meanwhile the parent injects faults drawn from the same seed: latency, cut
+   connections, blackholes (replies held after Redis applied the command, or
+   everything held, later delivered or dropped), ``CLIENT KILL``, ``SCRIPT
+   FLUSH``, and ``redis-server`` restarts (SIGTERM or SIGKILL; AOF keeps every
+   acknowledged write);
+3. faults end; every worker ``drain()``s; then every worker runs
+   ``ensure_fresh_from_redis`` on each room and reports its windows;
+4. ``check_round`` compares the logs with what Redis holds (read directly, not
+   through the proxy) and with every worker's window.
+
+Worker clocks are ``time.monotonic()``, which on Linux is one system-wide clock,
+so times logged by different processes compare. "x definitely happened before
+y" means x completed before y was invoked, or both came from the same worker
+and room in that order (one room's writes of one worker persist in order). Sync
+writes are complete, at the latest, when the next awaited call of the same
+worker and room returned, else when that worker's ``drain`` returned.
+
+The final checks, per room (W = the window in Redis):
+
+* lost: an acknowledged append missing from W although some entry still in W
+  definitely came before it (W is always a contiguous suffix of what was
+  appended since the last clear), or although no clear can have come after it
+  and W is shorter than the smallest possible limit (so nothing was trimmed);
+* duplicated: an id twice in W; phantom: an id nobody appended;
+* reordered: x before y definitely, both in W, x after y in W;
+* edits: for each entry in W, its text, ``[Reactions: …]`` and ``[deleted at …]``
+  each show a write that was reported as applied and that no other applied
+  write definitely superseded (deletion: the first stands); nothing reported
+  as not applied is visible; an edit of an id that never existed returns False;
+  the media parts of an image post survive text edits;
+* limit: the room's limit is one no later limit change superseded; W fits it;
+* views: every worker's window (and limit) equals Redis after the final sync;
+* during the run: what ``get_messages_async`` / ``ensure_fresh_from_redis``
+  leave in a worker's view never holds an id twice nor its own appends out of
+  order.
+
+A failure raises ``ChaosFailure`` naming the seed, how to replay it, and a JSON
+dump of the round (every log and the final Redis state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.connection
+import random
+import re
+import time
+import traceback
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from fault_proxy import ThreadedFaultProxy
+from redis_servers import RedisServer
+
+logger = logging.getLogger(__name__)
+
+MARKER_RE = re.compile(r"\[Message ID: ([^\[\]\r\n]{1,256})\]")
+_TAG = r"\[(?:deleted at (?P<deleted>[^\[\]\n]*)|Reactions: (?P<reactions>[^\[\]\n]*))\]"
+_TAG_AFTER_MARKER = re.compile(" " + _TAG)
+_TAG_AT_START = re.compile(_TAG + " ")
+MIN_CHANNEL_LIMIT = 50  # set_channel_limit clamps to [50, 1000]
+
+# Operation mix of a worker, per room (weights).
+OP_WEIGHTS: dict[str, int] = {
+    "append": 30,
+    "append_async": 12,
+    "append_durable": 6,
+    "update": 10,
+    "react": 10,
+    "delete": 6,
+    "fresh": 4,
+    "read": 4,
+    "limit": 2,
+    "clear": 1,
+}
+
+FAULT_WEIGHTS: dict[str, int] = {
+    "latency": 3,
+    "cut": 3,
+    "blackhole_replies": 4,
+    "blackhole_both": 3,
+    "client_kill": 2,
+    "script_flush": 1,
+    "restart": 1,
+}
+
+
+@dataclass(frozen=True)
+class ChaosOptions:
+    """Shape of a round; the defaults are the quick variant."""
+
+    processes: int = 3
+    rooms: int = 3
+    ops_per_room: int = 40
+    think_seconds: float = 0.006  # mean pause between one room's operations
+    faults: bool = True
+    restart_every: int = 3  # a redis-server restart in every n-th round (0: never)
+    max_history: int = 50
+    command_timeout: float = 0.3
+    durable_timeout: float = 0.6
+    retry_backoff: tuple[float, float] = (0.02, 0.25)
+    clear_weight: int = OP_WEIGHTS["clear"]
+    round_timeout: float = 90.0
+
+
+#: The long variant (scripts/soak.py --soak): more rooms, longer rounds, more restarts.
+SOAK = ChaosOptions(rooms=4, ops_per_room=120, restart_every=2)
+
+
+@dataclass(slots=True)
+class OpRecord:
+    """One operation as a worker saw it. Times are ``time.monotonic()``."""
+
+    proc: int
+    room: str
+    i: int  # position in this worker's sequence for the room
+    kind: str  # append | update | react | delete | clear | limit | fresh | read
+    form: str  # sync | async | durable
+    inv: float
+    done: float | None = None  # when the awaited call returned (None: sync form)
+    result: str = "ok"  # ok | true | false | error:<type>
+    target: str | None = None  # the entry's id (append: the new id)
+    value: str | None = None  # append: body; update: body; react/delete: tag; limit
+    role: str | None = None
+    media: bool = False
+    attempts: int = 1  # durable appends: calls until one was confirmed
+
+
+@dataclass
+class RoundReport:
+    seed: int
+    ops: int = 0
+    acknowledged: int = 0
+    appends_acknowledged: int = 0
+    appends_in_redis: int = 0
+    appends_trimmed_or_cleared: int = 0
+    edits_checked: int = 0
+    durable_errors: int = 0
+    sync_retries: int = 0  # final ensure_fresh_from_redis calls that raised and were retried
+    faults: Counter[str] = field(default_factory=Counter)
+    engine: Counter[str] = field(default_factory=Counter)
+    violations: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def retries(self) -> int:
+        return self.engine["persist_retries"] + self.durable_errors
+
+    def counts(self) -> dict[str, int]:
+        kinds = Counter(v.split(":", 1)[0] for v in self.violations)
+        return {k: kinds[k] for k in ("lost", "duplicated", "reordered")} | {
+            "other": sum(
+                n for k, n in kinds.items() if k not in ("lost", "duplicated", "reordered")
+            )
+        }
+
+    def summary(self) -> str:
+        return (
+            f"seed {self.seed}: {self.ops} ops ({self.acknowledged} acknowledged, "
+            f"{self.appends_acknowledged} appends, {self.appends_in_redis} in Redis at the end, "
+            f"{self.appends_trimmed_or_cleared} trimmed/cleared), "
+            f"faults {dict(self.faults)}, persist failures {self.engine['persist_failures']}, "
+            f"retries {self.retries} (durable re-calls {self.durable_errors}), "
+            f"final-sync retries {self.sync_retries}, "
+            f"violations {self.counts()} in {self.seconds:.1f}s"
+        )
+
+
+class ChaosFailure(AssertionError):
+    def __init__(
+        self,
+        seed: int,
+        message: str,
+        dump: Path | None = None,
+        options: ChaosOptions | None = None,
+        report: RoundReport | None = None,
+    ) -> None:
+        self.seed = seed
+        self.dump = dump
+        self.report = report
+        where = f"\nround dump: {dump}" if dump else ""
+        super().__init__(
+            f"chaos checker failed for seed {seed}: {message}{where}\n"
+            f"replay: .venv/bin/python scripts/soak.py {replay_args(seed, options)}"
+        )
+
+
+def replay_args(seed: int, options: ChaosOptions | None) -> str:
+    options = options or ChaosOptions()
+    return (
+        f"--seed {seed} --processes {options.processes} --rooms {options.rooms} "
+        f"--ops {options.ops_per_room} --restart-every {options.restart_every}"
+    )
+
+
+# =========================================================================
+# worker processes
+# =========================================================================
+
+
+def worker_main(conn: multiprocessing.connection.Connection, index: int) -> None:
+    """Body of a spawned worker: run rounds on request until told to stop."""
+    logging.basicConfig(level=logging.ERROR)  # persist warnings are counted, not printed
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message[0] == "stop":
+            return
+        spec: dict[str, Any] = message[1]
+        try:
+            result = asyncio.run(_worker_round(conn, index, spec))
+        except BaseException:
+            conn.send(("error", traceback.format_exc()))
+            continue
+        conn.send(("result", result))
+
+
+async def _recv(conn: multiprocessing.connection.Connection, expected: str) -> Any:
+    message = await asyncio.to_thread(conn.recv)
+    if message[0] != expected:
+        raise RuntimeError(f"worker expected {expected!r}, got {message[0]!r}")
+    return message
+
+
+@dataclass
+class _Worker:
+    index: int
+    seed: int
+    manager: Any
+    options: ChaosOptions
+    records: list[OpRecord] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    counter: Iterator[int] = field(default_factory=itertools.count)
+    durable_errors: int = 0
+    sync_retries: int = 0
+
+
+async def _worker_round(
+    conn: multiprocessing.connection.Connection, index: int, spec: dict[str, Any]
+) -> dict[str, Any]:
+    import redis.asyncio as aioredis
+
+    from conversation import ConversationManager
+
+    options = ChaosOptions(**spec["options"])
+    rooms: list[str] = spec["rooms"]
+    client = aioredis.Redis.from_url(spec["url"], socket_connect_timeout=1.0)
+    manager = ConversationManager(
+        None,
+        max_history=options.max_history,
+        redis=client,
+        key_prefix=spec["prefix"],
+        command_timeout=options.command_timeout,
+        durable_timeout=options.durable_timeout,
+        retry_backoff=options.retry_backoff,
+    )
+    worker = _Worker(index, spec["seed"], manager, options)
+    try:
+        await asyncio.gather(*(_room_ops(worker, r, room) for r, room in enumerate(rooms)))
+        conn.send(("ops_done", len(worker.records)))
+        await _recv(conn, "drain")
+        await manager.drain(timeout=60)
+        drained_at = time.monotonic()
+        conn.send(("drained", drained_at))
+        await _recv(conn, "sync")
+        views: dict[str, list[dict[str, Any]]] = {}
+        limits: dict[str, int] = {}
+        for room in rooms:
+            await _fresh_with_retries(worker, room)
+            views[room] = manager.get_messages(room)
+            limits[room] = manager.get_channel_limit(room)
+        stats = manager.stats()
+    finally:
+        with contextlib.suppress(Exception):
+            await manager.aclose(timeout=10)
+        await client.aclose()
+    return {
+        "records": [asdict(record) for record in worker.records],
+        "views": views,
+        "limits": limits,
+        "stats": stats,
+        "violations": worker.violations,
+        "drained_at": drained_at,
+        "durable_errors": worker.durable_errors,
+        "sync_retries": worker.sync_retries,
+    }
+
+
+async def _fresh_with_retries(worker: _Worker, room: str) -> None:
+    """The final sync, retried as a careful caller would: Redis is healthy again by now,
+    but a pooled connection the faults killed fails the first read on it."""
+    from conversation import RedisUnavailable
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            await worker.manager.ensure_fresh_from_redis(room)
+            return
+        except RedisUnavailable:
+            worker.sync_retries += 1
+            if time.monotonic() > deadline:
+                raise
+
+
+def _ids_in(messages: Sequence[dict[str, Any]]) -> list[str]:
+    ids = []
+    for message in messages:
+        content = message.get("content")
+        text = content if isinstance(content, str) else _first_text(content)
+        match = MARKER_RE.search(text or "")
+        if match:
+            ids.append(match.group(1))
+    return ids
+
+
+def _first_text(content: Any) -> str | None:
+    if isinstance(content, str):
+        return content
+    for part in content or ():
+        if isinstance(part, dict) and part.get("type") == "text":
+            text = part.get("text")
+            return text if isinstance(text, str) else None
+    return None
+
+
+def _check_view(
+    worker: _Worker, room: str, ridx: int, messages: Sequence[dict[str, Any]], when: str
+) -> None:
+    ids = _ids_in(messages)
+    twice = [ident for ident, n in Counter(ids).items() if n > 1]
+    if twice:
+        worker.violations.append(
+            f"duplicated: worker {worker.index} room {room}: {when} served ids twice: {twice}"
+        )
+    prefix = f"p{worker.index}r{ridx}n"
+    own = [int(ident[len(prefix) :]) for ident in ids if ident.startswith(prefix)]
+    if own != sorted(own):
+        worker.violations.append(
+            f"reordered: worker {worker.index} room {room}: {when} holds its own appends "
+            f"out of order: {own}"
+        )
+
+
+async def _room_ops(worker: _Worker, ridx: int, room: str) -> None:
+    from conversation import ConversationError, DurabilityError, RedisUnavailable
+
+    manager, options = worker.manager, worker.options
+    rng = random.Random(f"{worker.seed}:{worker.index}:{ridx}")
+    weights = dict(OP_WEIGHTS, clear=options.clear_weight)
+    kinds, cumulative = list(weights), list(itertools.accumulate(weights.values()))
+    tag = f"p{worker.index}r{ridx}"
+
+    for i in range(options.ops_per_room):
+        # Workload pacing (a bot's think time), so faults land in the middle of work.
+        await asyncio.sleep(rng.random() * 2 * options.think_seconds)
+        op = rng.choices(kinds, cum_weights=cumulative)[0]
+        record = OpRecord(worker.index, room, i, op, "sync", time.monotonic())
+        worker.records.append(record)
+        if op.startswith("append"):
+            n = next(worker.counter)
+            ident = f"{tag}n{n}"
+            body = f"a:{ident}"
+            text = f"[Message ID: {ident}] {body}"
+            media = rng.random() < 0.2
+            content: str | list[Any] = (
+                [
+                    {"type": "text", "text": text},
+                    {"type": "image_url", "image_url": {"url": f"https://img.test/{ident}.png"}},
+                ]
+                if media
+                else text
+            )
+            role = rng.choice(("user", "assistant"))
+            kwargs: dict[str, Any] = {"message_id": ident} if rng.random() < 0.5 else {}
+            record.kind, record.target, record.value, record.role = "append", ident, body, role
+            record.media = media
+            if op == "append":
+                manager.append(room, role, content, **kwargs)
+            elif op == "append_async":
+                record.form = "async"
+                await manager.append_async(room, role, content, **kwargs)
+                record.done = time.monotonic()
+            else:
+                record.form = "durable"
+                key: str | None = None
+                while True:
+                    try:
+                        # The documented recovery: call again with the error's key
+                        # (durable or not) until one call is confirmed.
+                        await manager.append_async(
+                            room,
+                            role,
+                            content,
+                            durable=key is None or rng.random() < 0.7,
+                            idempotency_key=key,
+                            **kwargs,
+                        )
+                        break
+                    except DurabilityError as err:
+                        key = err.idempotency_key
+                        record.attempts += 1
+                        worker.durable_errors += 1
+                record.done = time.monotonic()
+            continue
+        if op in ("update", "react", "delete"):
+            known = _ids_in(manager.get_messages(room))[-25:]
+            ghost = not known or rng.random() < 0.05
+            target = f"ghost-{tag}i{i}" if ghost else rng.choice(known)
+            record.target = target
+            asynchronous = rng.random() < 0.5
+            record.form = "async" if asynchronous else "sync"
+            try:
+                if op == "update":
+                    value = f"u:{tag}i{i}"
+                    new = f"[Message ID: {target}] {value}" if rng.random() < 0.8 else value
+                    record.value = value
+                    found = (
+                        await manager.update_message_async(room, target, new)
+                        if asynchronous
+                        else manager.update_message(room, target, new)
+                    )
+                elif op == "react":
+                    value = f"r:{tag}i{i}" if rng.random() < 0.85 else ""
+                    record.value = value
+                    found = (
+                        await manager.patch_reactions_async(room, target, value)
+                        if asynchronous
+                        else manager.patch_reactions(room, target, value)
+                    )
+                else:
+                    value = f"d:{tag}i{i}"
+                    record.value = value
+                    found = (
+                        await manager.mark_deleted_async(room, target, value)
+                        if asynchronous
+                        else manager.mark_deleted(room, target, value)
+                    )
+                record.result = "true" if found else "false"
+            except ConversationError as exc:
+                record.result = f"error:{type(exc).__name__}"
+            if asynchronous:
+                record.done = time.monotonic()
+            continue
+        if op == "clear":
+            if rng.random() < 0.5:
+                manager.clear(room)
+            else:
+                record.form = "async"
+                await manager.clear_async(room)
+                record.done = time.monotonic()
+            continue
+        if op == "limit":
+            wanted = rng.choice((40, 50, 60, 80, 120))
+            if rng.random() < 0.5:
+                record.value = str(manager.set_channel_limit(room, wanted))
+            else:
+                record.form = "async"
+                record.value = str(await manager.set_channel_limit_async(room, wanted))
+                record.done = time.monotonic()
+            continue
+        record.form = "async"
+        if op == "fresh":
+            try:
+                await manager.ensure_fresh_from_redis(room)
+            except RedisUnavailable as exc:
+                record.result = f"error:{type(exc).__name__}"
+            record.done = time.monotonic()
+            _check_view(worker, room, ridx, manager.get_messages(room), "ensure_fresh_from_redis")
+        else:
+            messages = await manager.get_messages_async(room)
+            record.done = time.monotonic()
+            _check_view(worker, room, ridx, messages, "get_messages_async")
+
+
+# =========================================================================
+# the parent: servers, proxy, faults, rounds
+# =========================================================================
+
+
+class ChaosCluster:
+    """A private redis-server behind a fault proxy, and P reusable worker processes."""
+
+    def __init__(self, directory: Path, options: ChaosOptions | None = None) -> None:
+        self.directory = directory
+        self.options = options or ChaosOptions()
+        self.prefix = "chaos"
+        self.server = RedisServer(
+            directory / "redis",
+            extra=("--appendonly", "yes", "--appendfsync", "always"),
+        ).start()
+        self.proxy = ThreadedFaultProxy(self.server.port)
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: list[tuple[Any, multiprocessing.connection.Connection]] = []
+        self.rounds = 0
+        self._spawn_workers()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _spawn_workers(self) -> None:
+        for index in range(self.options.processes):
+            parent, child = self._context.Pipe()
+            process = self._context.Process(
+                target=worker_main, args=(child, index), name=f"chaos-worker-{index}", daemon=True
+            )
+            process.start()
+            child.close()
+            self._workers.append((process, parent))
+
+    def _stop_workers(self, *, force: bool = False) -> None:
+        for _process, conn in self._workers:
+            if not force:
+                with contextlib.suppress(OSError, BrokenPipeError):
+                    conn.send(("stop",))
+        for process, conn in self._workers:
+            process.join(timeout=0 if force else 10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+            conn.close()
+        self._workers = []
+
+    def close(self) -> None:
+        self._stop_workers()
+        self.proxy.close()
+        self.server.stop()
+
+    def __enter__(self) -> ChaosCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- rounds
+
+    def run_round(self, seed: int, *, raise_on_violation: bool = True) -> RoundReport:
+        """One seeded round; raises ``ChaosFailure`` (with the seed) on any violation."""
+        self.rounds += 1
+        started = time.monotonic()
+        report = RoundReport(seed)
+        rooms = [f"s{seed}:room{r}" for r in range(self.options.rooms)]
+        spec = {
+            "seed": seed,
+            "rooms": rooms,
+            "url": self.proxy.url,
+            "prefix": self.prefix,
+            "options": asdict(self.options),
+        }
+        try:
+            results = self._drive(seed, spec, report)
+        except Exception as exc:
+            self._reset_after_failure()
+            raise ChaosFailure(
+                seed,
+                f"the round did not complete (faults {dict(report.faults)}, "
+                f"proxy {self.proxy.counters}): {exc}",
+                options=self.options,
+            ) from exc
+        redis_rows, redis_limits = self._read_redis(rooms)
+        records = [OpRecord(**r) for result in results for r in result["records"]]
+        for result in results:
+            report.violations.extend(result["violations"])
+            report.engine.update(result["stats"])
+            report.durable_errors += result["durable_errors"]
+            report.sync_retries += result["sync_retries"]
+        report.violations.extend(
+            check_round(
+                rooms,
+                records,
+                redis_rows,
+                redis_limits,
+                views=[result["views"] for result in results],
+                view_limits=[result["limits"] for result in results],
+                drained_at=[result["drained_at"] for result in results],
+                max_history=self.options.max_history,
+                report=report,
+            )
+        )
+        report.ops = len(records)
+        report.seconds = time.monotonic() - started
+        if report.violations and raise_on_violation:
+            dump = self._dump(seed, records, redis_rows, redis_limits, results, report)
+            shown = "\n  ".join(report.violations[:25])
+            more = len(report.violations) - 25
+            raise ChaosFailure(
+                seed,
+                f"{len(report.violations)} violation(s) {report.counts()}:\n  {shown}"
+                + (f"\n  ... and {more} more" if more > 0 else ""),
+                dump,
+                self.options,
+                report,
+            )
+        return report
+
+    def _drive(self, seed: int, spec: dict[str, Any], report: RoundReport) -> list[dict[str, Any]]:
+        conns = [conn for _process, conn in self._workers]
+        for conn in conns:
+            conn.send(("round", spec))
+        deadline = time.monotonic() + self.options.round_timeout
+        injector = FaultInjector(self, seed, report) if self.options.faults else None
+        waiting = set(conns)
+        while waiting:
+            timeout = injector.next_event_in() if injector else None
+            ready = self._wait(waiting, timeout, deadline)
+            for conn in ready:
+                self._expect(conn, "ops_done")
+                waiting.discard(conn)
+            if injector:
+                injector.tick()
+        if injector:
+            injector.heal()
+        for conn in conns:
+            conn.send(("drain",))
+        for conn in conns:
+            self._wait([conn], None, deadline)
+            self._expect(conn, "drained")
+        for conn in conns:
+            conn.send(("sync",))
+        results = []
+        for conn in conns:
+            self._wait([conn], None, deadline)
+            results.append(self._expect(conn, "result")[1])
+        return results
+
+    @staticmethod
+    def _wait(
+        conns: Any, timeout: float | None, deadline: float
+    ) -> list[multiprocessing.connection.Connection]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the round ran past its deadline (a worker hangs)")
+        wait_for = left if timeout is None else max(0.0, min(timeout, left))
+        return multiprocessing.connection.wait(list(conns), wait_for)  # type: ignore[return-value]
+
+    @staticmethod
+    def _expect(conn: multiprocessing.connection.Connection, kind: str) -> Any:
+        message = conn.recv()
+        if message[0] == "error":
+            raise RuntimeError(f"a worker failed:\n{message[1]}")
+        if message[0] != kind:
+            raise RuntimeError(f"expected {kind!r} from a worker, got {message[0]!r}")
+        return message
+
+    def _reset_after_failure(self) -> None:
+        with contextlib.suppress(Exception):
+            self.proxy.resume()
+            self.proxy.set_latency(0)
+        if self.server.process is None:
+            self.server.start()
+        self._stop_workers(force=True)
+        self._spawn_workers()
+
+    def _read_redis(self, rooms: Sequence[str]) -> tuple[dict[str, list[bytes]], dict[str, int]]:
+        from conversation._keys import KeySpace
+
+        keyspace = KeySpace(self.prefix)
+        rows: dict[str, list[bytes]] = {}
+        limits: dict[str, int] = {}
+        with self.server.sync_client() as client:
+            for room in rooms:
+                keys = keyspace.room(room)
+                rows[room] = list(client.lrange(keys.window, 0, -1))
+                raw = client.hget(keys.meta, "limit")
+                limits[room] = int(raw) if raw else 0
+        return rows, limits
+
+    def _dump(
+        self,
+        seed: int,
+        records: list[OpRecord],
+        redis_rows: dict[str, list[bytes]],
+        redis_limits: dict[str, int],
+        results: list[dict[str, Any]],
+        report: RoundReport,
+    ) -> Path:
+        path = self.directory / f"chaos-seed-{seed}.json"
+        payload = {
+            "seed": seed,
+            "options": asdict(self.options),
+            "violations": report.violations,
+            "faults": dict(report.faults),
+            "records": [asdict(r) for r in records],
+            "redis": {room: [row.decode() for row in rows] for room, rows in redis_rows.items()},
+            "redis_limits": redis_limits,
+            "views": [result["views"] for result in results],
+        }
+        path.write_bytes(orjson.dumps(payload, option=orjson.OPT_INDENT_2))
+        return path
+
+
+class FaultInjector:
+    """Seeded faults, one at a time, each lasting a drawn while (the fault's own parameter)."""
+
+    def __init__(self, cluster: ChaosCluster, seed: int, report: RoundReport) -> None:
+        self.cluster = cluster
+        self.report = report
+        self.rng = random.Random(f"faults:{seed}")
+        kinds = list(FAULT_WEIGHTS)
+        if cluster.options.restart_every <= 0 or seed % cluster.options.restart_every:
+            kinds.remove("restart")
+        self.kinds = kinds
+        self.weights = [FAULT_WEIGHTS[kind] for kind in kinds]
+        # Every round has the ambiguous case at least once: replies held after Redis
+        # applied the command, long enough for the command timeout to fire.
+        self.queue = ["blackhole_replies"] + (["restart"] if "restart" in kinds else [])
+        self.rng.shuffle(self.queue)
+        now = time.monotonic()
+        self.next_at = now + self.rng.uniform(0.05, 0.25)
+        self.active: str | None = None
+        self.ends_at = 0.0
+        self.drop = False
+
+    def next_event_in(self) -> float:
+        target = self.ends_at if self.active else self.next_at
+        return max(0.0, target - time.monotonic())
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if self.active and now >= self.ends_at:
+            self._end()
+            self.next_at = time.monotonic() + self.rng.uniform(0.05, 0.3)
+        elif not self.active and now >= self.next_at:
+            kind = self.queue.pop() if self.queue else self.rng.choices(self.kinds, self.weights)[0]
+            self._start(kind)
+
+    def _start(self, kind: str) -> None:
+        proxy, server = self.cluster.proxy, self.cluster.server
+        self.report.faults[kind] += 1
+        rng = self.rng
+        duration = 0.0
+        if kind == "latency":
+            proxy.set_latency(rng.uniform(0.005, 0.08))
+            duration = rng.uniform(0.15, 0.6)
+        elif kind == "cut":
+            proxy.cut()
+        elif kind.startswith("blackhole"):
+            proxy.blackhole("replies" if kind == "blackhole_replies" else "both")
+            duration = rng.uniform(0.2, 1.0)
+            self.drop = rng.random() < 0.5
+        elif kind == "client_kill":
+            with server.sync_client() as client:
+                client.execute_command("CLIENT", "KILL", "TYPE", "normal")
+        elif kind == "script_flush":
+            with server.sync_client() as client:
+                client.script_flush()
+        elif kind == "restart":
+            if rng.random() < 0.5:
+                server.kill()  # SIGKILL: AOF with appendfsync always keeps what was acknowledged
+            else:
+                server.stop()
+            duration = rng.uniform(0.05, 0.4)  # how long Redis stays down
+        self.active = kind if duration > 0 else None
+        self.ends_at = time.monotonic() + duration
+
+    def _end(self) -> None:
+        kind, self.active = self.active, None
+        proxy = self.cluster.proxy
+        if kind == "latency":
+            proxy.set_latency(0)
+        elif kind and kind.startswith("blackhole"):
+            proxy.resume(drop=self.drop)
+        elif kind == "restart":
+            self.cluster.server.start()
+
+    def heal(self) -> None:
+        if self.active:
+            self._end()
+        self.cluster.proxy.resume()
+        self.cluster.proxy.set_latency(0)
+        if self.cluster.server.process is None:
+            self.cluster.server.start()
+
+
+# =========================================================================
+# the checks
+# =========================================================================
+
+
+def parse_text(text: str, identity: str) -> tuple[str, str | None, str | None]:
+    """(body, deleted tag, reactions tag) of an entry's first text, as the engine writes them."""
+    marker = f"[Message ID: {identity}]"
+    at = text.find(marker)
+    position = at + len(marker) if at >= 0 else 0
+    pattern = _TAG_AFTER_MARKER if at >= 0 else _TAG_AT_START
+    deleted = reactions = None
+    while (match := pattern.match(text, position)) is not None:
+        if match.group("deleted") is not None and deleted is None:
+            deleted = match.group("deleted")
+        if match.group("reactions") is not None and reactions is None:
+            reactions = match.group("reactions")
+        position = match.end()
+    return text[position:].strip(), deleted, reactions
+
+
+# Awaited calls that return only after this worker's earlier writes to the room
+# were persisted (get_messages_async does not wait for them).
+_WAITS_FOR_EARLIER = frozenset({"append", "update", "react", "delete", "clear", "limit", "fresh"})
+
+
+class _Timeline:
+    """Effective completion times and the "definitely before" relation."""
+
+    def __init__(self, records: Sequence[OpRecord], drained_at: Sequence[float]) -> None:
+        self.done: dict[int, float] = {}
+        sequences: dict[tuple[int, str], list[OpRecord]] = defaultdict(list)
+        for record in records:
+            sequences[(record.proc, record.room)].append(record)
+        for (proc, _room), sequence in sequences.items():
+            sequence.sort(key=lambda r: r.i)
+            bound = drained_at[proc]
+            for record in reversed(sequence):
+                self.done[id(record)] = record.done if record.done is not None else bound
+                if (
+                    record.done is not None
+                    and record.kind in _WAITS_FOR_EARLIER
+                    and not record.result.startswith("error")
+                ):
+                    bound = min(bound, record.done)
+
+    def before(self, x: OpRecord, y: OpRecord) -> bool:
+        if x.proc == y.proc and x.room == y.room:
+            return x.i < y.i
+        return self.done[id(x)] < y.inv
+
+
+def _last_writer(
+    timeline: _Timeline,
+    writes: Sequence[OpRecord],
+    final: str | None,
+    value_of: Callable[[OpRecord], str | None],
+    initial: str | None,
+) -> str | None:
+    """Why a last-writer-wins register cannot hold ``final``, or None if some history explains it.
+
+    ``initial`` is what the register held before any write; every applied write
+    replaces it.
+    """
+    if not writes:
+        return None if final == initial else f"shows {final!r} but no applied write produced it"
+    candidates = [w for w in writes if value_of(w) == final]
+    for candidate in candidates:
+        if not any(timeline.before(candidate, w) for w in writes if w is not candidate):
+            return None
+    if candidates:
+        return f"shows {final!r}, which a later applied write definitely superseded"
+    if final == initial:
+        return f"still shows {initial!r}: every applied write is missing ({len(writes)})"
+    return f"shows {final!r}, which no applied write produced"
+
+
+def check_round(
+    rooms: Sequence[str],
+    records: Sequence[OpRecord],
+    redis_rows: dict[str, list[bytes]],
+    redis_limits: dict[str, int],
+    *,
+    views: Sequence[dict[str, list[dict[str, Any]]]],
+    view_limits: Sequence[dict[str, int]],
+    drained_at: Sequence[float],
+    max_history: int,
+    report: RoundReport | None = None,
+) -> list[str]:
+    """Every violation of the guarantees found in one round (empty: it passed)."""
+    report = report or RoundReport(-1)
+    timeline = _Timeline(records, drained_at)
+    problems: list[str] = []
+    min_limit = min(max_history, MIN_CHANNEL_LIMIT)
+    for room in rooms:
+        mine = [r for r in records if r.room == room]
+        appends = {r.target: r for r in mine if r.kind == "append"}
+        clears = [r for r in mine if r.kind == "clear"]
+        report.acknowledged += sum(1 for r in mine if r.result in ("ok", "true"))
+        # --- what Redis holds
+        window: list[tuple[str | None, dict[str, Any]]] = []
+        for row in redis_rows[room]:
+            try:
+                entry = orjson.loads(row)
+            except orjson.JSONDecodeError:
+                problems.append(f"corrupt: room {room}: a row is not JSON: {row[:80]!r}")
+                continue
+            window.append((entry.get("message_id"), entry))
+        ids = [ident for ident, _ in window]
+        position = {ident: index for index, ident in enumerate(ids)}
+        for ident, count in Counter(ids).items():
+            if count > 1:
+                problems.append(f"duplicated: room {room}: {ident} is {count} times in Redis")
+        for ident in ids:
+            if ident not in appends:
+                problems.append(f"phantom: room {room}: {ident!r} in Redis was never appended")
+        present = [appends[ident] for ident in ids if ident in appends]
+        # --- appends: lost?
+        acked = [r for r in appends.values() if r.result == "ok"]
+        report.appends_acknowledged += len(acked)
+        for a in acked:
+            if a.target in position:
+                report.appends_in_redis += 1
+                continue
+            earlier = [w for w in present if timeline.before(w, a)]
+            if earlier:
+                problems.append(
+                    f"lost: room {room}: {a.target} ({a.form}) is missing although "
+                    f"{earlier[0].target}, which definitely came before it, is still there"
+                )
+            elif any(not timeline.before(c, a) for c in clears) or len(window) >= min_limit:
+                # A clear may have come after it, or the window is full: trimmed.
+                report.appends_trimmed_or_cleared += 1
+            else:
+                problems.append(
+                    f"lost: room {room}: {a.target} ({a.form}) is missing; no clear came after "
+                    f"it and the window holds only {len(window)} < {min_limit} entries"
+                )
+        # --- order
+        for x in present:
+            for y in present:
+                if x is not y and timeline.before(x, y) and position[x.target] > position[y.target]:
+                    problems.append(
+                        f"reordered: room {room}: {x.target} definitely came before "
+                        f"{y.target} but Redis holds it after"
+                    )
+        # --- edits
+        edits: dict[str, list[OpRecord]] = defaultdict(list)
+        for record in mine:
+            if record.kind in ("update", "react", "delete"):
+                edits[record.target or ""].append(record)
+                ghost = (record.target or "").startswith("ghost-")
+                # RedisUnavailable: the id is not in memory and Redis could not be asked.
+                if ghost and record.result not in ("false", "error:RedisUnavailable"):
+                    problems.append(
+                        f"edit: room {room}: {record.kind} of the never-appended id "
+                        f"{record.target} returned {record.result}"
+                    )
+        for ident, entry in window:
+            if ident not in appends:
+                continue
+            original = appends[ident]
+            problems.extend(
+                f"edit: room {room}: {ident}: {p}"
+                for p in _check_entry(timeline, original, entry, edits.get(ident or "", []), report)
+            )
+        # --- limit
+        limit_writes = [r for r in mine if r.kind == "limit"]
+        final_limit = redis_limits[room] or max_history
+        why = _last_writer(
+            timeline, limit_writes, str(final_limit), lambda w: w.value, str(max_history)
+        )
+        if why:
+            problems.append(f"limit: room {room}: {why}")
+        if len(window) > final_limit:
+            problems.append(f"limit: room {room}: {len(window)} entries exceed limit {final_limit}")
+        # --- every worker's view equals Redis
+        expected = [{k: v for k, v in entry.items() if k != "message_id"} for _, entry in window]
+        for proc, (worker_views, worker_limits) in enumerate(zip(views, view_limits, strict=True)):
+            if worker_views[room] != expected:
+                problems.append(
+                    f"view: worker {proc} room {room}: window differs from Redis after the final "
+                    f"sync ({len(worker_views[room])} vs {len(expected)} entries)"
+                )
+            if worker_limits[room] != final_limit:
+                problems.append(
+                    f"view: worker {proc} room {room}: limit {worker_limits[room]} != Redis "
+                    f"{final_limit}"
+                )
+    return problems
+
+
+def _check_entry(
+    timeline: _Timeline,
+    original: OpRecord,
+    entry: dict[str, Any],
+    edits: Sequence[OpRecord],
+    report: RoundReport,
+) -> list[str]:
+    ident = original.target or ""
+    problems = []
+    if entry.get("role") != original.role:
+        problems.append(f"role {entry.get('role')!r} != appended {original.role!r}")
+    content = entry.get("content")
+    text = _first_text(content) or ""
+    body, deleted, reactions = parse_text(text, ident)
+    if original.media and not (
+        isinstance(content, list)
+        and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content)
+    ):
+        problems.append("the image part of the post was lost")
+    applied = [e for e in edits if e.result == "true"]
+    report.edits_checked += len(applied)
+    for e in edits:
+        if e.result == "true":
+            continue
+        shown = {"update": body, "react": reactions, "delete": deleted}[e.kind]
+        if e.value and shown == e.value:
+            problems.append(f"{e.kind} {e.value!r} returned {e.result} yet is visible")
+    updates = [e for e in applied if e.kind == "update"]
+    why = _last_writer(timeline, updates, body, lambda w: w.value, original.value)
+    if why:
+        problems.append(f"text {why}")
+    reacts = [e for e in applied if e.kind == "react"]
+    why = _last_writer(timeline, reacts, reactions, lambda w: w.value or None, None)
+    if why:
+        problems.append(f"reactions {why}")
+    # A deletion is idempotent: the first applied one stands.
+    deletes = [e for e in applied if e.kind == "delete"]
+    if not deletes:
+        if deleted is not None:
+            problems.append(f"deletion tag {deleted!r} but no deletion was applied")
+    elif deleted is None:
+        problems.append("no [deleted at …] tag although a deletion was applied")
+    else:
+        candidates = [d for d in deletes if d.value == deleted]
+        if not candidates:
+            problems.append(f"deletion tag {deleted!r} was written by no applied deletion")
+        elif all(any(timeline.before(w, c) for w in deletes if w is not c) for c in candidates):
+            problems.append(f"deletion tag {deleted!r} replaced an earlier deletion")
+    return problems

@@ -1,0 +1,419 @@
+"""Issue 5: reliability under faults and concurrency.
+
+* the quick variant of the randomized multi-process checker (``chaos_checker``):
+  20 seeds, each a round of 3 worker processes x 3 rooms under injected faults;
+* the fault proxy itself does what the checker relies on;
+* targeted cases through the proxy: an ambiguous write (applied, reply lost)
+  served twice by a read, late delivery of a timed-out command, durable writes
+  that time out before and after Redis applied them, Redis out of memory, and
+  a bounded ``aclose``.
+
+The long variant is ``scripts/soak.py --soak SECONDS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+import redis.exceptions
+from chaos_checker import ChaosCluster, ChaosOptions, check_round
+from fault_proxy import FaultProxy
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis_servers import RedisServer
+
+from conversation import ConversationManager, DrainTimeout, DurabilityError, PersistError
+
+QUICK_SEEDS = range(1, 21)
+QUICK = ChaosOptions()  # 3 processes x 3 rooms x 40 operations per round
+
+
+def window_key(room: str) -> str:
+    return f"sg:conversation:{{{room}}}"
+
+
+async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Wait on a real condition, yielding to the loop (never a fixed sleep)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def contents(client: aioredis.Redis, room: str) -> list[str]:
+    rows = await client.lrange(window_key(room), 0, -1)
+    return [orjson.loads(row)["content"] for row in rows]
+
+
+# --------------------------------------------------------------- the checker
+
+
+@pytest.fixture(scope="module")
+def chaos_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosCluster]:
+    with ChaosCluster(tmp_path_factory.mktemp("chaos"), QUICK) as cluster:
+        yield cluster
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", QUICK_SEEDS)
+def test_chaos_round_loses_duplicates_and_reorders_nothing(
+    chaos_cluster: ChaosCluster, seed: int
+) -> None:
+    # Raises ChaosFailure naming the seed, a replay command and a dump of the round.
+    report = chaos_cluster.run_round(seed)
+    assert report.appends_acknowledged > 0
+    assert sum(report.faults.values()) > 0
+    assert report.faults["blackhole_replies"] >= 1  # the ambiguous case, every round
+
+
+def test_checker_flags_loss_duplication_and_reordering() -> None:
+    """The checks themselves: doctored Redis contents are caught (no servers needed)."""
+    from chaos_checker import OpRecord
+
+    room = "r"
+    log = [
+        OpRecord(0, room, 0, "append", "async", 1.0, 1.1, target="a", value="a:a", role="user"),
+        OpRecord(0, room, 1, "append", "async", 2.0, 2.1, target="b", value="a:b", role="user"),
+        OpRecord(1, room, 0, "append", "sync", 3.0, target="c", value="a:c", role="user"),
+    ]
+
+    def row(ident: str) -> bytes:
+        return f'{{"message_id":"{ident}","role":"user","content":"a:{ident}"}}'.encode()
+
+    def problems(rows: list[bytes]) -> list[str]:
+        expected = [{k: v for k, v in orjson.loads(r).items() if k != "message_id"} for r in rows]
+        return check_round(
+            [room],
+            log,
+            {room: rows},
+            {room: 0},
+            views=[{room: expected}, {room: expected}],
+            view_limits=[{room: 50}, {room: 50}],
+            drained_at=[5.0, 5.0],
+            max_history=50,
+        )
+
+    assert problems([row("a"), row("b"), row("c")]) == []
+    assert any(p.startswith("lost:") for p in problems([row("a"), row("c")]))
+    assert any(p.startswith("lost:") for p in problems([row("b"), row("c")]))
+    assert any(p.startswith("duplicated:") for p in problems([row("a"), row("b"), row("b")]))
+    assert any(p.startswith("reordered:") for p in problems([row("b"), row("a"), row("c")]))
+    assert any(p.startswith("phantom:") for p in problems([row("a"), row("x")]))
+
+
+# ----------------------------------------------------------------- the proxy
+
+
+@pytest.fixture
+async def proxy(redis_server: RedisServer) -> AsyncIterator[FaultProxy]:
+    fault_proxy = await FaultProxy(redis_server.port).start()
+    try:
+        yield fault_proxy
+    finally:
+        await fault_proxy.stop()
+
+
+def proxied(proxy: FaultProxy) -> aioredis.Redis:
+    # No client-side retries: the engine's own retry loop is what is under test.
+    return aioredis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 0))
+
+
+async def test_fault_proxy_latency_cut_and_blackholes(
+    redis_server: RedisServer, proxy: FaultProxy
+) -> None:
+    client = proxied(proxy)
+    direct = aioredis.Redis(port=redis_server.port)
+    try:
+        assert await client.ping()
+        loop = asyncio.get_running_loop()
+        proxy.set_latency(0.1)
+        started = loop.time()
+        await client.set("k", "1")
+        assert loop.time() - started >= 0.2  # request and reply each delayed
+        proxy.set_latency(0)
+        assert proxy.cut() == 1
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await client.get("k")
+        assert await client.get("k") == b"1"  # a new connection works
+        # Replies held: the server applies the command, the client times out.
+        proxy.blackhole("replies")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.set("applied", "yes"), 0.2)
+        assert await direct.get("applied") == b"yes"
+        proxy.resume()
+        # Everything held, then delivered late (after the client gave up). The
+        # command goes out on a pooled connection (a new one would stall in its
+        # handshake and never send it).
+        assert await client.ping()
+        proxy.blackhole("both")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.set("late", "yes"), 0.2)
+        assert await direct.get("late") is None
+        proxy.resume()
+        await wait_for_key(direct, "late")
+        # Everything held, then dropped.
+        assert await client.ping()
+        proxy.blackhole("both")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.set("lost", "yes"), 0.2)
+        proxy.resume(drop=True)
+        assert await client.get("late") == b"yes"
+        assert await direct.get("lost") is None
+    finally:
+        await client.aclose()
+        await direct.aclose()
+
+
+async def wait_for_key(client: aioredis.Redis, key: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while await client.get(key) is None:
+        assert loop.time() < deadline, f"{key} never arrived"
+        await asyncio.sleep(0.01)
+
+
+# ------------------------------------------------- targeted faults, one room
+
+
+def manager_for(client: aioredis.Redis, **kwargs: object) -> ConversationManager:
+    kwargs.setdefault("command_timeout", 0.2)
+    kwargs.setdefault("retry_backoff", (0.02, 0.1))
+    return ConversationManager(None, redis=client, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_read_never_serves_a_landed_write_twice(proxy: FaultProxy, room: str) -> None:
+    """A write applied by Redis whose reply was lost is retried; meanwhile a read that
+    catches up must not show the turn once from Redis and once more as still pending."""
+    client = proxied(proxy)
+    # A long backoff keeps the write unconfirmed while the read happens.
+    manager = manager_for(client, retry_backoff=(1.0, 1.0))
+    try:
+        await manager.append_async(room, "user", "[Message ID: 1] one")
+        proxy.blackhole("replies")
+        manager.append(room, "user", "[Message ID: 2] two")
+        await wait_for(lambda: manager.stats()["persist_failures"] >= 1, "a timed-out persist")
+        proxy.resume()
+        assert await contents(client, room) == ["[Message ID: 1] one", "[Message ID: 2] two"]
+        served = [m["content"] for m in await manager.get_messages_async(room)]
+        assert served == ["[Message ID: 1] one", "[Message ID: 2] two"]
+        await manager.drain(timeout=10)
+        assert [m["content"] for m in manager.get_messages(room)] == served
+        assert await contents(client, room) == served
+    finally:
+        await manager.aclose(timeout=10)
+        await client.aclose()
+
+
+async def test_late_delivery_of_a_timed_out_write_never_duplicates(
+    proxy: FaultProxy, room: str
+) -> None:
+    client = proxied(proxy)
+    manager = manager_for(client)
+    try:
+        await manager.append_async(room, "user", "[Message ID: 1] one")
+        proxy.blackhole("both")
+        manager.append(room, "user", "[Message ID: 2] two")
+        assert manager.patch_reactions(room, 1, "👍")
+        await wait_for(lambda: manager.stats()["persist_failures"] >= 3, "timed-out attempts")
+        # The held attempts reach Redis now, after the engine gave up on them.
+        proxy.resume()
+        await manager.drain(timeout=10)
+        expected = ["[Message ID: 1] [Reactions: 👍] one", "[Message ID: 2] two"]
+        assert await contents(client, room) == expected
+        await manager.ensure_fresh_from_redis(room)
+        assert [m["content"] for m in manager.get_messages(room)] == expected
+    finally:
+        await manager.aclose(timeout=10)
+        await client.aclose()
+
+
+async def test_durable_write_that_timed_out_after_redis_applied_it(
+    proxy: FaultProxy, room: str
+) -> None:
+    """DurabilityError is ambiguous; the documented recovery lands the turn exactly once."""
+    client = proxied(proxy)
+    manager = manager_for(client, durable_timeout=0.5)
+    try:
+        await manager.append_async(room, "user", "[Message ID: 1] one")
+        proxy.blackhole("replies")  # Redis applies it; the reply never comes
+        with pytest.raises(DurabilityError) as info:
+            await manager.append_async(room, "user", "[Message ID: 2] two", durable=True)
+        assert info.value.room_id == room and info.value.idempotency_key
+        assert isinstance(info.value, PersistError)
+        assert [m["content"] for m in manager.get_messages(room)] == ["[Message ID: 1] one"]
+        proxy.resume()
+        assert await contents(client, room) == ["[Message ID: 1] one", "[Message ID: 2] two"]
+        # Not retried behind the caller's back, so never doubled later either.
+        await manager.drain(timeout=10)
+        assert await contents(client, room) == ["[Message ID: 1] one", "[Message ID: 2] two"]
+        for _ in range(2):
+            await manager.append_async(
+                room,
+                "user",
+                "[Message ID: 2] two",
+                durable=True,
+                idempotency_key=info.value.idempotency_key,
+            )
+        assert await contents(client, room) == ["[Message ID: 1] one", "[Message ID: 2] two"]
+        await manager.ensure_fresh_from_redis(room)
+        assert len(manager.get_messages(room)) == 2
+    finally:
+        await manager.aclose(timeout=10)
+        await client.aclose()
+
+
+async def test_durable_write_that_never_reached_redis(proxy: FaultProxy, room: str) -> None:
+    client = proxied(proxy)
+    manager = manager_for(client, durable_timeout=0.5)
+    try:
+        await manager.append_async(room, "user", "[Message ID: 1] one")
+        proxy.blackhole("both")
+        with pytest.raises(DurabilityError) as info:
+            await manager.append_async(room, "user", "[Message ID: 2] two", durable=True)
+        proxy.resume(drop=True)  # every attempt is lost with its connection
+        await manager.drain(timeout=10)
+        assert await contents(client, room) == ["[Message ID: 1] one"]  # not silently kept
+        await manager.append_async(
+            room, "user", "[Message ID: 2] two", idempotency_key=info.value.idempotency_key
+        )
+        assert await contents(client, room) == ["[Message ID: 1] one", "[Message ID: 2] two"]
+        assert manager.stats()["durable_failures"] == 1
+    finally:
+        await manager.aclose(timeout=10)
+        await client.aclose()
+
+
+async def test_out_of_memory_writes_fail_counted_then_land_once_memory_is_freed(
+    redis_server: RedisServer, room: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = aioredis.Redis(port=redis_server.port, retry=Retry(NoBackoff(), 0))
+    manager = manager_for(client, durable_timeout=0.5)
+    admin = redis_server.sync_client()
+    other = room + ":durable"
+    try:
+        await manager.append_async(room, "user", "[Message ID: 1] before")
+        await manager.append_async(other, "user", "[Message ID: 1] before")
+        # 8 MiB of ballast over a limit 4 MiB above the baseline: every write fails
+        # until the ballast goes (transient buffers never bridge the gap).
+        baseline = int(admin.info("memory")["used_memory"])
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.set("ballast", b"x" * (8 << 20))
+        admin.config_set("maxmemory", baseline + (4 << 20))
+        with caplog.at_level(logging.WARNING, logger="conversation"):
+            manager.append(room, "user", "[Message ID: 2] during")
+            assert manager.update_message(room, 1, "[Message ID: 1] edited")
+            await wait_for(lambda: manager.stats()["persist_failures"] >= 2, "OOM failures")
+            with pytest.raises(DurabilityError, match="OutOfMemoryError") as info:
+                await manager.append_async(other, "user", "[Message ID: 2] durable", durable=True)
+        assert isinstance(info.value.__cause__, redis.exceptions.OutOfMemoryError)
+        assert any("OutOfMemoryError" in record.getMessage() for record in caplog.records)
+        # Memory state stands (the view and the queue); Redis is untouched.
+        assert [m["content"] for m in manager.get_messages(room)] == [
+            "[Message ID: 1] edited",
+            "[Message ID: 2] during",
+        ]
+        assert manager.stats()["pending_writes"] == 2
+        assert await contents(client, room) == ["[Message ID: 1] before"]
+        admin.delete("ballast")
+        await manager.drain(timeout=10)
+        assert await contents(client, room) == ["[Message ID: 1] edited", "[Message ID: 2] during"]
+        key = info.value.idempotency_key
+        for _ in range(2):
+            await manager.append_async(
+                other, "user", "[Message ID: 2] durable", idempotency_key=key
+            )
+        assert await contents(client, other) == [
+            "[Message ID: 1] before",
+            "[Message ID: 2] durable",
+        ]
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+        await manager.aclose(timeout=10)
+        await client.aclose()
+
+
+async def test_durable_write_queued_behind_a_retrying_write_still_raises_in_time(
+    proxy: FaultProxy, room: str
+) -> None:
+    """durable_timeout bounds the durable call even when the room's queue is stuck."""
+    client = proxied(proxy)
+    manager = manager_for(client, durable_timeout=0.5)
+    try:
+        await manager.append_async(room, "user", "[Message ID: 1] one")
+        proxy.blackhole("both")
+        manager.append(room, "user", "[Message ID: 2] retrying")
+        await wait_for(lambda: manager.stats()["persist_failures"] >= 1, "a retrying write")
+        with pytest.raises(DurabilityError):
+            # 5 s: ten times the durable timeout, so a hang fails here, not at 120 s.
+            await asyncio.wait_for(
+                manager.append_async(room, "user", "[Message ID: 3] durable", durable=True), 5
+            )
+        assert [m["content"] for m in manager.get_messages(room)] == [
+            "[Message ID: 1] one",
+            "[Message ID: 2] retrying",
+        ]
+        proxy.resume(drop=True)
+        await manager.drain(timeout=10)
+        assert await contents(client, room) == ["[Message ID: 1] one", "[Message ID: 2] retrying"]
+    finally:
+        await manager.aclose(timeout=10)
+        await client.aclose()
+
+
+async def test_aclose_flushes_retrying_writes_once_redis_answers(
+    proxy: FaultProxy, room: str
+) -> None:
+    client = proxied(proxy)
+    manager = manager_for(client)
+    try:
+        await manager.append_async(room, "user", "[Message ID: 0] zero")
+        proxy.blackhole("both")
+        for i in range(1, 6):
+            manager.append(room, "user", f"[Message ID: {i}] m")
+        await wait_for(lambda: manager.stats()["persist_failures"] >= 2, "retrying writes")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        closing = asyncio.ensure_future(manager.aclose(timeout=10))
+        proxy.resume(drop=True)
+        await closing
+        assert loop.time() - started < 10
+        expected = ["[Message ID: 0] zero"] + [f"[Message ID: {i}] m" for i in range(1, 6)]
+        assert await contents(client, room) == expected
+        with pytest.raises(PersistError, match="closed"):
+            manager.append(room, "user", "after close")
+    finally:
+        await client.aclose()
+
+
+async def test_aclose_reports_what_it_could_not_flush_within_its_bound(
+    proxy: FaultProxy, room: str
+) -> None:
+    client = proxied(proxy)
+    manager = manager_for(client)
+    other = room + ":b"
+    try:
+        await manager.append_async(room, "user", "[Message ID: 0] zero")
+        proxy.blackhole("both")
+        for i in range(1, 4):
+            manager.append(room, "user", f"[Message ID: {i}] m")
+        manager.append(other, "user", "x")
+        assert manager.update_message(room, 0, "[Message ID: 0] edited")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(DrainTimeout) as info:
+            await manager.aclose(timeout=0.5)
+        assert loop.time() - started < 0.5 + 0.2 + 1.0  # + command timeout + slack
+        assert info.value.unflushed == {room: 4, other: 1}
+        assert "5 write(s) in 2 room(s)" in str(info.value)
+        proxy.resume(drop=True)
+        assert await contents(client, room) == ["[Message ID: 0] zero"]
+    finally:
+        await client.aclose()

@@ -146,7 +146,9 @@ def encode(entry: Entry, max_bytes: int) -> bytes:
         raise InvalidMessage(
             f"is {len(row)} bytes serialised; the limit is {max_bytes}", field="content"
         )
-    return row
+    # orjson hands back its whole output buffer (4 KiB at least, about 10x the
+    # size for larger rows) and rows live as long as the window: keep an exact copy.
+    return memoryview(row).tobytes()
 
 
 def decode_row(row: bytes) -> tuple[str | None, str] | None:
@@ -166,9 +168,33 @@ def decode_row(row: bytes) -> tuple[str | None, str] | None:
     return identity, role
 
 
+_JOIN_LIMIT = 64 * 1024
+
+
 def to_messages(rows: Iterable[bytes]) -> list[Entry]:
-    """Fresh, caller-owned OpenAI-chat messages for stored rows (one parse, no deepcopy)."""
-    messages: list[Entry] = orjson.loads(b"[" + b",".join(rows) + b"]")
+    """Fresh, caller-owned OpenAI-chat messages for stored rows (no deepcopy).
+
+    Small rows are parsed together (one ``orjson.loads`` of a joined array);
+    rows with media are parsed alone, so a window of images is never copied
+    into one big buffer first (that copy cost more than the parse).
+    """
+    messages: list[Entry] = []
+    batch: list[bytes] = []
+    size = 0
+    for row in rows:
+        if len(row) >= _JOIN_LIMIT:
+            if batch:
+                messages.extend(orjson.loads(b"[" + b",".join(batch) + b"]"))
+                batch, size = [], 0
+            messages.append(orjson.loads(row))
+            continue
+        batch.append(row)
+        size += len(row)
+        if size >= _JOIN_LIMIT:
+            messages.extend(orjson.loads(b"[" + b",".join(batch) + b"]"))
+            batch, size = [], 0
+    if batch:
+        messages.extend(orjson.loads(b"[" + b",".join(batch) + b"]"))
     for message in messages:
         del message["message_id"]
     return messages

@@ -13,8 +13,8 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 import time
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -732,7 +732,7 @@ class ConversationManager:
         assert self._store is not None
         store, synced, keys = self._store, room.synced, room.keys
         first = batch.ops[0]
-        epoch = uuid.uuid4().hex
+        epoch = secrets.token_hex(8)
         if isinstance(first, AppendOp):
             rows = [row for op in batch.ops for row in op.rows]  # type: ignore[attr-defined]
             reply = await store.append(keys, synced, batch.token, epoch, [row[0] for row in rows])

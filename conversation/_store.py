@@ -79,15 +79,17 @@ class _Pipeliner:
         self._queue.append(_Call(script, keys, args, future))
         if not self._scheduled:
             self._scheduled = True
-            loop.call_soon(self._flush)
+            # A task's first step runs on the next loop iteration, after every call
+            # made in this one: it gathers the tick's calls without a second hop.
+            task = loop.create_task(self._flush())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return future
 
-    def _flush(self) -> None:
+    async def _flush(self) -> None:
         self._scheduled = False
         calls, self._queue = self._queue, []
-        task = asyncio.get_running_loop().create_task(self._send(calls))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        await self._send(calls)
 
     async def _send(self, calls: list[_Call]) -> None:
         try:
@@ -95,9 +97,13 @@ class _Pipeliner:
                 # After a lost connection the server may be a restarted or failed-over
                 # one with an empty script cache; some servers (fakeredis's TCP server)
                 # even drop the connection on an error reply, so NOSCRIPT never shows.
-                await asyncio.wait_for(self._load_all(), self._timeout)
+                async with asyncio.timeout(self._timeout):
+                    await self._load_all()
                 self._reload_before_next = False
-            results = await asyncio.wait_for(self._execute(calls), self._timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for runs the awaitable in
+            # another task, two more loop iterations per round trip.
+            async with asyncio.timeout(self._timeout):
+                results = await self._execute(calls)
             retry = [
                 call
                 for call, result in zip(calls, results, strict=True)
@@ -106,8 +112,10 @@ class _Pipeliner:
             if retry:
                 # SCRIPT FLUSH, a restart or a failover emptied the script cache:
                 # load every script again and resend only the calls that did not run.
-                await asyncio.wait_for(self._load_all(), self._timeout)
-                again = await asyncio.wait_for(self._execute(retry), self._timeout)
+                async with asyncio.timeout(self._timeout):
+                    await self._load_all()
+                async with asyncio.timeout(self._timeout):
+                    again = await self._execute(retry)
                 replaced = dict(zip(map(id, retry), again, strict=True))
                 results = [
                     replaced.get(id(call), result)
@@ -235,10 +243,12 @@ class RoomStore:
     ) -> SyncReply:
         if self._has_sha1hex is None:
             self._has_sha1hex = bool(await self.redis.eval("return redis.sha1hex and 1 or 0", 0))
-        # A 40-byte digest keeps an edit's upload at one entry; servers without
-        # redis.sha1hex get the whole old row to compare instead.
+        # 64 bits of the row's SHA1 keep an edit's upload at one entry (a stale
+        # row colliding at the same position is a 2**-64 event); servers without
+        # redis.sha1hex get the whole old row to compare instead. Must match the
+        # 16 hex digits lua/replace.lua compares.
         expected: bytes | str = (
-            hashlib.sha1(old_row).hexdigest() if self._has_sha1hex else b"=" + old_row
+            hashlib.sha1(old_row).hexdigest()[:16] if self._has_sha1hex else b"=" + old_row
         )
         return await self._run("replace", keys, state, token, "", (position, expected, new_row))
 

@@ -207,7 +207,9 @@ local function sync_reply(status, m, own_k, own_pos)
   end
   local tail_start = math.max(caller_end, m.head)
   local reply = {status, 1, m.version, m.head, m.limit, m.rebackfill, own_k, 0}
-  local records = redis.call('LRANGE', LOG, 0, -1)
+  -- Each version logs at most one record, so the records newer than the caller
+  -- are among the last (version - caller version): read only those.
+  local records = redis.call('LRANGE', LOG, C_VERSION - m.version, -1)
   local sent = {}
   local n = 0
   for i = #records, 1, -1 do

@@ -1,6 +1,7 @@
 -- replace: swap ONE row, only if it is still the row the caller based its edit on.
 -- KEYS, common ARGV and reply: see _lib.lua.
--- ARGV[9]: absolute position of the row; ARGV[10]: SHA1 hex of the row the caller
+-- ARGV[9]: absolute position of the row; ARGV[10]: the first 16 hex digits of the
+-- SHA1 of the row the caller
 -- holds there, or '=' followed by that whole row (for servers without
 -- redis.sha1hex, such as fakeredis); ARGV[11]: the new row.
 -- Status: 1 replaced, 0 conflict (the reply brings the caller up to date so it
@@ -19,7 +20,7 @@ if C_EPOCH == m.epoch and C_VERSION >= m.base and pos >= m.head then
   if string.sub(expected, 1, 1) == '=' then
     same = current and current == string.sub(expected, 2)
   else
-    same = current and redis.sha1hex(current) == expected
+    same = current and string.sub(redis.sha1hex(current), 1, 16) == expected
   end
   if same then
     redis.call('LSET', WINDOW, pos - m.head, ARGV[11])

@@ -1,0 +1,1690 @@
+"""``python -m conversation bench``: the engine against raw ``redis.asyncio``, side by side.
+
+Every row is measured in ONE run, engine and baseline interleaved (A B B A ...)
+against the same Redis server, and reported as a ratio of medians over repeats,
+so the verdicts hold on a noisy, shared machine. Rows (issue 4):
+
+1. append throughput, 50 rooms at once, ``append`` and ``append_async``, with and
+   without hiredis, vs one raw RPUSH+LTRIM+INCR+PEXPIRE pipeline per append;
+2. warm ``get_messages_async`` (window 100) vs raw LRANGE+decode and vs a raw GET
+   round trip plus the render;
+3. ``update_message_async`` / ``patch_reactions_async`` in the middle of full
+   windows of 100 and 1000: latency vs one raw EVALSHA, bytes sent vs the entry,
+   and both vs a naive full-window rewrite (DEL + RPUSH);
+4. catch-up after another worker appended k = 1, 10 rows to a window of 1000;
+5. cold hydrate of 1000 rows vs raw LRANGE+decode;
+6. in-memory ``get_messages`` of 1000 rows with 100 KB images vs ``copy.deepcopy``;
+7. event-loop lag while mixed operations run on windows of 1000 with images;
+8. memory per cached entry vs its serialised size;
+9. warm render of every packaged template (vs plain, unsandboxed Jinja).
+
+Bytes come from ``INFO stats`` deltas (so they need a server nobody else uses:
+the default private ``redis-server``), round trips from ``stats()``. ``--quick``
+is a smoke run with small sizes; its numbers are not meant to be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import copy
+import functools
+import gc
+import json
+import logging
+import os
+import platform
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import redis
+import redis.asyncio as aioredis
+
+from ._keys import KeySpace, RoomKeys
+from ._manager import ConversationManager
+
+__all__ = ["ROW_KEYS", "main"]
+
+logger = logging.getLogger(__name__)
+
+Parser = Literal["hiredis", "python"]
+
+#: Every row a full or quick run reports, in table order.
+ROW_KEYS: tuple[str, ...] = (
+    "append_async",
+    "append_sync",
+    "append_async_py",
+    "append_sync_py",
+    "append_hiredis_gain",
+    "warm_read_vs_lrange",
+    "warm_read_vs_get_render",
+    "warm_read_round_trips",
+    "edit_update_100",
+    "edit_update_100_bytes",
+    "edit_update_1000",
+    "edit_update_1000_bytes",
+    "edit_reactions_100",
+    "edit_reactions_100_bytes",
+    "edit_reactions_1000",
+    "edit_reactions_1000_bytes",
+    "edit_vs_rewrite_100",
+    "edit_vs_rewrite_1000",
+    "catchup_1_bytes",
+    "catchup_1_round_trips",
+    "catchup_1_latency",
+    "catchup_10_bytes",
+    "catchup_10_round_trips",
+    "catchup_10_latency",
+    "cold_hydrate_1000",
+    "get_messages_vs_deepcopy",
+    "loop_lag_p99",
+    "loop_lag_max",
+    "memory_per_entry",
+    "render_inference",
+    "render_agents",
+    "render_consolidation",
+)
+
+TEMPLATES = ("inference", "agents", "consolidation")
+_SNOWFLAKE = 1_180_000_000_000_000_000  # room ids look like discord:<18-19 digits>
+ENTRY_BYTES = 450  # serialised size of a typical text turn
+IMAGE_BYTES = 100 * 1024  # a 100 KB image part (base64 data URL)
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    repeats: int
+    append_rooms: int
+    append_per_room: int
+    warm_calls: int
+    edit_calls: int
+    edit_windows: tuple[int, ...]
+    catchup_window: int
+    catchup_samples: int
+    hydrate_window: int
+    hydrate_samples: int
+    copy_window: int
+    copy_image_every: int
+    copy_calls: int
+    stall_ops: int
+    stall_rooms: int
+    stall_window: int
+    stall_image_every: int
+    stall_workers: int
+    memory_rooms: int
+    memory_per_room: int
+    render_calls: int
+
+
+FULL = Sizes(
+    repeats=5,
+    append_rooms=50,
+    append_per_room=100,
+    warm_calls=1000,
+    edit_calls=300,
+    edit_windows=(100, 1000),
+    catchup_window=1000,
+    catchup_samples=40,
+    hydrate_window=1000,
+    hydrate_samples=20,
+    copy_window=1000,
+    copy_image_every=10,
+    copy_calls=5,
+    stall_ops=10_000,
+    stall_rooms=4,
+    stall_window=1000,
+    stall_image_every=50,
+    stall_workers=16,
+    memory_rooms=40,
+    memory_per_room=100,
+    render_calls=2000,
+)
+
+QUICK = Sizes(
+    repeats=2,
+    append_rooms=50,
+    append_per_room=4,
+    warm_calls=40,
+    edit_calls=20,
+    edit_windows=(100, 1000),
+    catchup_window=1000,
+    catchup_samples=4,
+    hydrate_window=1000,
+    hydrate_samples=3,
+    copy_window=200,
+    copy_image_every=10,
+    copy_calls=2,
+    stall_ops=400,
+    stall_rooms=2,
+    stall_window=200,
+    stall_image_every=50,
+    stall_workers=8,
+    memory_rooms=10,
+    memory_per_room=50,
+    render_calls=100,
+)
+
+
+# --------------------------------------------------------------------- results
+
+
+@dataclass(slots=True)
+class Row:
+    """One line of the table: engine and baseline medians, their ratio, the verdict."""
+
+    key: str
+    title: str
+    unit: str
+    engine: float | None
+    baseline: float | None
+    target: str
+    passed: bool | None  # None: reported only (no target in the issue)
+    details: dict[str, Any] = field(default_factory=dict)
+    skipped: str | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.engine is None or not self.baseline:
+            return None
+        return self.engine / self.baseline
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "title": self.title,
+            "unit": self.unit,
+            "engine": self.engine,
+            "baseline": self.baseline,
+            "ratio": self.ratio,
+            "target": self.target,
+            "passed": self.passed,
+            "details": self.details,
+            "skipped": self.skipped,
+        }
+
+
+def ratio_row(
+    key: str,
+    title: str,
+    unit: str,
+    engine: float,
+    baseline: float,
+    *,
+    at_least: float | None = None,
+    at_most: float | None = None,
+    details: dict[str, Any] | None = None,
+) -> Row:
+    """A row judged on engine / baseline."""
+    ratio = engine / baseline if baseline else float("inf")
+    if at_least is not None:
+        target, passed = f">= {at_least:g}x", ratio >= at_least
+    elif at_most is not None:
+        target, passed = f"<= {at_most:g}x", ratio <= at_most
+    else:
+        target, passed = "report", None
+    return Row(key, title, unit, engine, baseline, target, passed, details or {})
+
+
+def value_row(
+    key: str,
+    title: str,
+    unit: str,
+    engine: float,
+    baseline: float,
+    *,
+    below: float | None = None,
+    at_most: float | None = None,
+    details: dict[str, Any] | None = None,
+) -> Row:
+    """A row judged on the engine's own value (a count or an absolute bound)."""
+    if below is not None:
+        target, passed = f"< {below:g} {unit}", engine < below
+    elif at_most is not None:
+        target, passed = f"<= {at_most:g} {unit}", engine <= at_most
+    else:
+        target, passed = "report", None
+    return Row(key, title, unit, engine, baseline, target, passed, details or {})
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+async def paired(
+    repeats: int,
+    engine: Callable[[], Awaitable[float]],
+    baseline: Callable[[], Awaitable[float]],
+) -> tuple[list[float], list[float]]:
+    """Run engine and baseline ``repeats`` times each, alternating which goes first."""
+    engine_values: list[float] = []
+    baseline_values: list[float] = []
+    for index in range(repeats):
+        gc.collect()
+        if index % 2 == 0:
+            engine_values.append(await engine())
+            baseline_values.append(await baseline())
+        else:
+            baseline_values.append(await baseline())
+            engine_values.append(await engine())
+    return engine_values, baseline_values
+
+
+# ------------------------------------------------------------------ the server
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class PrivateRedis:
+    """A throw-away ``redis-server`` on a free loopback port, stopped by its pid."""
+
+    def __init__(self) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="conversation-bench-"))
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> PrivateRedis:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not on PATH; install it or pass --redis-url")
+        for _attempt in range(5):
+            self.port = _free_port()
+            args = [
+                binary,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(self.directory),
+                "--logfile", str(self.directory / "redis.log"),
+            ]  # fmt: skip
+            self.process = subprocess.Popen(
+                args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            if self._wait_ready():
+                return self
+            self.stop()  # the port was taken between probe and bind: try another
+        raise RuntimeError(f"could not start redis-server (see {self.directory / 'redis.log'})")
+
+    def _wait_ready(self, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                return False
+            try:
+                with redis.Redis(port=self.port, socket_timeout=0.5) as client:
+                    if client.ping():
+                        return True
+            except redis.ConnectionError:
+                pass
+            time.sleep(0.01)
+        return False
+
+    def version(self) -> str:
+        with redis.Redis(port=self.port) as client:
+            info: dict[str, Any] = client.info("server")
+            return str(info.get("redis_version", "?"))
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+# ----------------------------------------------------------------- the context
+
+
+@dataclass
+class Bench:
+    url: str
+    sizes: Sizes
+    private: bool
+    prefix: str = ""
+    clients: list[aioredis.Redis] = field(default_factory=list)
+    _serial: int = 0
+
+    def __post_init__(self) -> None:
+        # The default prefix on a private server, so the bytes rows see production
+        # key lengths; a random one on a shared server, so cleaning up is safe.
+        if not self.prefix:
+            self.prefix = "sg" if self.private else f"sgbench{uuid.uuid4().hex[:6]}"
+
+    def client(self, parser: Parser = "hiredis") -> aioredis.Redis:
+        """A fresh client (its own pool): the engine and the baseline never share one."""
+        kwargs: dict[str, Any] = {"socket_timeout": 30}
+        if parser == "python":
+            # redis-py picks hiredis whenever it is importable; a pool built with
+            # an explicit pure-Python parser class turns it off for its connections.
+            from redis._parsers import _AsyncRESP3Parser  # noqa: PLC0415  (private, stable 5.x-8.x)
+
+            kwargs["parser_class"] = _AsyncRESP3Parser
+        pool = aioredis.ConnectionPool.from_url(self.url, **kwargs)
+        client = aioredis.Redis.from_pool(pool)
+        self.clients.append(client)
+        return client
+
+    def manager(
+        self,
+        client: aioredis.Redis | None,
+        *,
+        max_history: int = 100,
+        renderer: Any = None,
+        ttl_seconds: float | None = 3600,
+    ) -> ConversationManager:
+        return ConversationManager(
+            renderer,
+            max_history=max_history,
+            redis=client,
+            key_prefix=self.prefix,
+            ttl_seconds=ttl_seconds,
+        )
+
+    def room(self, label: str) -> str:
+        """A realistic room id (a Discord channel snowflake), unique in this run."""
+        self._serial += 1
+        return f"discord:{_SNOWFLAKE + self._serial}"
+
+    def keys(self, room_id: str) -> RoomKeys:
+        return KeySpace(self.prefix).room(room_id)
+
+    def raw_key(self, label: str) -> str:
+        self._serial += 1
+        return f"{self.prefix}:raw:{{{label}:{self._serial}}}"
+
+    async def close(self) -> None:
+        if not self.private and self.clients:
+            # A shared server: remove what this run wrote, nothing else.
+            cleaner = self.clients[0]
+            async for key in cleaner.scan_iter(match=f"{self.prefix}:*", count=1000):
+                await cleaner.unlink(key)
+        for client in self.clients:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        self.clients.clear()
+
+
+@contextlib.asynccontextmanager
+async def closing(manager: ConversationManager) -> AsyncIterator[ConversationManager]:
+    try:
+        yield manager
+    finally:
+        await manager.aclose(timeout=60)
+
+
+class NetMeter:
+    """Bytes the server read and wrote, from ``INFO stats``, minus INFO's own traffic."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self.overhead = (0, 0)
+
+    async def read(self) -> tuple[int, int]:
+        info: dict[str, Any] = await self.client.info("stats")
+        return int(info["total_net_input_bytes"]), int(info["total_net_output_bytes"])
+
+    async def calibrate(self) -> None:
+        ins: list[int] = []
+        outs: list[int] = []
+        previous = await self.read()
+        for _ in range(5):
+            current = await self.read()
+            ins.append(current[0] - previous[0])
+            outs.append(current[1] - previous[1])
+            previous = current
+        self.overhead = (min(ins), min(outs))
+
+    def delta(self, before: tuple[int, int], after: tuple[int, int]) -> tuple[int, int]:
+        return (
+            max(0, after[0] - before[0] - self.overhead[0]),
+            max(0, after[1] - before[1] - self.overhead[1]),
+        )
+
+
+class ServerClock:
+    """Server-side time per call of one command, from ``INFO commandstats`` deltas."""
+
+    def __init__(self, client: aioredis.Redis, command: str = "evalsha") -> None:
+        self.client = client
+        self.field = f"cmdstat_{command}"
+
+    async def read(self) -> tuple[int, float]:
+        info: dict[str, Any] = await self.client.info("commandstats")
+        stat = info.get(self.field) or {}
+        return int(stat.get("calls", 0)), float(stat.get("usec", 0))
+
+    @staticmethod
+    def per_call(before: tuple[int, float], after: tuple[int, float]) -> float:
+        calls = after[0] - before[0]
+        return (after[1] - before[1]) / calls if calls > 0 else 0.0
+
+
+# ------------------------------------------------------------------- payloads
+
+_WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "while",
+    "bots",
+    "read",
+    "every",
+    "message",
+    "in",
+    "the",
+    "room",
+    "and",
+    "reply",
+    "with",
+    "short",
+    "friendly",
+    "answers",
+    "about",
+    "images",
+    "files",
+    "and",
+    "links",
+]
+
+
+def text_of(message_id: str, size: int, rng: random.Random) -> str:
+    """A visible text with its marker, sized so the stored row is about ``size`` bytes."""
+    head = f"[Message ID: {message_id}] "
+    budget = max(0, size - len(row_of(message_id, "user", head)))
+    words: list[str] = []
+    length = 0
+    while length < budget:
+        word = rng.choice(_WORDS)
+        words.append(word)
+        length += len(word) + 1
+    return head + " ".join(words)[:budget].rstrip()
+
+
+def image_part(rng: random.Random) -> dict[str, Any]:
+    raw = rng.randbytes(IMAGE_BYTES * 3 // 4)
+    url = "data:image/png;base64," + base64.b64encode(raw).decode("ascii")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def row_of(message_id: str, role: str, content: str | list[Any]) -> bytes:
+    """The row the engine stores for such a turn (identity first, then role)."""
+    return orjson.dumps({"message_id": message_id, "role": role, "content": content})
+
+
+async def lrange_rows(
+    client: aioredis.Redis, key: str, start: int = 0, end: int = -1
+) -> list[bytes]:
+    """LRANGE on a client made with ``decode_responses=False`` (so: bytes)."""
+    rows: list[bytes] = await client.lrange(key, start, end)  # type: ignore[assignment]
+    return rows
+
+
+def decode_rows(rows: Sequence[bytes]) -> list[dict[str, Any]]:
+    """What a raw client does with LRANGE output: one ``orjson.loads`` per row."""
+    return [orjson.loads(row) for row in rows]
+
+
+async def fill(
+    manager: ConversationManager,
+    room_id: str,
+    count: int,
+    rng: random.Random,
+    *,
+    image_every: int = 0,
+    image: dict[str, Any] | None = None,
+    tag: str = "m",
+) -> list[str]:
+    """Append ``count`` turns (sync form, then drain); returns their message ids."""
+    ids: list[str] = []
+    for index in range(count):
+        message_id = f"{tag}{index}"
+        text = text_of(message_id, ENTRY_BYTES, rng)
+        content: str | list[Any] = text
+        if image_every and image is not None and index % image_every == image_every - 1:
+            content = [{"type": "text", "text": text}, image]
+        role = "user" if index % 2 == 0 else "assistant"
+        manager.append(room_id, role, content, message_id=message_id)
+        ids.append(message_id)
+        if index % 256 == 255:
+            await asyncio.sleep(0)
+    await manager.drain()
+    return ids
+
+
+# ----------------------------------------------------------------------- rows
+
+
+def progress(message: str) -> None:
+    print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+async def bench_append(bench: Bench) -> list[Row]:
+    """Row 1: 50 rooms appending at once, engine forms vs one raw pipeline per append."""
+    sizes = bench.sizes
+    rng = random.Random(1)
+    per_room = sizes.append_per_room
+    total = sizes.append_rooms * per_room
+    texts = [text_of(f"a{i}", ENTRY_BYTES, rng) for i in range(per_room)]
+
+    async def engine_run(manager: ConversationManager, rooms: list[str], form: str) -> float:
+        async def writer(room_id: str) -> None:
+            for index, text in enumerate(texts):
+                if form == "async":
+                    await manager.append_async(room_id, "user", text, message_id=f"a{index}")
+                else:
+                    manager.append(room_id, "user", text, message_id=f"a{index}")
+                    await asyncio.sleep(0)  # a message handler returns to the loop
+
+        start = time.perf_counter()
+        await asyncio.gather(*(writer(room_id) for room_id in rooms))
+        if form == "sync":
+            await manager.drain()
+        return total / (time.perf_counter() - start)
+
+    async def raw_run(client: aioredis.Redis, rooms: list[str]) -> float:
+        async def writer(room_id: str) -> None:
+            for index, text in enumerate(texts):
+                row = row_of(f"a{index}", "user", text)
+                pipe = client.pipeline(transaction=False)
+                pipe.rpush(room_id, row)
+                pipe.ltrim(room_id, -100, -1)
+                pipe.incr(room_id + ":v")
+                pipe.pexpire(room_id, 3_600_000)
+                await pipe.execute()
+
+        start = time.perf_counter()
+        await asyncio.gather(*(writer(room_id) for room_id in rooms))
+        return total / (time.perf_counter() - start)
+
+    results: dict[tuple[str, Parser], tuple[float, float, dict[str, Any]]] = {}
+    parsers: tuple[Parser, ...] = ("hiredis", "python")
+    for parser in parsers:
+        for form in ("async", "sync"):
+            progress(f"append {form} ({parser} parser)")
+            engine_client, raw_client = bench.client(parser), bench.client(parser)
+            manager = bench.manager(engine_client)
+            rooms = [bench.room("append") for _ in range(sizes.append_rooms)]
+            raw_rooms = [bench.raw_key("append") for _ in range(sizes.append_rooms)]
+            # Warm up: scripts loaded, connections open, rooms known.
+            await asyncio.gather(*(manager.append_async(r, "user", texts[0]) for r in rooms))
+            await asyncio.gather(*(raw_client.rpush(r, b"{}") for r in raw_rooms))
+            before = manager.stats()
+            clock = ServerClock(raw_client)
+            clock_before = await clock.read()
+            engine_values, raw_values = await paired(
+                sizes.repeats,
+                functools.partial(engine_run, manager, rooms, form),
+                functools.partial(raw_run, raw_client, raw_rooms),
+            )
+            after = manager.stats()
+            server_us = ServerClock.per_call(clock_before, await clock.read())
+            appended = after["appends"] - before["appends"]
+            details = {
+                "server_us_per_script_call": server_us,
+                "engine_runs": engine_values,
+                "baseline_runs": raw_values,
+                "round_trips_per_append": (after["round_trips"] - before["round_trips"])
+                / max(1, appended),
+                "persists_per_append": (after["persists"] - before["persists"]) / max(1, appended),
+                "appends_per_run": total,
+            }
+            results[(form, parser)] = (median(engine_values), median(raw_values), details)
+            await manager.aclose()
+
+    rows = []
+    cases: tuple[tuple[str, Parser, str], ...] = (
+        ("async", "hiredis", "append_async"),
+        ("sync", "hiredis", "append_sync"),
+        ("async", "python", "append_async_py"),
+        ("sync", "python", "append_sync_py"),
+    )
+    for form, parser, key in cases:
+        engine, raw, details = results[(form, parser)]
+        details["floor_1x_met"] = engine >= raw
+        title = f"append{'_async' if form == 'async' else ''} x{sizes.append_rooms} rooms"
+        title += " (hiredis)" if parser == "hiredis" else " (pure-Python parser)"
+        rows.append(ratio_row(key, title, "appends/s", engine, raw, at_least=2.0, details=details))
+    hi = results[("async", "hiredis")][0]
+    py = results[("async", "python")][0]
+    rows.append(
+        ratio_row(
+            "append_hiredis_gain",
+            "append_async: engine with hiredis vs without",
+            "appends/s",
+            hi,
+            py,
+            details={
+                "sync_with": results[("sync", "hiredis")][0],
+                "sync_without": results[("sync", "python")][0],
+                "raw_with": results[("async", "hiredis")][1],
+                "raw_without": results[("async", "python")][1],
+            },
+        )
+    )
+    return rows
+
+
+async def load_renderer(template: str) -> Any:
+    """The other helper's ``PromptRenderer``, or None while it does not exist yet."""
+    try:
+        from ._renderer import PromptRenderer  # noqa: PLC0415  (optional at this stage)
+    except ImportError:
+        return None
+    return PromptRenderer(template=template)
+
+
+ROOM_CONTEXT: dict[str, Any] = {
+    "bot_name": "Sage",
+    "persona": "A patient, precise assistant who likes short answers.",
+    "instructions": "Keep replies under 120 words unless asked for detail.",
+    "platform": "discord",
+    "room_name": "general",
+    "participants": [f"user{i}" for i in range(25)],
+    "sender": "user3",
+    "timezone": "Europe/Paris",
+    "now": "2024-03-05T13:03:00+00:00",
+    "tools": [
+        {"name": "search", "description": "Search the web."},
+        {"type": "function", "function": {"name": "lookup", "description": "Find a user."}},
+    ],
+    "summary": "Earlier, the group planned a trip and shared photos.",
+    "max_summary_words": 300,
+}
+
+
+async def bench_warm_read(bench: Bench) -> list[Row]:
+    """Row 2: ``get_messages_async`` of a window of 100 that nothing changed."""
+    progress("warm read")
+    sizes, rng = bench.sizes, random.Random(2)
+    client, raw = bench.client(), bench.client()
+    calls = sizes.warm_calls
+    renderer = await load_renderer("inference")
+    rows: list[Row] = []
+
+    plain = bench.manager(client)
+    async with closing(plain):
+        room_id = bench.room("warm")
+        await fill(plain, room_id, 100, rng)
+        await plain.get_messages_async(room_id)
+        window_key = bench.keys(room_id).window
+
+        async def engine() -> float:
+            start = time.perf_counter()
+            for _ in range(calls):
+                await plain.get_messages_async(room_id)
+            return (time.perf_counter() - start) / calls * 1e6
+
+        async def lrange() -> float:
+            start = time.perf_counter()
+            for _ in range(calls):
+                decode_rows(await lrange_rows(raw, window_key))
+            return (time.perf_counter() - start) / calls * 1e6
+
+        before = plain.stats()["round_trips"]
+        clock = ServerClock(raw)
+        clock_before = await clock.read()
+        engine_values, raw_values = await paired(sizes.repeats, engine, lrange)
+        server_us = ServerClock.per_call(clock_before, await clock.read())
+        trips = (plain.stats()["round_trips"] - before) / (calls * sizes.repeats)
+        rows.append(
+            ratio_row(
+                "warm_read_vs_lrange",
+                "warm get_messages_async (100) vs LRANGE+decode",
+                "us",
+                median(engine_values),
+                median(raw_values),
+                at_most=0.35,
+                details={
+                    "engine_runs": engine_values,
+                    "baseline_runs": raw_values,
+                    "server_us_per_sync": server_us,
+                },
+            )
+        )
+        rows.append(
+            value_row(
+                "warm_read_round_trips",
+                "warm get_messages_async: round trips per call",
+                "round trips",
+                trips,
+                1.0,
+                at_most=1.0,
+            )
+        )
+
+    if renderer is None:
+        rows.append(_skipped("warm_read_vs_get_render", "conversation._renderer is missing"))
+        return rows
+    rendering = bench.manager(client, renderer=renderer)
+    async with closing(rendering):
+        room_id = bench.room("warm")
+        await fill(rendering, room_id, 100, rng)
+        await rendering.get_messages_async(room_id, ROOM_CONTEXT)
+        version_key = bench.keys(room_id).meta
+
+        async def engine_render() -> float:
+            start = time.perf_counter()
+            for _ in range(calls):
+                await rendering.get_messages_async(room_id, ROOM_CONTEXT)
+            return (time.perf_counter() - start) / calls * 1e6
+
+        async def get_render() -> float:
+            start = time.perf_counter()
+            for _ in range(calls):
+                await raw.get(version_key + ":none")
+                renderer.render({"room_id": room_id, **ROOM_CONTEXT})
+            return (time.perf_counter() - start) / calls * 1e6
+
+        engine_values, raw_values = await paired(sizes.repeats, engine_render, get_render)
+        rows.append(
+            ratio_row(
+                "warm_read_vs_get_render",
+                "warm get_messages_async + render vs GET + render",
+                "us",
+                median(engine_values),
+                median(raw_values),
+                at_most=1.3,
+                details={"engine_runs": engine_values, "baseline_runs": raw_values},
+            )
+        )
+    return rows
+
+
+_LSET_SCRIPT = "redis.call('LSET', KEYS[1], tonumber(ARGV[1]), ARGV[2])\nreturn 1"
+
+
+async def bench_edit(bench: Bench) -> list[Row]:
+    """Row 3: edits in the middle of full windows: latency, bytes, vs a full rewrite."""
+    raw = bench.client()
+    lset_sha = await raw.script_load(_LSET_SCRIPT)
+    rows: list[Row] = []
+    rewrite_rows: list[Row] = []
+    for size in bench.sizes.edit_windows:
+        edit_rows, rewrite_row = await _edit_window(bench, raw, lset_sha, size)
+        rows.extend(edit_rows)
+        rewrite_rows.append(rewrite_row)
+    return rows + rewrite_rows
+
+
+async def _edit_window(
+    bench: Bench, raw: aioredis.Redis, lset_sha: str, size: int
+) -> tuple[list[Row], Row]:
+    sizes, rng = bench.sizes, random.Random(3 + size)
+    meter, clock = NetMeter(raw), ServerClock(raw)
+    calls = sizes.edit_calls
+    rows: list[Row] = []
+    manager = bench.manager(bench.client(), max_history=size)
+    async with closing(manager):
+        room_id = bench.room("edit")
+        ids = await fill(manager, room_id, size, rng)
+        target = ids[size // 2]
+        edits = [text_of(target, ENTRY_BYTES, rng) for _ in range(8)]
+        # The raw copy of the same window, for EVALSHA and the full rewrite.
+        raw_key = bench.raw_key("edit")
+        window_rows = await lrange_rows(raw, bench.keys(room_id).window)
+        await raw.rpush(raw_key, *window_rows)
+        entry_rows = [row_of(target, "user", text) for text in edits]
+        evalsha = functools.partial(
+            _time_evalsha, raw, lset_sha, raw_key, size // 2, entry_rows, calls
+        )
+        for op in ("update", "reactions"):
+            progress(f"edit {op} in a window of {size}")
+            engine = functools.partial(_time_edits, manager, room_id, target, edits, op, calls)
+            engine_values, raw_values = await paired(sizes.repeats, engine, evalsha)
+            rows.append(
+                ratio_row(
+                    f"edit_{op}_{size}",
+                    f"{_op_name(op)} in window {size} vs raw EVALSHA",
+                    "us",
+                    median(engine_values),
+                    median(raw_values),
+                    at_most=1.5,
+                    details={"engine_runs": engine_values, "baseline_runs": raw_values},
+                )
+            )
+            # Bytes: the server's input during a batch of edits, per edit.
+            await meter.calibrate()
+            stats_before = manager.stats()
+            clock_before = await clock.read()
+            before = await meter.read()
+            await engine()
+            sent, received = meter.delta(before, await meter.read())
+            server_us = ServerClock.per_call(clock_before, await clock.read())
+            stats_after = manager.stats()
+            stored = await raw.lindex(bench.keys(room_id).window, size // 2)
+            entry_size = len(stored) if stored else median([len(row) for row in entry_rows])
+            rows.append(
+                ratio_row(
+                    f"edit_{op}_{size}_bytes",
+                    f"{_op_name(op)} in window {size}: bytes sent vs entry size",
+                    "bytes",
+                    sent / calls,
+                    entry_size,
+                    at_most=2.0,
+                    details={
+                        "server_us_per_edit": server_us,
+                        "bytes_received_per_edit": received / calls,
+                        "round_trips_per_edit": (
+                            stats_after["round_trips"] - stats_before["round_trips"]
+                        )
+                        / calls,
+                        "conflicts": stats_after["conflicts"] - stats_before["conflicts"],
+                    },
+                )
+            )
+
+        # The naive engine: rewrite the whole window (DEL + RPUSH) for one edit.
+        progress(f"full rewrite of a window of {size}")
+        engine = functools.partial(_time_edits, manager, room_id, target, edits, "update", calls)
+        rewrite = functools.partial(_time_rewrite, raw, raw_key, window_rows, max(3, calls // 10))
+        engine_values, raw_values = await paired(sizes.repeats, engine, rewrite)
+        before = await meter.read()
+        await _time_rewrite(raw, raw_key, window_rows, 1)
+        rewrite_bytes = meter.delta(before, await meter.read())[0]
+    edit_bytes = next(r for r in rows if r.key == f"edit_update_{size}_bytes").engine or 0.0
+    rewrite_row = ratio_row(
+        f"edit_vs_rewrite_{size}",
+        f"update_message_async in window {size} vs full rewrite",
+        "us",
+        median(engine_values),
+        median(raw_values),
+        details={
+            "rewrite_bytes_sent": rewrite_bytes,
+            "edit_bytes_sent": edit_bytes,
+            "bytes_ratio": edit_bytes / max(1, rewrite_bytes),
+        },
+    )
+    return rows, rewrite_row
+
+
+async def _time_edits(
+    manager: ConversationManager,
+    room_id: str,
+    target: str,
+    edits: Sequence[str],
+    op: str,
+    calls: int,
+) -> float:
+    start = time.perf_counter()
+    for index in range(calls):
+        if op == "update":
+            await manager.update_message_async(room_id, target, edits[index % len(edits)])
+        else:
+            summary = f"👍 {index % 50 + 1}, 😂 {index % 7}"
+            await manager.patch_reactions_async(room_id, target, summary)
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+async def _time_evalsha(
+    raw: aioredis.Redis,
+    sha: str,
+    key: str,
+    index: int,
+    rows: Sequence[bytes],
+    calls: int,
+) -> float:
+    start = time.perf_counter()
+    for number in range(calls):
+        await raw.evalsha(sha, 1, key, index, rows[number % len(rows)])
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+async def _time_rewrite(
+    raw: aioredis.Redis, key: str, window_rows: Sequence[bytes], count: int
+) -> float:
+    start = time.perf_counter()
+    for _ in range(count):
+        pipe = raw.pipeline(transaction=False)
+        pipe.delete(key)
+        pipe.rpush(key, *window_rows)
+        await pipe.execute()
+    return (time.perf_counter() - start) / count * 1e6
+
+
+def _op_name(op: str) -> str:
+    return "update_message_async" if op == "update" else "patch_reactions_async"
+
+
+async def bench_catchup(bench: Bench) -> list[Row]:
+    """Row 4: worker B catches up after worker A appended k rows to a window of 1000."""
+    sizes, rng = bench.sizes, random.Random(4)
+    size = sizes.catchup_window
+    client_a, client_b, raw = bench.client(), bench.client(), bench.client()
+    meter, clock = NetMeter(raw), ServerClock(raw)
+    rows: list[Row] = []
+    worker_a = bench.manager(client_a, max_history=size)
+    worker_b = bench.manager(client_b, max_history=size)
+    async with closing(worker_a), closing(worker_b):
+        room_id = bench.room("catchup")
+        keys = bench.keys(room_id)
+        await fill(worker_a, room_id, size, rng)
+        await worker_b.ensure_fresh_from_redis(room_id)
+        await meter.calibrate()
+        serial = 0
+        for k in (1, 10):
+            progress(f"catch-up after {k} appended row(s)")
+
+            async def append_k(k: int = k) -> int:
+                nonlocal serial
+                total = 0
+                for _ in range(k):
+                    serial += 1
+                    message_id = f"c{serial}"
+                    text = text_of(message_id, ENTRY_BYTES, rng)
+                    total += len(row_of(message_id, "user", text))
+                    worker_a.append(room_id, "user", text, message_id=message_id)
+                await worker_a.drain()
+                return total
+
+            engine_bytes: list[float] = []
+            entry_bytes: list[float] = []
+            trips: list[float] = []
+            engine_times: list[float] = []
+            raw_times: list[float] = []
+            raw_bytes: list[float] = []
+            server_us: list[float] = []
+            for sample in range(sizes.catchup_samples):
+                appended = await append_k()
+                stats_before = worker_b.stats()
+                clock_before = await clock.read()
+                before = await meter.read()
+                start = time.perf_counter()
+                await worker_b.ensure_fresh_from_redis(room_id)
+                engine_times.append((time.perf_counter() - start) * 1e6)
+                received = meter.delta(before, await meter.read())[1]
+                server_us.append(ServerClock.per_call(clock_before, await clock.read()))
+                trips.append(worker_b.stats()["round_trips"] - stats_before["round_trips"])
+                engine_bytes.append(received)
+                entry_bytes.append(appended)
+                # The raw reader that knows it is k behind: version + last k rows.
+                before = await meter.read()
+                start = time.perf_counter()
+                pipe = raw.pipeline(transaction=False)
+                pipe.hget(keys.meta, "version")
+                pipe.lrange(keys.window, -k, -1)
+                _version, tail = await pipe.execute()
+                decode_rows(tail)
+                raw_times.append((time.perf_counter() - start) * 1e6)
+                raw_bytes.append(meter.delta(before, await meter.read())[1])
+                if sample == 0 and len(worker_b.get_messages(room_id)) != size:
+                    raise AssertionError("catch-up left worker B with a wrong window")
+            rows.append(
+                ratio_row(
+                    f"catchup_{k}_bytes",
+                    f"catch-up after {k} append(s) to 1000: bytes received vs rows",
+                    "bytes",
+                    median(engine_bytes),
+                    median(entry_bytes),
+                    at_most=2.0,
+                    details={"raw_tail_read_bytes": median(raw_bytes)},
+                )
+            )
+            rows.append(
+                value_row(
+                    f"catchup_{k}_round_trips",
+                    f"catch-up after {k} append(s): round trips",
+                    "round trips",
+                    max(trips),
+                    1.0,
+                    at_most=1.0,
+                )
+            )
+            rows.append(
+                ratio_row(
+                    f"catchup_{k}_latency",
+                    f"catch-up after {k} append(s) vs raw HGET+LRANGE -k",
+                    "us",
+                    median(engine_times),
+                    median(raw_times),
+                    details={"server_us_per_sync": median(server_us)},
+                )
+            )
+    return rows
+
+
+async def bench_cold_hydrate(bench: Bench) -> list[Row]:
+    """Row 5: a new worker's first read of a 1000-row window."""
+    progress("cold hydrate")
+    sizes, rng = bench.sizes, random.Random(5)
+    size = sizes.hydrate_window
+    client, raw = bench.client(), bench.client()
+    writer = bench.manager(client, max_history=size)
+    async with closing(writer):
+        room_id = bench.room("hydrate")
+        await fill(writer, room_id, size, rng)
+    window_key = bench.keys(room_id).window
+    trips: list[int] = []
+    clock = ServerClock(raw)
+    server_us: list[float] = []
+
+    async def engine() -> float:
+        values = []
+        for _ in range(sizes.hydrate_samples):
+            manager = bench.manager(client, max_history=size)
+            clock_before = await clock.read()
+            start = time.perf_counter()
+            messages = await manager.get_messages_async(room_id)
+            values.append((time.perf_counter() - start) * 1e6)
+            server_us.append(ServerClock.per_call(clock_before, await clock.read()))
+            trips.append(manager.stats()["round_trips"])
+            if len(messages) != size:
+                raise AssertionError(f"hydrated {len(messages)} rows, expected {size}")
+            await manager.aclose()
+        return median(values)
+
+    async def lrange() -> float:
+        values = []
+        for _ in range(sizes.hydrate_samples):
+            start = time.perf_counter()
+            decode_rows(await lrange_rows(raw, window_key))
+            values.append((time.perf_counter() - start) * 1e6)
+        return median(values)
+
+    engine_values, raw_values = await paired(sizes.repeats, engine, lrange)
+    # The same first read through a pure-Python reply parser: a big reply is
+    # where hiredis pays (appends get tiny replies, see append_hiredis_gain).
+    py_client = bench.client("python")
+    py_values = []
+    for _ in range(sizes.hydrate_samples):
+        manager = bench.manager(py_client, max_history=size)
+        start = time.perf_counter()
+        await manager.get_messages_async(room_id)
+        py_values.append((time.perf_counter() - start) * 1e6)
+        await manager.aclose()
+    return [
+        ratio_row(
+            "cold_hydrate_1000",
+            f"cold get_messages_async ({size}) vs LRANGE+decode",
+            "us",
+            median(engine_values),
+            median(raw_values),
+            details={
+                "round_trips": max(trips),
+                "engine_runs": engine_values,
+                "server_us_snapshot_script": median(server_us),
+                "engine_us_without_hiredis": median(py_values),
+            },
+        )
+    ]
+
+
+async def bench_get_messages(bench: Bench) -> list[Row]:
+    """Row 6: handing out a big in-memory window vs ``copy.deepcopy`` of it."""
+    progress("in-memory get_messages vs deepcopy")
+    sizes, rng = bench.sizes, random.Random(6)
+    manager = bench.manager(None, max_history=sizes.copy_window, ttl_seconds=None)
+    room_id = bench.room("copy")
+    image = image_part(rng)
+    await fill(
+        manager, room_id, sizes.copy_window, rng, image_every=sizes.copy_image_every, image=image
+    )
+    window = manager.get_messages(room_id)
+    calls = sizes.copy_calls
+
+    async def engine() -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            manager.get_messages(room_id)
+        return (time.perf_counter() - start) / calls * 1e3
+
+    async def deepcopy() -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            copy.deepcopy(window)
+        return (time.perf_counter() - start) / calls * 1e3
+
+    engine_values, raw_values = await paired(sizes.repeats, engine, deepcopy)
+    window_bytes = sum(len(orjson.dumps(message)) for message in window)
+    await manager.aclose()
+    return [
+        ratio_row(
+            "get_messages_vs_deepcopy",
+            f"get_messages ({sizes.copy_window}, 1 in {sizes.copy_image_every} with"
+            " a 100 KB image) vs deepcopy",
+            "ms",
+            median(engine_values),
+            median(raw_values),
+            at_most=0.2,
+            details={
+                "window_bytes": window_bytes,
+                "speedup": median(raw_values) / median(engine_values),
+            },
+        )
+    ]
+
+
+class LagMonitor:
+    """Measures how late a 1 ms timer fires: the time the loop was blocked."""
+
+    def __init__(self, interval: float = 0.001) -> None:
+        self.interval = interval
+        self.lags: list[float] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            start = time.perf_counter()
+            await asyncio.sleep(self.interval)
+            self.lags.append(max(0.0, time.perf_counter() - start - self.interval) * 1e3)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    kind: str  # append, append_image, react, edit, delete, read, sync
+    room: int
+    serial: int
+    depth: int  # an edit aims at the room's depth-th newest message, resolved when it runs
+
+
+def _stall_plan(sizes: Sizes, seed: int) -> list[list[_Step]]:
+    """The same deterministic mix for engine and baseline, split among workers."""
+    rng = random.Random(seed)
+    kinds = (
+        ["append"] * 44
+        + ["append_image"] * 1
+        + ["react"] * 25
+        + ["edit"] * 10
+        + ["delete"] * 5
+        + ["read"] * 5
+        + ["sync"] * 10
+    )
+    steps = []
+    for serial in range(sizes.stall_ops):
+        kind = rng.choice(kinds)
+        room = rng.randrange(sizes.stall_rooms)
+        steps.append(_Step(kind, room, serial, rng.randrange(150)))
+    return [steps[i :: sizes.stall_workers] for i in range(sizes.stall_workers)]
+
+
+def _stall_id(serial: int) -> str:
+    return f"m{serial + 10**6}"
+
+
+async def bench_loop_lag(bench: Bench) -> list[Row]:
+    """Row 7: loop lag while mixed operations run on windows of 1000 with images."""
+    sizes, rng = bench.sizes, random.Random(7)
+    image = image_part(rng)
+    plan = _stall_plan(sizes, 70)
+    texts = [text_of(f"t{i}", ENTRY_BYTES, rng) for i in range(64)]
+    client, raw = bench.client(), bench.client()
+
+    progress(f"loop lag: filling {sizes.stall_rooms} windows of {sizes.stall_window}")
+    manager = bench.manager(client, max_history=sizes.stall_window)
+    rooms = [bench.room("stall") for _ in range(sizes.stall_rooms)]
+    raw_keys = [bench.raw_key("stall") for _ in range(sizes.stall_rooms)]
+    for index, room_id in enumerate(rooms):
+        await fill(
+            manager, room_id, sizes.stall_window, rng,
+            image_every=sizes.stall_image_every, image=image, tag="m",
+        )  # fmt: skip
+        window_rows = await lrange_rows(raw, bench.keys(room_id).window)
+        for start in range(0, len(window_rows), 100):
+            await raw.rpush(raw_keys[index], *window_rows[start : start + 100])
+
+    def content(step: _Step) -> str | list[Any]:
+        text = f"[Message ID: {_stall_id(step.serial)}] " + texts[step.serial % len(texts)]
+        return [{"type": "text", "text": text}, image] if step.kind == "append_image" else text
+
+    misses = 0
+    # The ids each room holds, newest last, as the steps really ran (workers drift
+    # apart in plan order, so targets are picked when an edit runs, not planned).
+    live = [[f"m{i}" for i in range(sizes.stall_window)] for _ in range(sizes.stall_rooms)]
+
+    async def engine_step(step: _Step) -> None:
+        nonlocal misses
+        room_id = rooms[step.room]
+        target = live[step.room][-1 - step.depth]
+        if step.kind in ("append", "append_image"):
+            mid = _stall_id(step.serial)
+            live[step.room].append(mid)
+            if step.serial % 2:
+                manager.append(room_id, "user", content(step), message_id=mid)
+            else:
+                await manager.append_async(room_id, "user", content(step), message_id=mid)
+        elif step.kind == "react":
+            summary = f"👍 {step.serial % 9 + 1}"
+            misses += not await manager.patch_reactions_async(room_id, target, summary)
+        elif step.kind == "edit":
+            text = texts[step.serial % len(texts)]
+            misses += not await manager.update_message_async(room_id, target, text)
+        elif step.kind == "delete":
+            when = "2024-03-05T14:03:00+00:00"
+            misses += not await manager.mark_deleted_async(room_id, target, when)
+        elif step.kind == "read":
+            await manager.get_messages_async(room_id)
+        else:
+            await manager.ensure_fresh_from_redis(room_id)
+
+    async def raw_step(step: _Step) -> None:
+        key = raw_keys[step.room]
+        if step.kind in ("append", "append_image"):
+            pipe = raw.pipeline(transaction=False)
+            pipe.rpush(key, row_of(f"m{step.serial}", "user", content(step)))
+            pipe.ltrim(key, -sizes.stall_window, -1)
+            pipe.incr(key + ":v")
+            pipe.pexpire(key, 3_600_000)
+            await pipe.execute()
+        elif step.kind in ("react", "edit", "delete"):
+            index = -1 - step.depth
+            row = await raw.lindex(key, index)
+            if row is None:
+                return
+            entry = orjson.loads(row)
+            entry["content"] = texts[step.serial % len(texts)]
+            pipe = raw.pipeline(transaction=False)
+            pipe.lset(key, index, orjson.dumps(entry))  # type: ignore[arg-type]
+            pipe.incr(key + ":v")
+            await pipe.execute()
+        elif step.kind == "read":
+            decode_rows(await lrange_rows(raw, key))
+        else:
+            await raw.get(key + ":v")
+
+    async def run(step_fn: Callable[[_Step], Awaitable[None]]) -> tuple[list[float], float]:
+        gc.collect()
+        monitor = LagMonitor()
+        monitor.start()
+        await asyncio.sleep(0.005)
+
+        async def worker(steps: list[_Step]) -> None:
+            for step in steps:
+                await step_fn(step)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(steps) for steps in plan))
+        if step_fn is engine_step:
+            await manager.drain()
+        elapsed = time.perf_counter() - start
+        await monitor.stop()
+        return monitor.lags, elapsed
+
+    # The noise floor: the same monitor on an idle loop (a shared machine
+    # preempts this process now and then; that shows up as lag too).
+    idle = LagMonitor()
+    idle.start()
+    await asyncio.sleep(1.0 if sizes.stall_ops >= 5000 else 0.2)
+    await idle.stop()
+
+    progress(f"loop lag: {sizes.stall_ops} mixed operations, engine")
+    stats_before = manager.stats()
+    engine_lags, engine_elapsed = await run(engine_step)
+    stats_after = manager.stats()
+    progress(f"loop lag: {sizes.stall_ops} mixed operations, raw baseline")
+    raw_lags, raw_elapsed = await run(raw_step)
+    await manager.aclose()
+    details = {
+        "ops": sizes.stall_ops,
+        "engine_ops_per_s": sizes.stall_ops / engine_elapsed,
+        "baseline_ops_per_s": sizes.stall_ops / raw_elapsed,
+        "idle_p99_ms": percentile(idle.lags, 0.99),
+        "idle_max_ms": max(idle.lags, default=0.0),
+        "workers": sizes.stall_workers,
+        "engine_p50_ms": percentile(engine_lags, 0.5),
+        "baseline_p50_ms": percentile(raw_lags, 0.5),
+        "samples": len(engine_lags),
+        "conflicts": stats_after["conflicts"] - stats_before["conflicts"],
+        "round_trips": stats_after["round_trips"] - stats_before["round_trips"],
+        "edits_that_missed": misses,
+    }
+    return [
+        value_row(
+            "loop_lag_p99",
+            f"loop lag p99 during {sizes.stall_ops} mixed ops (raw: same mix)",
+            "ms",
+            percentile(engine_lags, 0.99),
+            percentile(raw_lags, 0.99),
+            below=2.0,
+            details=details,
+        ),
+        value_row(
+            "loop_lag_max",
+            "loop lag max during the same run",
+            "ms",
+            max(engine_lags, default=0.0),
+            max(raw_lags, default=0.0),
+            below=10.0,
+        ),
+    ]
+
+
+async def bench_memory(bench: Bench) -> list[Row]:
+    """Row 8: bytes held per cached entry (synced + view) vs its serialised size."""
+    progress("memory per cached entry")
+    sizes, rng = bench.sizes, random.Random(8)
+    client = bench.client()
+    manager = bench.manager(client, max_history=sizes.memory_per_room + 1)
+    rooms = [bench.room("memory") for _ in range(sizes.memory_rooms)]
+    # Every room exists (one entry, persisted) before the first measurement.
+    for room_id in rooms:
+        manager.append(room_id, "user", text_of("warm", ENTRY_BYTES, rng), message_id="warm")
+    await manager.drain()
+    count = sizes.memory_rooms * sizes.memory_per_room
+    texts = [text_of(f"x{i}", ENTRY_BYTES, rng) for i in range(count)]
+    serialised = sum(len(row_of(f"x{i}", "user", text)) for i, text in enumerate(texts))
+    tracemalloc.start()
+    gc.collect()
+    traced_before = tracemalloc.get_traced_memory()[0]
+    for index, text in enumerate(texts):
+        room_id = rooms[index % len(rooms)]
+        manager.append(room_id, "user", text, message_id=f"x{index}")
+        if index % 500 == 499:
+            await asyncio.sleep(0)
+    await manager.drain()
+    await asyncio.sleep(0)
+    gc.collect()
+    traced_after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    held = sum(manager.get_history_message_count(room_id) for room_id in rooms)
+    if held != count + len(rooms):
+        raise AssertionError(f"memory row holds {held} entries, expected {count + len(rooms)}")
+    await manager.aclose()
+    per_entry = (traced_after - traced_before) / count
+    return [
+        ratio_row(
+            "memory_per_entry",
+            "memory per cached entry (tracemalloc) vs serialised size",
+            "bytes",
+            per_entry,
+            serialised / count,
+            at_most=1.5,
+            details={
+                "entries": count,
+                "note": "synced mirror + view of a persisted room",
+            },
+        )
+    ]
+
+
+async def bench_render(bench: Bench) -> list[Row]:
+    """Row 9: each packaged template, warm, vs plain (unsandboxed) Jinja."""
+    rows: list[Row] = []
+    calls = bench.sizes.render_calls
+    for template in TEMPLATES:
+        key = f"render_{template}"
+        renderer = await load_renderer(template)
+        if renderer is None:
+            rows.append(_skipped(key, "conversation._renderer is missing"))
+            continue
+        progress(f"render {template}")
+        context = {"room_id": "discord:1234", **ROOM_CONTEXT}
+        plain = _plain_jinja(template)
+        renderer.render(context)
+
+        async def engine(renderer: Any = renderer, context: dict[str, Any] = context) -> float:
+            start = time.perf_counter()
+            for _ in range(calls):
+                renderer.render(context)
+            return (time.perf_counter() - start) / calls * 1e6
+
+        async def baseline(
+            plain: Callable[[dict[str, Any]], str] | None = plain,
+            context: dict[str, Any] = context,
+        ) -> float:
+            if plain is None:
+                return 0.0
+            start = time.perf_counter()
+            for _ in range(calls):
+                plain(context)
+            return (time.perf_counter() - start) / calls * 1e6
+
+        engine_values, raw_values = await paired(bench.sizes.repeats, engine, baseline)
+        rows.append(
+            ratio_row(
+                key,
+                f"render {template}.j2 (warm) vs plain Jinja",
+                "us",
+                median(engine_values),
+                median(raw_values),
+                details={"prompt_chars": len(renderer.render(context))},
+            )
+        )
+    return rows
+
+
+def _plain_jinja(template: str) -> Callable[[dict[str, Any]], str] | None:
+    """The same template in a plain ``jinja2.Environment``: what sandboxing costs."""
+    try:
+        import jinja2  # noqa: PLC0415
+
+        from . import _renderer  # noqa: PLC0415
+        from ._resources import data_dir  # noqa: PLC0415
+
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(data_dir("prompt_templates")),
+            autoescape=False,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        env.globals["now_in"] = _renderer.now_in
+        env.filters["describe_time"] = _renderer.describe_time
+        compiled = env.get_template(f"{template}.j2")
+        compiled.render({})
+    except Exception as exc:  # the renderer module is another helper's moving target
+        logger.warning("no plain-Jinja baseline for %s: %r", template, exc)
+        return None
+    return compiled.render
+
+
+def _skipped(key: str, reason: str) -> Row:
+    return Row(key, key, "", None, None, "n/a", None, skipped=reason)
+
+
+# ---------------------------------------------------------------------- output
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "appends/s":
+        return f"{value:,.0f}/s"
+    if unit == "us":
+        return f"{value:,.1f} us"
+    if unit == "ms":
+        return f"{value:,.3f} ms"
+    if unit == "bytes":
+        return f"{value:,.0f} B"
+    if unit == "round trips":
+        return f"{value:.2f} rt"
+    return f"{value:,.3g}"
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    header = ("row", "engine", "baseline", "ratio", "target", "result")
+    lines = [header]
+    for row in rows:
+        ratio = row.ratio
+        result = {True: "PASS", False: "MISS", None: "info"}[row.passed]
+        if row.skipped:
+            result = f"skipped: {row.skipped}"
+        lines.append(
+            (
+                row.key,
+                _fmt(row.engine, row.unit),
+                _fmt(row.baseline, row.unit),
+                "-" if ratio is None else f"{ratio:.2f}x",
+                row.target,
+                result,
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for index, line in enumerate(lines):
+        out.append("| " + " | ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)) + " |")
+        if index == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def _meta(args: argparse.Namespace, server_version: str, elapsed: float) -> dict[str, Any]:
+    from redis.utils import HIREDIS_AVAILABLE  # noqa: PLC0415
+
+    hiredis_version = None
+    if HIREDIS_AVAILABLE:
+        import hiredis  # noqa: PLC0415
+
+        hiredis_version = getattr(hiredis, "__version__", "?")
+    return {
+        "command": "python -m conversation bench " + " ".join(args.raw_argv),
+        "quick": args.quick,
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "redis_server": server_version,
+        "redis_py": redis.__version__,
+        "hiredis": hiredis_version,
+        "orjson": orjson.__version__,
+        "private_server": args.redis_url is None,
+        "elapsed_s": round(elapsed, 2),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+SECTIONS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
+    "append": bench_append,
+    "warm": bench_warm_read,
+    "edit": bench_edit,
+    "catchup": bench_catchup,
+    "hydrate": bench_cold_hydrate,
+    "copy": bench_get_messages,
+    "lag": bench_loop_lag,
+    "memory": bench_memory,
+    "render": bench_render,
+}
+
+
+async def run(url: str, sizes: Sizes, private: bool, only: Sequence[str]) -> list[Row]:
+    bench = Bench(url, sizes, private)
+    rows: list[Row] = []
+    try:
+        for number, (name, section) in enumerate(SECTIONS.items(), start=1):
+            if only and name not in only:
+                continue
+            print(f"[{number}/{len(SECTIONS)}] {name}", file=sys.stderr, flush=True)
+            rows.extend(await section(bench))
+    finally:
+        await bench.close()
+    order = {key: index for index, key in enumerate(ROW_KEYS)}
+    return sorted(rows, key=lambda row: order.get(row.key, len(order)))
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m conversation bench",
+        description="Benchmark the engine against raw redis.asyncio, side by side.",
+    )
+    parser.add_argument("--quick", action="store_true", help="a small smoke run (< 20 s)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="use this server instead of a private redis-server (bytes rows assume "
+        "nobody else uses it; only keys under a random bench prefix are written)",
+    )
+    parser.add_argument("--repeats", type=int, help="repeats per row (median is reported)")
+    parser.add_argument(
+        "--only",
+        default="",
+        help=f"comma-separated sections to run: {','.join(SECTIONS)}",
+    )
+    args = parser.parse_args(argv)
+    args.raw_argv = list(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    sizes = QUICK if args.quick else FULL
+    if args.repeats:
+        sizes = Sizes(
+            **{**{f: getattr(sizes, f) for f in Sizes.__slots__}, "repeats": args.repeats}
+        )
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in only if name not in SECTIONS]
+    if unknown:
+        print(f"unknown section(s): {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    server: PrivateRedis | None = None
+    try:
+        if args.redis_url:
+            url = args.redis_url
+            with redis.Redis.from_url(url) as probe:
+                info: dict[str, Any] = probe.info("server")
+                server_version = str(info.get("redis_version", "?"))
+        else:
+            server = PrivateRedis().start()
+            url, server_version = server.url, server.version()
+        print(f"bench on {url} (redis {server_version}, {os.cpu_count()} cores)", file=sys.stderr)
+        rows = asyncio.run(run(url, sizes, server is not None, only))
+    except (RuntimeError, redis.RedisError, OSError) as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if server is not None:
+            server.stop()
+    elapsed = time.perf_counter() - started
+    print(format_table(rows))
+    meta = _meta(args, server_version, elapsed)
+    missed = [row.key for row in rows if row.passed is False]
+    print(
+        f"\n{sum(r.passed is True for r in rows)} passed, {len(missed)} missed, "
+        f"{sum(r.passed is None for r in rows)} reported; {meta['cpu_count']} cores; "
+        f"{elapsed:.1f} s"
+    )
+    if args.json:
+        document = {"meta": meta, "rows": [row.as_json() for row in rows]}
+        Path(args.json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

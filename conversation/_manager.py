@@ -127,6 +127,9 @@ class _Room:
     pending: deque[Op] = field(default_factory=deque)
     inflight: _Batch | None = None
     task: asyncio.Task[None] | None = None
+    # The op an awaiting caller is persisting in its own task (see _persist_inline);
+    # while set, writes queue behind it and no persist task is started.
+    inline: Op | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_used: float = field(default_factory=time.monotonic)
 
@@ -256,11 +259,12 @@ class ConversationManager:
             op.token = idempotency_key
         if durable and self._redis is not None:
             op.durable_deadline = asyncio.get_running_loop().time() + self._durable_timeout
-        self._submit(room_id, op)
-        if op.durable_deadline is not None and op.done is not None:
-            await self._settled_durable(room_id, op, op.durable_deadline)
+        if op.durable_deadline is not None:
+            self._submit(room_id, op)
+            if op.done is not None:
+                await self._settled_durable(room_id, op, op.durable_deadline)
         else:
-            await self._settled(op)
+            await self._write_async(room_id, op)
 
     def update_message(
         self, room_id: str, message_id: str | int, new_content: str | list[Any]
@@ -300,9 +304,7 @@ class ConversationManager:
         self._submit(room_id, ClearOp())
 
     async def clear_async(self, room_id: str) -> None:
-        op = ClearOp()
-        self._submit(room_id, op)
-        await self._settled(op)
+        await self._write_async(room_id, ClearOp())
 
     def set_channel_limit(self, room_id: str, limit: int) -> int:
         """Clamp to [50, 1000]; raising flags re-backfill, lowering trims at once."""
@@ -312,9 +314,7 @@ class ConversationManager:
 
     async def set_channel_limit_async(self, room_id: str, limit: int) -> int:
         clamped = _clamp_limit(limit)
-        op = LimitOp(clamped, None)
-        self._submit(room_id, op)
-        await self._settled(op)
+        await self._write_async(room_id, LimitOp(clamped, None))
         return clamped
 
     def get_channel_limit(self, room_id: str) -> int:
@@ -337,8 +337,7 @@ class ConversationManager:
         turns appended meanwhile by any worker are kept (compare-and-set).
         """
         op = BackfillOp([self._row_from_mapping(message) for message in older_messages])
-        self._submit(room_id, op)
-        await self._settled(op)
+        await self._write_async(room_id, op)
 
     # ------------------------------------------------------------------- reads
 
@@ -552,7 +551,7 @@ class ConversationManager:
 
     # ------------------------------------------------------ submitting writes
 
-    def _submit(self, room_id: str, op: Op) -> bool:
+    def _submit(self, room_id: str, op: Op, *, inline: bool = False) -> bool:
         """Apply a write to the view and queue it; safe from the loop or any thread."""
         if self._closed:
             raise PersistError("the manager is closed", room_id=room_id)
@@ -570,7 +569,7 @@ class ConversationManager:
         except RuntimeError:
             running = None
         if running is loop:
-            return self._apply(room_id, op, loop)
+            return self._apply(room_id, op, loop, inline)
         if running is not None:
             raise ConfigurationError("this manager belongs to another event loop")
         # A thread without a loop: hand the write to the manager's loop and wait
@@ -589,7 +588,9 @@ class ConversationManager:
             return None
         return self._loop
 
-    def _apply(self, room_id: str, op: Op, loop: asyncio.AbstractEventLoop | None) -> bool:
+    def _apply(
+        self, room_id: str, op: Op, loop: asyncio.AbstractEventLoop | None, inline: bool = False
+    ) -> bool:
         room = self._room(room_id)
         found = op.apply(room.view, self._max_history)
         if isinstance(op, AppendOp):
@@ -600,8 +601,13 @@ class ConversationManager:
             return found
         op.done = loop.create_future()
         op.done.add_done_callback(_consume_exception)
+        if inline and not room.pending and room.task is None and not room.lock.locked():
+            # An idle room and a caller about to await: it persists the write
+            # itself (_persist_inline), skipping a task, a shield and four loop
+            # iterations per write.
+            room.inline = op
         room.pending.append(op)
-        if room.task is None:
+        if room.task is None and room.inline is None:
             room.task = loop.create_task(self._persist_loop(room))
         return True
 
@@ -629,15 +635,25 @@ class ConversationManager:
         await asyncio.shield(op.done)
 
     async def _edit_async(self, room_id: str, op: EditOp) -> bool:
-        if self._submit(room_id, op):
-            return bool(await self._settled(op))
+        if self._submit(room_id, op, inline=True):
+            return bool(await self._settle_submitted(room_id, op))
         if self._store is None:
             return False
         # Not in memory: the room may be cold or behind another worker.
         await self.ensure_fresh_from_redis(room_id)
-        if self._submit(room_id, op):
-            return bool(await self._settled(op))
+        if self._submit(room_id, op, inline=True):
+            return bool(await self._settle_submitted(room_id, op))
         return False
+
+    async def _write_async(self, room_id: str, op: Op) -> Any:
+        self._submit(room_id, op, inline=True)
+        return await self._settle_submitted(room_id, op)
+
+    async def _settle_submitted(self, room_id: str, op: Op) -> Any:
+        room = self._rooms.get(room_id)
+        if room is not None and room.inline is op:
+            return await self._persist_inline(room, op)
+        return await self._settled(op)
 
     async def _wait_for(self, op: Op, room_id: str) -> None:
         if op.done is None:
@@ -654,7 +670,42 @@ class ConversationManager:
 
     # ----------------------------------------------------------- persisting
 
-    async def _persist_loop(self, room: _Room) -> None:
+    async def _persist_inline(self, room: _Room, op: Op) -> Any:
+        """Persist ``op`` (alone at the head of an idle room's queue) in the caller's task.
+
+        The same frozen batch and token as the persist loop would send. Writes
+        submitted meanwhile queue behind it; once it is settled, a persist task
+        takes them. If the attempt fails, or the caller is cancelled mid-flight,
+        the batch (maybe landed: its token tells) goes to the persist loop, which
+        retries it as its own, and the caller waits as any other would.
+        """
+        batch = _Batch([op], op.token, None)
+        room.inflight = batch
+        try:
+            async with room.lock:
+                results = await self._persist(room, batch, direct=True)
+        except BaseException as exc:
+            room.inline = None
+            first_failure = exc if isinstance(exc, _TRANSIENT) else None
+            if room.task is None:
+                loop = asyncio.get_running_loop()
+                room.task = loop.create_task(self._persist_loop(room, first_failure))
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the write itself goes on in the background
+            return await self._settled(op)
+        room.inline = None
+        self._stats.persists += 1
+        self._finish(room, batch, results)
+        if room.pending and room.task is None:
+            room.task = asyncio.get_running_loop().create_task(self._persist_loop(room))
+        result = results[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def _persist_loop(self, room: _Room, failed: BaseException | None = None) -> None:
+        """Send the room's queue in order; ``failed``: how the inline attempt at
+        ``room.inflight`` failed (handled as this loop's own first failure)."""
         assert self._store is not None
         loop = asyncio.get_running_loop()
         failures = 0
@@ -663,6 +714,9 @@ class ConversationManager:
                 batch = room.inflight or self._next_batch(room)
                 room.inflight = batch
                 try:
+                    if failed is not None:
+                        exc, failed = failed, None
+                        raise exc
                     async with room.lock:
                         results = await self._persist(room, batch)
                 except _TRANSIENT as exc:
@@ -728,18 +782,21 @@ class ConversationManager:
         # the idempotency token named, or an ambiguous first attempt could double.
         return _Batch(ops, first.token, first.durable_deadline)
 
-    async def _persist(self, room: _Room, batch: _Batch) -> list[Any]:
+    async def _persist(self, room: _Room, batch: _Batch, *, direct: bool = False) -> list[Any]:
+        """Send one batch; ``direct``: its caller awaits it (see ``_Pipeliner.run``)."""
         assert self._store is not None
         store, synced, keys = self._store, room.synced, room.keys
         first = batch.ops[0]
         epoch = secrets.token_hex(8)
         if isinstance(first, AppendOp):
             rows = [row for op in batch.ops for row in op.rows]  # type: ignore[attr-defined]
-            reply = await store.append(keys, synced, batch.token, epoch, [row[0] for row in rows])
+            reply = await store.append(
+                keys, synced, batch.token, epoch, [row[0] for row in rows], direct=direct
+            )
             self._absorb(room, reply, rows)
             return [True] * len(batch.ops)
         if isinstance(first, EditOp):
-            return await self._persist_edit(room, batch)
+            return await self._persist_edit(room, batch, direct)
         if isinstance(first, ClearOp):
             reply = await store.clear(keys, synced, batch.token, epoch)
         elif isinstance(first, LimitOp):
@@ -766,7 +823,7 @@ class ConversationManager:
         self._absorb(room, reply)
         return [True]
 
-    async def _persist_edit(self, room: _Room, batch: _Batch) -> list[Any]:
+    async def _persist_edit(self, room: _Room, batch: _Batch, direct: bool) -> list[Any]:
         assert self._store is not None
         synced = room.synced
         edits: list[EditOp] = batch.ops  # type: ignore[assignment]
@@ -784,7 +841,7 @@ class ConversationManager:
                 return [exc] * len(edits)
             position = synced.head + index
             reply = await self._store.replace(
-                room.keys, synced, batch.token, position, old_row, new_row
+                room.keys, synced, batch.token, position, old_row, new_row, direct=direct
             )
             self._absorb(room, reply)
             if reply.status == 1 and reply.kind == 1:

@@ -3,9 +3,10 @@
 --
 -- KEYS (every script, all sharing the room's hash tag {<room_id>}):
 --   [1] window  LIST of rows (orjson entries, identity and role first)
---   [2] meta    HASH epoch, version, head, base, logfloor, limit, rebackfill
+--   [2] meta    HASH epoch, version, head, base, logfloor, limit, rebackfill, iseq
 --   [3] log     LIST of "<version>:<absolute position>" for replaced rows (capped)
---   [4] idem    ZSET of idempotency tokens of applied writes (capped)
+--   [4] idem    ZSET of idempotency tokens of applied writes, scored by meta's
+--               iseq counter (the newest IDEM_CAP at least are kept)
 -- ARGV (every script): [1] caller epoch ('' = knows nothing), [2] caller version,
 --   [3] caller head, [4] caller length (the caller's synced window), [5] idempotency
 --   token ('' = none), [6] TTL in ms (0 = keys do not expire), [7] default window
@@ -40,11 +41,14 @@ local DEFAULT_LIMIT = tonumber(ARGV[7])
 local FRESH_EPOCH = ARGV[8]
 local LOG_CAP = 256
 local IDEM_CAP = 1024
+-- The ZSET is trimmed by score once every IDEM_TRIM_EVERY writes, not on every
+-- write: it holds between IDEM_CAP and IDEM_CAP + IDEM_TRIM_EVERY tokens.
+local IDEM_TRIM_EVERY = 64
 local PUSH_CHUNK = 1000
 
 local function read_meta()
   local m = redis.call('HMGET', META, 'epoch', 'version', 'head', 'base', 'logfloor',
-                       'limit', 'rebackfill')
+                       'limit', 'rebackfill', 'iseq')
   if not m[1] then
     return nil
   end
@@ -56,6 +60,7 @@ local function read_meta()
     logfloor = tonumber(m[5]) or 0,
     limit = tonumber(m[6]) or 0,
     rebackfill = tonumber(m[7]) or 0,
+    iseq = tonumber(m[8]), -- nil: not counted yet (see remember)
   }
 end
 
@@ -74,8 +79,22 @@ local function ensure_meta()
           rebackfill = 0}
 end
 
+-- Every redis.call costs about a microsecond of script overhead, so a write
+-- changes m in Lua (bump, trim, remember) and stores version, head, logfloor and
+-- iseq with ONE HSET at the end (save). The script is atomic, so reading the
+-- version once and writing version + 1 is the same as HINCRBY.
 local function bump(m)
-  m.version = redis.call('HINCRBY', META, 'version', 1)
+  m.version = m.version + 1
+end
+
+-- ...: more field/value pairs a script changed (base, limit, rebackfill).
+local function save(m, ...)
+  if m.iseq then
+    redis.call('HSET', META, 'version', m.version, 'head', m.head, 'logfloor', m.logfloor,
+               'iseq', m.iseq, ...)
+  else
+    redis.call('HSET', META, 'version', m.version, 'head', m.head, 'logfloor', m.logfloor, ...)
+  end
 end
 
 local function touch()
@@ -91,27 +110,35 @@ local function seen()
   return TOKEN ~= '' and redis.call('ZSCORE', IDEM, TOKEN) ~= false
 end
 
-local function remember()
+-- Scores are meta's iseq counter, not versions: versions restart in a new epoch,
+-- iseq survives clear. A meta without iseq (new, or written by an older engine)
+-- continues from the highest score the ZSET holds. save(m) stores m.iseq.
+local function remember(m)
   if TOKEN == '' then
     return
   end
-  -- Scores are a private counter, not versions: versions restart in a new epoch.
-  local last = redis.call('ZRANGE', IDEM, -1, -1, 'WITHSCORES')
-  local score = 1
-  if last[2] then
-    score = tonumber(last[2]) + 1
+  local seq = m.iseq
+  if not seq then
+    local last = redis.call('ZRANGE', IDEM, -1, -1, 'WITHSCORES')
+    seq = tonumber(last[2]) or 0
   end
-  redis.call('ZADD', IDEM, score, TOKEN)
-  local n = redis.call('ZCARD', IDEM)
-  if n > IDEM_CAP then
-    redis.call('ZREMRANGEBYRANK', IDEM, 0, n - IDEM_CAP - 1)
+  seq = seq + 1
+  m.iseq = seq
+  redis.call('ZADD', IDEM, seq, TOKEN)
+  if seq % IDEM_TRIM_EVERY == 0 then
+    -- Scores are consecutive, so this keeps exactly the newest IDEM_CAP tokens.
+    redis.call('ZREMRANGEBYSCORE', IDEM, '-inf', seq - IDEM_CAP)
   end
 end
 
+-- Returns the window's length after the push (RPUSH's reply): callers need it
+-- and an LLEN would be one more call.
 local function push_rows(first, last)
+  local len = 0
   for i = first, last, PUSH_CHUNK do
-    redis.call('RPUSH', WINDOW, unpack(ARGV, i, math.min(i + PUSH_CHUNK - 1, last)))
+    len = redis.call('RPUSH', WINDOW, unpack(ARGV, i, math.min(i + PUSH_CHUNK - 1, last)))
   end
+  return len
 end
 
 local function is_tool(row)
@@ -131,12 +158,14 @@ local log_replace
 -- consolidation summary at the head stands for everything before it, so it
 -- stays: the rows after it go instead, and it moves onto the first kept slot
 -- (logged as a replaced row, so catch-up stays incremental).
-local function trim(m)
+-- len: the window's length if the caller knows it (nil: read it). Sets m.head;
+-- save(m) stores it. Returns how many rows were dropped.
+local function trim(m, len)
   local limit = m.limit
   if limit <= 0 then
     limit = DEFAULT_LIMIT
   end
-  local len = redis.call('LLEN', WINDOW)
+  len = len or redis.call('LLEN', WINDOW)
   if len <= limit then
     return 0
   end
@@ -156,7 +185,6 @@ local function trim(m)
   end
   redis.call('LTRIM', WINDOW, drop, -1)
   m.head = m.head + drop
-  redis.call('HSET', META, 'head', m.head)
   if keep_summary and drop < len then
     log_replace(m, m.head)
     m.summary_moved = true
@@ -164,14 +192,13 @@ local function trim(m)
   return drop
 end
 
+-- Sets m.logfloor when records fall off; save(m) stores it.
 log_replace = function(m, pos)
-  redis.call('RPUSH', LOG, m.version .. ':' .. pos)
-  local n = redis.call('LLEN', LOG)
+  local n = redis.call('RPUSH', LOG, m.version .. ':' .. pos)
   if n > LOG_CAP then
     local dropped = redis.call('LPOP', LOG, n - LOG_CAP)
     local last = dropped[#dropped]
     m.logfloor = tonumber(string.sub(last, 1, string.find(last, ':', 1, true) - 1))
-    redis.call('HSET', META, 'logfloor', m.logfloor)
   end
 end
 
@@ -236,4 +263,12 @@ local function sync_reply(status, m, own_k, own_pos)
     end
   end
   return reply
+end
+
+-- The reply to a caller that was exactly up to date before this write (same
+-- epoch, version, head and length) when the write logged no replaced row the
+-- caller must get: what sync_reply returns then, without its LLEN and LRANGE
+-- calls. Only the caller's own rows or row changed, and those are not echoed.
+local function own_reply(status, m, own_k)
+  return {status, 1, m.version, m.head, m.limit, m.rebackfill, own_k, 0}
 end

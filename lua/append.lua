@@ -8,14 +8,20 @@ local m = ensure_meta()
 if seen() then
   return sync_reply(2, m, 0, -1)
 end
-push_rows(9, #ARGV)
+local before = {epoch = m.epoch, version = m.version, head = m.head}
+local pushed = #ARGV - 8
+local len = push_rows(9, #ARGV)
 bump(m)
-trim(m)
-remember()
+local kept = len - trim(m, len)
+remember(m)
+save(m)
 touch()
-local kept = redis.call('LLEN', WINDOW)
 if m.summary_moved then
   kept = kept - 1 -- the head slot now holds the summary, not one of our rows
 end
-local own = math.min(#ARGV - 8, kept)
+local own = math.min(pushed, kept)
+if C_EPOCH == before.epoch and C_VERSION == before.version and C_HEAD == before.head
+    and C_LEN == len - pushed and not m.summary_moved then
+  return own_reply(1, m, own)
+end
 return sync_reply(1, m, own, -1)

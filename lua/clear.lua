@@ -12,7 +12,7 @@ bump(m)
 m.head = 0
 m.base = m.version
 m.logfloor = 0
-redis.call('HSET', META, 'head', 0, 'base', m.version, 'logfloor', 0)
-remember()
+remember(m)
+save(m, 'base', m.base)
 touch()
 return sync_reply(1, m, 0, -1)

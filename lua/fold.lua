@@ -63,7 +63,6 @@ m.head = m.head + n - put
 m.base = m.version
 m.logfloor = 0
 redis.call('DEL', LOG)
-redis.call('HSET', META, 'head', m.head, 'base', m.base, 'logfloor', 0)
 redis.call('RPUSH', ARCHIVE, ARGV[16])
 local cap = tonumber(ARGV[14])
 if cap > 0 then
@@ -73,6 +72,7 @@ local archive_ttl = tonumber(ARGV[15])
 if archive_ttl > 0 then
   redis.call('PEXPIRE', ARCHIVE, archive_ttl)
 end
-remember()
+remember(m)
+save(m, 'base', m.base)
 touch()
 return sync_reply(1, m, 0, -1)

@@ -23,11 +23,18 @@ if C_EPOCH == m.epoch and C_VERSION >= m.base and pos >= m.head then
     same = current and string.sub(redis.sha1hex(current), 1, 16) == expected
   end
   if same then
+    local was_current = C_VERSION == m.version and C_HEAD == m.head
     redis.call('LSET', WINDOW, pos - m.head, ARGV[11])
     bump(m)
     log_replace(m, pos)
-    remember()
+    remember(m)
+    save(m)
     touch()
+    -- A caller that was up to date is owed nothing but the new version (the
+    -- LLEN check keeps sync_reply's guard against a window that lost rows).
+    if was_current and C_LEN == redis.call('LLEN', WINDOW) then
+      return own_reply(1, m, 0)
+    end
     return sync_reply(1, m, 0, pos)
   end
 end

@@ -13,14 +13,14 @@ if C_EPOCH ~= m.epoch or tonumber(ARGV[9]) ~= m.version then
   return sync_reply(0, m, 0, -1)
 end
 redis.call('DEL', WINDOW, LOG)
-push_rows(10, #ARGV)
+local len = push_rows(10, #ARGV)
 bump(m)
 m.head = 0
 m.base = m.version
 m.logfloor = 0
 m.rebackfill = 0
-redis.call('HSET', META, 'head', 0, 'base', m.version, 'logfloor', 0, 'rebackfill', 0)
-trim(m)
-remember()
+trim(m, len)
+remember(m)
+save(m, 'base', m.base, 'rebackfill', 0)
 touch()
 return sync_reply(1, m, 0, -1)

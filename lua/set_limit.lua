@@ -23,9 +23,9 @@ end
 if ARGV[10] ~= '' then
   m.rebackfill = tonumber(ARGV[10])
 end
-redis.call('HSET', META, 'limit', m.limit, 'rebackfill', m.rebackfill)
 bump(m)
 trim(m)
-remember()
+remember(m)
+save(m, 'limit', m.limit, 'rebackfill', m.rebackfill)
 touch()
 return sync_reply(1, m, 0, -1)

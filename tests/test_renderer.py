@@ -189,7 +189,9 @@ def test_payload_in_a_value_renders_literally(payload: str) -> None:
 
 
 def test_jinja_in_a_value_is_data() -> None:
-    prompt = PromptRenderer().render({"persona": "I am {{ 7*7 }} years old"})
+    # A fixed clock: the rendered time must not happen to contain "49" itself.
+    context = {"persona": "I am {{ 7*7 }} years old", "now": "2026-01-01T10:00:00+00:00"}
+    prompt = PromptRenderer().render(context)
 
     assert "I am {{ 7*7 }} years old" in prompt
     assert "49" not in prompt

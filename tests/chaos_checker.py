@@ -724,8 +724,9 @@ class FaultInjector:
         self.weights = [FAULT_WEIGHTS[kind] for kind in kinds]
         # Every round has the ambiguous case at least once: replies held after Redis
         # applied the command, long enough for the command timeout to fire.
-        self.queue = ["blackhole_replies"] + (["restart"] if "restart" in kinds else [])
-        self.rng.shuffle(self.queue)
+        # The replies blackhole goes first (queue.pop() takes from the end): a short
+        # round may end before a second queued fault gets its turn.
+        self.queue = (["restart"] if "restart" in kinds else []) + ["blackhole_replies"]
         now = time.monotonic()
         self.next_at = now + self.rng.uniform(0.05, 0.25)
         self.active: str | None = None

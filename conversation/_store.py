@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from ._keys import RoomKeys
 from ._resources import data_dir
@@ -71,6 +72,7 @@ class _Pipeliner:
         self._queue: list[_Call] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._cluster = isinstance(redis, RedisCluster)
         self._reload_before_next = False
         self._outstanding = 0  # calls sent or queued whose replies are not in yet
 
@@ -185,20 +187,22 @@ class _Pipeliner:
             self._stats.bytes_sent += sum(
                 len(a) if isinstance(a, (bytes, str)) else 8 for a in call.args
             )
-        if len(calls) == 1:
-            call = calls[0]
-            try:
-                return [
-                    await self._redis.evalsha(
-                        call.script.sha, len(call.keys), *call.keys, *call.args
-                    )
-                ]
-            except NoScriptError as exc:
-                return [exc]
+        if len(calls) == 1 or self._cluster:
+            # redis-py refuses EVALSHA inside a cluster pipeline: on a cluster the
+            # tick's calls go out concurrently instead, each to its slot's primary.
+            return list(await asyncio.gather(*(self._evalsha(call) for call in calls)))
         pipe = self._redis.pipeline(transaction=False)
         for call in calls:
             pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
         return list(await pipe.execute(raise_on_error=False))
+
+    async def _evalsha(self, call: _Call) -> Any:
+        try:
+            return await self._redis.evalsha(
+                call.script.sha, len(call.keys), *call.keys, *call.args
+            )
+        except (NoScriptError, ResponseError) as exc:
+            return exc  # per call, as a pipeline reports it
 
     async def wait_idle(self) -> None:
         while self._tasks:

@@ -1,0 +1,92 @@
+"""The engine on a real local Redis Cluster (SPEC §3.15-3.16, §25): 3 primaries.
+
+Every room's keys share one slot, rooms spread over the primaries, a loop tick's
+script calls for many rooms (one per slot owner) go out together, and scripts
+reload on every primary after SCRIPT FLUSH.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from cluster_servers import LocalCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
+
+from conversation import ConversationManager
+from conversation._keys import KeySpace
+
+ROOMS = [f"discord:{i}" for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    deployment = LocalCluster(
+        Path(tmp_path_factory.mktemp("cluster")), primaries=3, replicas_per_primary=0
+    ).start()
+    try:
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+@pytest.fixture
+async def clients(cluster: LocalCluster) -> AsyncIterator[list[RedisCluster]]:
+    made = [
+        RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes])
+        for _ in range(2)
+    ]
+    try:
+        yield made
+    finally:
+        for client in made:
+            await client.aclose()
+
+
+def test_a_rooms_keys_share_one_slot_and_rooms_spread(cluster: LocalCluster) -> None:
+    keyspace = KeySpace("sg")
+    owners = set()
+    for room in ROOMS:
+        keys = [*keyspace.room(room).as_list(), keyspace.archive(room), keyspace.lease(room)]
+        slots = {key_slot(key.encode()) for key in keys}
+        assert len(slots) == 1
+        owners.add(cluster.slot_owner(slots.pop()).port)
+    assert len(owners) == 3
+
+
+async def test_workers_converge_on_a_cluster(
+    cluster: LocalCluster, clients: list[RedisCluster]
+) -> None:
+    prefix = "cl1"
+    a = ConversationManager(None, redis=clients[0], key_prefix=prefix, max_history=50)
+    b = ConversationManager(None, redis=clients[1], key_prefix=prefix, max_history=50)
+    try:
+        for i in range(5):
+            for room in ROOMS:  # one tick: calls for every primary at once
+                a.append(room, "user", f"[Message ID: {i}] hello {room}")
+        await a.drain(timeout=10)
+        for room in ROOMS:
+            await b.append_async(room, "assistant", f"answer in {room}")
+            assert await b.patch_reactions_async(room, 2, "👍x2")
+        for port in cluster.primary_ports():
+            async with aioredis.Redis(port=port) as node:
+                await node.script_flush()
+        for room in ROOMS:
+            assert await a.mark_deleted_async(room, 4, "T")
+        await a.clear_async(ROOMS[0])
+        for room in ROOMS:
+            await a.ensure_fresh_from_redis(room)
+            await b.ensure_fresh_from_redis(room)
+            assert a.get_messages(room) == b.get_messages(room)
+        assert a.get_messages(ROOMS[0]) == []
+        contents = [m["content"] for m in b.get_messages(ROOMS[1])]
+        assert contents[2] == "[Message ID: 2] [Reactions: 👍x2] hello discord:1"
+        assert contents[4] == "[Message ID: 4] [deleted at T] hello discord:1"
+        assert contents[5] == "answer in discord:1"
+        assert a.stats()["script_reloads"] >= 1
+    finally:
+        await a.aclose()
+        await b.aclose()

@@ -7,6 +7,7 @@ The tree::
     ├── InvalidMessage                a role, content, id or tag the engine refuses
     ├── PersistError                  Redis did not confirm a write
     │   ├── DurabilityError           a durable write could not be confirmed
+    │   ├── ReplicationTimeout        fewer replicas than min_replicas confirmed a write
     │   └── DrainTimeout              shutdown could not flush every write in time
     ├── RedisUnavailable              a read that needs Redis could not reach it
     ├── ConsolidationError            a summary could not be made; the room is unchanged
@@ -34,6 +35,7 @@ __all__ = [
     "InvalidSessionId",
     "PersistError",
     "RedisUnavailable",
+    "ReplicationTimeout",
     "SessionError",
     "SessionExists",
     "SessionNotFound",
@@ -84,6 +86,24 @@ class DurabilityError(PersistError):
     def __init__(self, message: str, *, room_id: str, idempotency_key: str) -> None:
         self.idempotency_key = idempotency_key
         super().__init__(message, room_id=room_id)
+
+
+class ReplicationTimeout(PersistError):
+    """``WAIT`` saw fewer replicas than ``min_replicas`` confirm a write in time.
+
+    The write is not acknowledged: the primary may hold it (WAIT is no rollback),
+    so the engine retries it under the same idempotency token until enough
+    replicas confirm it. A durable write reports this as the ``__cause__`` of its
+    ``DurabilityError``. ``replicas`` is how many confirmed, ``wanted`` how many
+    were asked for.
+    """
+
+    def __init__(self, *, replicas: int, wanted: int, timeout_ms: int) -> None:
+        self.replicas = replicas
+        self.wanted = wanted
+        super().__init__(
+            f"{replicas} of {wanted} replica(s) confirmed the write within {timeout_ms} ms"
+        )
 
 
 class DrainTimeout(PersistError):

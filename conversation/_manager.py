@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from redis.exceptions import (
+    AskError,
     ClusterDownError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     TryAgainError,
@@ -58,6 +60,7 @@ from ._errors import (
     InvalidMessage,
     PersistError,
     RedisUnavailable,
+    ReplicationTimeout,
     describe_error,
 )
 from ._keys import KeySpace, RoomKeys, validate_room_id
@@ -78,7 +81,12 @@ _SYNC_ATTEMPTS = 3
 # them, so one huge window never stalls every other coroutine of the worker.
 _ASYNC_DECODE_SLICE = 256 * 1024
 
-_TRANSIENT = (RedisError, OSError, TimeoutError)
+# RedisClusterException: redis-py's client-side cluster errors ("slot not
+# covered" while its slot map is rebuilt after a failover) are not RedisErrors.
+_TRANSIENT = (RedisError, OSError, TimeoutError, RedisClusterException, ReplicationTimeout)
+# A batch that keeps failing with an exception no one expected (a bug here or in
+# the client library) is failed after this many attempts instead of being retried.
+_MAX_UNEXPECTED_FAILURES = 5
 # Server replies that say "not now" rather than "never": the write is retried.
 _RETRYABLE_REPLIES = (
     "OOM", "BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS",
@@ -92,6 +100,7 @@ _RETRYABLE_ERRORS = (
     TryAgainError,
     ClusterDownError,
     NoScriptError,
+    AskError,  # and MovedError: resharding or a failover moved the slot
 )
 
 
@@ -140,6 +149,11 @@ class ConversationManager:
     ``redis`` is any ``redis.asyncio`` client (``Redis``, ``RedisCluster``, or
     ``Sentinel.master_for``) created with ``decode_responses=False``; ``None``
     keeps everything in this process's memory.
+
+    ``min_replicas=N`` acknowledges a write only once ``WAIT N replica_timeout_ms``
+    says N replicas hold it; until then it is retried under its idempotency token
+    (``ReplicationTimeout``, counted as ``unreplicated_writes``). See
+    ``docs/scaling.md`` for what that guarantees across a failover.
     """
 
     def __init__(
@@ -156,11 +170,14 @@ class ConversationManager:
         sync_timeout: float = 30.0,
         retry_backoff: tuple[float, float] = (0.05, 2.0),
         consolidation: ConsolidationConfig | None = None,
+        min_replicas: int = 0,
+        replica_timeout_ms: int = 1000,
     ) -> None:
         if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
             raise ConfigurationError(f"max_history must be a positive int, got {max_history!r}")
         if ttl_seconds is not None and ttl_seconds <= 0:
             raise ConfigurationError(f"ttl_seconds must be positive or None, got {ttl_seconds!r}")
+        _check_replication(redis, min_replicas, replica_timeout_ms, command_timeout)
         _reject_decoding_client(redis)
         self._renderer = prompt_renderer
         self._max_history = max_history
@@ -181,6 +198,8 @@ class ConversationManager:
                 ttl_ms=int(ttl_seconds * 1000) if ttl_seconds else 0,
                 default_limit=max_history,
                 command_timeout=command_timeout,
+                min_replicas=min_replicas,
+                replica_timeout_ms=replica_timeout_ms,
             )
             if redis is not None
             else None
@@ -686,7 +705,7 @@ class ConversationManager:
                 results = await self._persist(room, batch, direct=True)
         except BaseException as exc:
             room.inline = None
-            first_failure = exc if isinstance(exc, _TRANSIENT) else None
+            first_failure = exc if isinstance(exc, Exception) else None
             if room.task is None:
                 loop = asyncio.get_running_loop()
                 room.task = loop.create_task(self._persist_loop(room, first_failure))
@@ -708,7 +727,7 @@ class ConversationManager:
         ``room.inflight`` failed (handled as this loop's own first failure)."""
         assert self._store is not None
         loop = asyncio.get_running_loop()
-        failures = 0
+        failures = unexpected = 0
         try:
             while room.pending:
                 batch = room.inflight or self._next_batch(room)
@@ -719,20 +738,29 @@ class ConversationManager:
                         raise exc
                     async with room.lock:
                         results = await self._persist(room, batch)
-                except _TRANSIENT as exc:
+                except Exception as exc:
                     failures += 1
                     self._stats.persist_failures += 1
-                    if _is_permanent(exc):
+                    if not isinstance(exc, _TRANSIENT):
+                        # Not a Redis fault: a bug here or in the client library (seen:
+                        # redis-py's cluster client under load). Retried a few times so
+                        # one glitch loses nothing, never allowed to strand the queue.
+                        unexpected += 1
+                        logger.exception(
+                            "room %s: unexpected error persisting %d write(s) (attempt %d)",
+                            room.room_id, len(batch.ops), unexpected,
+                        )  # fmt: skip
+                    if _is_permanent(exc) or unexpected >= _MAX_UNEXPECTED_FAILURES:
                         logger.error(
-                            "room %s: Redis rejected %d write(s), dropping them: %s",
+                            "room %s: giving up on %d write(s): %s",
                             room.room_id, len(batch.ops), describe_error(exc),
                         )  # fmt: skip
                         error = PersistError(
-                            f"room {room.room_id}: Redis rejected the write: {exc}"
+                            f"room {room.room_id}: the write failed for good: {describe_error(exc)}"
                         )
                         error.__cause__ = exc
                         self._finish(room, batch, [error] * len(batch.ops))
-                        failures = 0
+                        failures = unexpected = 0
                         continue
                     logger.warning(
                         "room %s: persist of %d write(s) failed (attempt %d): %s",
@@ -753,7 +781,7 @@ class ConversationManager:
                     self._stats.persist_retries += 1
                     await asyncio.sleep(delay)
                     continue
-                failures = 0
+                failures = unexpected = 0
                 self._stats.persists += 1
                 self._finish(room, batch, results)
         finally:
@@ -961,6 +989,31 @@ async def _decode_yielding(rows: list[bytes]) -> list[Entry]:
             await asyncio.sleep(0)
     messages.extend(to_messages(rows[start:]))
     return messages
+
+
+def _check_replication(
+    redis: Any, min_replicas: object, replica_timeout_ms: object, command_timeout: float | None
+) -> None:
+    if isinstance(min_replicas, bool) or not isinstance(min_replicas, int) or min_replicas < 0:
+        raise ConfigurationError(f"min_replicas must be an int >= 0, got {min_replicas!r}")
+    if (
+        isinstance(replica_timeout_ms, bool)
+        or not isinstance(replica_timeout_ms, int)
+        or replica_timeout_ms < 1
+    ):
+        # WAIT 0 would block until the replicas answer, however long that takes.
+        raise ConfigurationError(
+            f"replica_timeout_ms must be a positive int, got {replica_timeout_ms!r}"
+        )
+    if not min_replicas:
+        return
+    if redis is None:
+        raise ConfigurationError("min_replicas needs a redis client: memory has no replicas")
+    if command_timeout is not None and command_timeout * 1000 <= replica_timeout_ms:
+        raise ConfigurationError(
+            f"command_timeout ({command_timeout}s) must exceed replica_timeout_ms "
+            f"({replica_timeout_ms} ms): every write waits up to that long for its WAIT"
+        )
 
 
 def _reject_decoding_client(redis: Any) -> None:

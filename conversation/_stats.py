@@ -13,6 +13,7 @@ class Stats:
     persist_failures: int = 0
     persist_retries: int = 0
     durable_failures: int = 0
+    unreplicated_writes: int = 0
     reloads: int = 0
     catch_ups: int = 0
     conflicts: int = 0

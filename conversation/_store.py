@@ -4,6 +4,10 @@
 same event-loop tick (by any room) travel in one non-transactional pipeline, the
 way ioredis auto-pipelines: with many rooms busy, one round trip carries many
 persists. Per-room order is the caller's job (one call per room at a time).
+
+With ``min_replicas`` every batch that writes ends with ``WAIT`` on the same
+connection as its scripts (on a cluster: one pinned pipeline per primary), and a
+write that too few replicas confirmed fails with ``ReplicationTimeout``.
 """
 
 from __future__ import annotations
@@ -15,10 +19,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ._errors import ReplicationTimeout
 from ._keys import RoomKeys
 from ._resources import data_dir
 from ._stats import Stats
@@ -29,6 +42,8 @@ logger = logging.getLogger(__name__)
 SCRIPT_NAMES = ("sync", "append", "replace", "clear", "set_limit", "rewrite", "fold")
 #: Scripts that run without the ``_lib.lua`` prelude: they touch no room window.
 STANDALONE_SCRIPT_NAMES = ("lease_release", "lease_renew")
+#: Scripts whose replies ``WAIT`` need not vouch for: they write no room state.
+NO_WAIT_SCRIPT_NAMES = frozenset({"sync", "lease_release", "lease_renew"})
 
 Arg = str | bytes | int
 
@@ -64,11 +79,22 @@ class _Call:
 class _Pipeliner:
     """Collects the script calls of one loop tick and sends them as one pipeline."""
 
-    def __init__(self, redis: Any, scripts: dict[str, Script], stats: Stats, timeout: float | None):
+    def __init__(
+        self,
+        redis: Any,
+        scripts: dict[str, Script],
+        stats: Stats,
+        timeout: float | None,
+        *,
+        min_replicas: int = 0,
+        replica_timeout_ms: int = 0,
+    ):
         self._redis = redis
         self._scripts = scripts
         self._stats = stats
         self._timeout = timeout
+        self._min_replicas = min_replicas
+        self._replica_timeout_ms = replica_timeout_ms
         self._queue: list[_Call] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -187,6 +213,10 @@ class _Pipeliner:
             self._stats.bytes_sent += sum(
                 len(a) if isinstance(a, (bytes, str)) else 8 for a in call.args
             )
+        if self._min_replicas and any(c.script.name not in NO_WAIT_SCRIPT_NAMES for c in calls):
+            if self._cluster:
+                return await self._execute_cluster_waiting(calls)
+            return await self._execute_waiting(calls)
         if len(calls) == 1 or self._cluster:
             # redis-py refuses EVALSHA inside a cluster pipeline: on a cluster the
             # tick's calls go out concurrently instead, each to its slot's primary.
@@ -195,6 +225,93 @@ class _Pipeliner:
         for call in calls:
             pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
         return list(await pipe.execute(raise_on_error=False))
+
+    async def _execute_waiting(self, calls: list[_Call]) -> list[Any]:
+        """The scripts, then WAIT, in one pipeline: one connection, so WAIT counts
+        the replicas that hold everything those scripts wrote."""
+        pipe = self._redis.pipeline(transaction=False)
+        for call in calls:
+            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        pipe.execute_command("WAIT", self._min_replicas, self._replica_timeout_ms)
+        *results, confirmed = await pipe.execute(raise_on_error=False)
+        return self._confirm(calls, results, confirmed)
+
+    async def _execute_cluster_waiting(self, calls: list[_Call]) -> list[Any]:
+        """One pinned pipeline per primary: its scripts, then its WAIT.
+
+        redis-py's cluster pipeline re-routes commands on a retry (a script would
+        go to the new owner, its WAIT elsewhere), so each primary's commands go to
+        that node's own pipeline, which never retries or redirects. A primary that
+        fails (dead, MOVED, slot not covered) fails only its calls, which the
+        persist loop retries once the client's slot map is repaired.
+        """
+        await self._redis.initialize()
+        by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
+        results: list[Any] = [None] * len(calls)
+        for index, call in enumerate(calls):
+            try:
+                node = self._redis.get_node_from_key(call.keys[0])
+            except Exception as exc:  # SlotNotCoveredError: the map is being rebuilt
+                results[index] = exc
+                continue
+            by_node.setdefault(node.name, (node, []))[1].append(index)
+        groups = list(by_node.values())
+        outcomes = await asyncio.gather(
+            *(self._on_node(node, [calls[i] for i in indexes]) for node, indexes in groups),
+            return_exceptions=True,
+        )
+        for (_node, indexes), outcome in zip(groups, outcomes, strict=True):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome
+            for position, index in enumerate(indexes):
+                results[index] = outcome if isinstance(outcome, Exception) else outcome[position]
+        failed = [calls[i] for i, result in enumerate(results) if _needs_new_route(result)]
+        if failed:
+            await self._repair_routes(failed[0])
+        if all(isinstance(result, Exception) for result in results):
+            connection_errors = [r for r in results if isinstance(r, RedisConnectionError)]
+            if len(connection_errors) == len(results):
+                raise connection_errors[0]
+        return results
+
+    async def _on_node(self, node: ClusterNode, calls: list[_Call]) -> list[Any]:
+        commands = [
+            PipelineCommand(position, "EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args)
+            for position, c in enumerate(calls)
+        ]
+        commands.append(
+            PipelineCommand(len(calls), "WAIT", self._min_replicas, self._replica_timeout_ms)
+        )
+        await node.execute_pipeline(commands)
+        *results, confirmed = (command.result for command in commands)
+        return self._confirm(calls, results, confirmed)
+
+    async def _repair_routes(self, call: _Call) -> None:
+        """Let redis-py repair its slot map: a keyed read through the normal path
+        follows MOVED and reconnects after a failover, as any command would."""
+        try:
+            await self._redis.exists(call.keys[0])
+        except (RedisError, RedisClusterException, OSError) as exc:
+            logger.debug("slot map repair failed for now: %s", exc)
+
+    def _confirm(self, calls: list[_Call], results: list[Any], confirmed: Any) -> list[Any]:
+        """Replace the replies WAIT did not vouch for by ``ReplicationTimeout``."""
+        replicas = confirmed if isinstance(confirmed, int) else 0
+        if replicas >= self._min_replicas:
+            return results
+        error = ReplicationTimeout(
+            replicas=replicas, wanted=self._min_replicas, timeout_ms=self._replica_timeout_ms
+        )
+        if isinstance(confirmed, Exception):
+            error.__cause__ = confirmed
+        checked = []
+        for call, result in zip(calls, results, strict=True):
+            if call.script.name in NO_WAIT_SCRIPT_NAMES or isinstance(result, Exception):
+                checked.append(result)
+            else:
+                self._stats.unreplicated_writes += 1
+                checked.append(error)
+        return checked
 
     async def _evalsha(self, call: _Call) -> Any:
         try:
@@ -209,6 +326,20 @@ class _Pipeliner:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+_STALE_ROUTE_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    RedisClusterException,
+    AskError,  # and MovedError, its subclass
+    ClusterDownError,
+)
+
+
+def _needs_new_route(result: Any) -> bool:
+    """A cluster reply that says the client's slot map is stale (or the node gone)."""
+    return isinstance(result, _STALE_ROUTE_ERRORS)
+
+
 class RoomStore:
     """One typed method per Lua script; every reply is a parsed ``SyncReply``."""
 
@@ -220,6 +351,8 @@ class RoomStore:
         ttl_ms: int,
         default_limit: int,
         command_timeout: float | None,
+        min_replicas: int = 0,
+        replica_timeout_ms: int = 0,
     ) -> None:
         self.redis = redis
         self.scripts = load_scripts()
@@ -227,7 +360,14 @@ class RoomStore:
         self._ttl_ms = ttl_ms
         self._default_limit = default_limit
         self._timeout = command_timeout
-        self._pipeliner = _Pipeliner(redis, self.scripts, stats, command_timeout)
+        self._pipeliner = _Pipeliner(
+            redis,
+            self.scripts,
+            stats,
+            command_timeout,
+            min_replicas=min_replicas,
+            replica_timeout_ms=replica_timeout_ms,
+        )
         self._has_sha1hex: bool | None = None
 
     def _common(self, state: RoomState, token: str, fresh_epoch: str) -> list[Arg]:

@@ -3,7 +3,8 @@
 --
 -- KEYS (every script, all sharing the room's hash tag {<room_id>}):
 --   [1] window  LIST of rows (orjson entries, identity and role first)
---   [2] meta    HASH epoch, version, head, base, logfloor, limit, rebackfill, iseq
+--   [2] meta    HASH epoch, version, head, base, logfloor, limit, rebackfill, iseq,
+--               replays (writes whose token had already applied)
 --   [3] log     LIST of "<version>:<absolute position>" for replaced rows (capped)
 --   [4] idem    ZSET of idempotency tokens of applied writes, scored by meta's
 --               iseq counter (the newest IDEM_CAP at least are kept)
@@ -46,6 +47,23 @@ local IDEM_CAP = 1024
 local IDEM_TRIM_EVERY = 64
 local PUSH_CHUNK = 1000
 
+-- The epoch workers hold is the stored epoch plus the replication id of the
+-- primary that answers. A replica promoted by a failover has a new replication
+-- id, and it may have missed the last writes, whose versions it will then reuse
+-- for other rows: a worker that saw those writes must reload, not patch.
+-- (INFO is refused by some script engines, such as fakeredis's: no suffix there.)
+local function primary_suffix()
+  local ok, info = pcall(redis.call, 'INFO', 'replication')
+  if not ok or type(info) ~= 'string' then
+    return ''
+  end
+  local id = string.match(info, 'master_replid:(%w+)')
+  if not id then
+    return ''
+  end
+  return '@' .. id
+end
+
 local function read_meta()
   local m = redis.call('HMGET', META, 'epoch', 'version', 'head', 'base', 'logfloor',
                        'limit', 'rebackfill', 'iseq')
@@ -53,7 +71,7 @@ local function read_meta()
     return nil
   end
   return {
-    epoch = m[1],
+    epoch = m[1] .. primary_suffix(),
     version = tonumber(m[2]) or 0,
     head = tonumber(m[3]) or 0,
     base = tonumber(m[4]) or 0,
@@ -75,8 +93,8 @@ local function ensure_meta()
   redis.call('DEL', LOG)
   redis.call('HSET', META, 'epoch', FRESH_EPOCH, 'version', 0, 'head', 0, 'base', 0,
              'logfloor', 0)
-  return {epoch = FRESH_EPOCH, version = 0, head = 0, base = 0, logfloor = 0, limit = 0,
-          rebackfill = 0}
+  return {epoch = FRESH_EPOCH .. primary_suffix(), version = 0, head = 0, base = 0,
+          logfloor = 0, limit = 0, rebackfill = 0}
 end
 
 -- Every redis.call costs about a microsecond of script overhead, so a write
@@ -108,6 +126,17 @@ end
 
 local function seen()
   return TOKEN ~= '' and redis.call('ZSCORE', IDEM, TOKEN) ~= false
+end
+
+-- For writes: whether the token already applied. A replay still writes (a
+-- counter in meta), so a WAIT after it on any connection (min_replicas) also
+-- waits for the replication of the first attempt, which came before it.
+local function replayed()
+  if seen() then
+    redis.call('HINCRBY', META, 'replays', 1)
+    return true
+  end
+  return false
 end
 
 -- Scores are meta's iseq counter, not versions: versions restart in a new epoch,

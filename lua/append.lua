@@ -5,7 +5,7 @@
 -- Invariant: a batch is pushed whole or not at all, exactly once per token; the
 -- window never starts with tool results whose assistant call was trimmed.
 local m = ensure_meta()
-if seen() then
+if replayed() then
   return sync_reply(2, m, 0, -1)
 end
 local before = {epoch = m.epoch, version = m.version, head = m.head}

@@ -4,7 +4,7 @@
 -- Invariant: version never goes backwards (meta, limit and idempotency survive);
 -- base = version, so every other worker reloads (an empty snapshot).
 local m = ensure_meta()
-if seen() then
+if replayed() then
   return sync_reply(2, m, 0, -1)
 end
 redis.call('DEL', WINDOW, LOG)

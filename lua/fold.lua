@@ -21,7 +21,7 @@
 -- worker reloads; head only grows (the rows kept keep their absolute positions).
 local ARCHIVE = KEYS[5]
 local m = read_meta()
-if m and seen() then
+if m and replayed() then
   return sync_reply(2, m, 0, -1)
 end
 local n = tonumber(ARGV[11])

@@ -9,7 +9,7 @@
 -- Invariant: concurrent appends never conflict (positions are absolute); an edit
 -- is never applied on top of a row it did not see.
 local m = ensure_meta()
-if seen() then
+if replayed() then
   return sync_reply(2, m, 0, -1)
 end
 local pos = tonumber(ARGV[9])

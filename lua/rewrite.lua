@@ -6,7 +6,7 @@
 -- Invariant: never overwrites a write the caller did not see; base = version so
 -- every worker reloads; the re-backfill request is settled.
 local m = ensure_meta()
-if seen() then
+if replayed() then
   return sync_reply(2, m, 0, -1)
 end
 if C_EPOCH ~= m.epoch or tonumber(ARGV[9]) ~= m.version then

@@ -6,7 +6,7 @@
 -- Invariant: raising the limit flags the room for re-backfill; lowering it trims
 -- at once (never orphaning tool results).
 local m = ensure_meta()
-if seen() then
+if replayed() then
   return sync_reply(2, m, 0, -1)
 end
 local limit = tonumber(ARGV[9])

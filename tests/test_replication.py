@@ -1,0 +1,229 @@
+"""The ``min_replicas`` (WAIT) option on one primary with and without a replica, and
+what the persist loop does with errors nobody expected.
+
+Failovers are tested on real deployments in test_cluster.py and test_sentinel.py;
+this module pins down the single-server behaviour those build on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+import redis.asyncio as aioredis
+from cluster_servers import eventually
+from redis_servers import RedisServer, wait_until
+
+from conversation import (
+    ConfigurationError,
+    ConversationManager,
+    DurabilityError,
+    PersistError,
+    ReplicationTimeout,
+)
+from conversation._keys import KeySpace
+
+Make = Callable[..., ConversationManager]
+KEYS = KeySpace("sg")
+
+
+@pytest.fixture
+def primary(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "primary").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def start_replica(directory: Path, primary: RedisServer) -> RedisServer:
+    replica = RedisServer(directory, extra=("--replicaof", "127.0.0.1", str(primary.port))).start()
+
+    def linked() -> bool:
+        with redis.Redis(port=replica.port, decode_responses=True) as client:
+            fields = client.info("replication")
+        return fields.get("master_link_status") == "up" and not fields.get(
+            "master_sync_in_progress"
+        )
+
+    wait_until(linked, what="the replica linked and synced")
+    return replica
+
+
+def stored(server: RedisServer, room: str) -> list[str]:
+    with redis.Redis(port=server.port) as client:
+        rows = client.lrange(KEYS.room(room).window, 0, -1)
+    return [str(orjson.loads(row)["content"]) for row in rows]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "problem"),
+    [
+        ({"min_replicas": -1}, "min_replicas"),
+        ({"min_replicas": True}, "min_replicas"),
+        ({"min_replicas": "1"}, "min_replicas"),
+        ({"min_replicas": 1, "replica_timeout_ms": 0}, "replica_timeout_ms"),
+        ({"min_replicas": 1, "replica_timeout_ms": 1.5}, "replica_timeout_ms"),
+        ({"min_replicas": 1, "replica_timeout_ms": 5000, "command_timeout": 2.0}, "exceed"),
+    ],
+)
+def test_bad_replication_settings_are_refused_by_name(kwargs: dict[str, Any], problem: str) -> None:
+    client = aioredis.Redis(port=1)  # never connected: construction must refuse first
+    with pytest.raises(ConfigurationError, match=problem):
+        ConversationManager(None, redis=client, **kwargs)
+
+
+def test_min_replicas_needs_redis() -> None:
+    with pytest.raises(ConfigurationError, match="needs a redis client"):
+        ConversationManager(None, min_replicas=1)
+
+
+async def test_writes_are_confirmed_by_the_replica(
+    primary: RedisServer, tmp_path: Path, make_manager: Make, room: str
+) -> None:
+    replica = start_replica(tmp_path / "replica", primary)
+    try:
+        client = aioredis.Redis(port=primary.port, socket_timeout=5)
+        manager = make_manager(client, min_replicas=1, replica_timeout_ms=2000)
+        for turn in range(20):
+            manager.append(room, "user", f"[Message ID: {turn}] turn {turn}")
+        await manager.append_async(room, "user", "[Message ID: 20] awaited")
+        assert await manager.patch_reactions_async(room, 3, "👍 1")
+        await manager.set_channel_limit_async(room, 60)
+        await manager.drain()
+        # Acknowledged means the replica holds it: read it there, with no waiting.
+        on_replica = stored(replica, room)
+        assert on_replica == stored(primary, room)
+        assert len(on_replica) == 21
+        assert on_replica[3] == "[Message ID: 3] [Reactions: 👍 1] turn 3"
+        stats = manager.stats()
+        assert (stats["unreplicated_writes"], stats["persist_failures"]) == (0, 0)
+        await client.aclose()
+    finally:
+        replica.stop()
+
+
+async def test_without_enough_replicas_nothing_is_acknowledged(
+    primary: RedisServer, tmp_path: Path, make_manager: Make, room: str
+) -> None:
+    """No replica: a durable write fails naming the shortfall; a background write waits.
+
+    Both are on the primary already (WAIT is no rollback). Once a replica
+    attaches, the waiting write is confirmed by a replay of its token: it lands
+    once, and the re-sent durable write with its key lands once too.
+    """
+    client = aioredis.Redis(port=primary.port, socket_timeout=5)
+    manager = make_manager(
+        client,
+        min_replicas=1,
+        replica_timeout_ms=50,
+        durable_timeout=0.4,
+        retry_backoff=(0.02, 0.1),
+    )
+    with pytest.raises(DurabilityError) as caught:
+        await manager.append_async(room, "user", "[Message ID: 1] durable", durable=True)
+    cause = caught.value.__cause__
+    assert isinstance(cause, ReplicationTimeout)
+    assert (cause.replicas, cause.wanted) == (0, 1)
+    assert "0 of 1 replica(s)" in str(cause)
+    assert stored(primary, room) == ["[Message ID: 1] durable"]
+    assert manager.get_messages(room) == []  # a durable failure leaves memory
+
+    manager.append(room, "user", "[Message ID: 2] waits for a replica")
+    refused = manager.stats()["unreplicated_writes"]
+    await eventually(
+        lambda: manager.stats()["unreplicated_writes"] >= refused + 2, 10, "WAIT refusing it twice"
+    )
+    assert manager.stats()["pending_writes"] == 1
+    assert stored(primary, room) == [
+        "[Message ID: 1] durable",
+        "[Message ID: 2] waits for a replica",
+    ]
+
+    replica = start_replica(tmp_path / "replica", primary)
+    try:
+        await manager.drain(timeout=10)
+        await manager.append_async(
+            room, "user", "[Message ID: 1] durable", idempotency_key=caught.value.idempotency_key
+        )
+        expected = ["[Message ID: 1] durable", "[Message ID: 2] waits for a replica"]
+        assert stored(primary, room) == expected
+        assert stored(replica, room) == expected
+        await manager.ensure_fresh_from_redis(room)
+        assert [m["content"] for m in manager.get_messages(room)] == expected
+    finally:
+        replica.stop()
+        await client.aclose()
+
+
+async def test_reads_and_syncs_do_not_wait_for_replicas(
+    primary: RedisServer, make_manager: Make, room: str
+) -> None:
+    """Only writes carry WAIT: a worker with no replica around can still read."""
+    client = aioredis.Redis(port=primary.port, socket_timeout=5)
+    writer = make_manager(client)
+    await writer.append_async(room, "user", "[Message ID: 1] hi")
+    reader = make_manager(client, min_replicas=1, replica_timeout_ms=50)
+    await reader.ensure_fresh_from_redis(room)
+    assert [m["content"] for m in await reader.get_messages_async(room)] == ["[Message ID: 1] hi"]
+    assert reader.stats()["unreplicated_writes"] == 0
+    await client.aclose()
+
+
+# --------------------------------------------------------- unexpected errors
+
+
+async def test_persist_loop_survives_an_unexpected_error(
+    primary: RedisServer, make_manager: Make, room: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug-shaped error (seen from redis-py's cluster client under load) is retried."""
+    client = aioredis.Redis(port=primary.port, socket_timeout=5)
+    manager = make_manager(client, retry_backoff=(0.01, 0.02))
+    store = manager._store
+    assert store is not None
+    real_append = store.append
+    failures = iter([AttributeError("'NoneType' object has no attribute 'writelines'")])
+
+    async def flaky_append(*args: Any, **kwargs: Any) -> Any:
+        for error in failures:
+            raise error
+        return await real_append(*args, **kwargs)
+
+    monkeypatch.setattr(store, "append", flaky_append)
+    manager.append(room, "user", "[Message ID: 1] first")
+    await manager.append_async(room, "user", "[Message ID: 2] second")
+    await manager.drain(timeout=5)
+    assert stored(primary, room) == ["[Message ID: 1] first", "[Message ID: 2] second"]
+    assert manager.stats()["persist_failures"] == 1
+    await client.aclose()
+
+
+async def test_an_error_that_never_goes_away_fails_the_write_not_the_room(
+    primary: RedisServer, make_manager: Make, room: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = aioredis.Redis(port=primary.port, socket_timeout=5)
+    manager = make_manager(client, retry_backoff=(0.01, 0.02))
+    store = manager._store
+    assert store is not None
+    real_append = store.append
+    broken = True
+
+    async def broken_append(*args: Any, **kwargs: Any) -> Any:
+        if broken:
+            raise AttributeError("a bug")
+        return await real_append(*args, **kwargs)
+
+    monkeypatch.setattr(store, "append", broken_append)
+    with pytest.raises(PersistError, match="failed for good") as caught:
+        await manager.append_async(room, "user", "[Message ID: 1] doomed")
+    assert isinstance(caught.value.__cause__, AttributeError)
+    broken = False
+    await manager.append_async(room, "user", "[Message ID: 2] fine")
+    assert stored(primary, room) == ["[Message ID: 2] fine"]
+    await manager.ensure_fresh_from_redis(room)
+    assert [m["content"] for m in manager.get_messages(room)] == ["[Message ID: 2] fine"]
+    await client.aclose()

@@ -815,7 +815,8 @@ class ConversationManager:
         assert self._store is not None
         store, synced, keys = self._store, room.synced, room.keys
         first = batch.ops[0]
-        epoch = secrets.token_hex(8)
+        # 48 random bits name a room's incarnation; short, as it travels with every call.
+        epoch = secrets.token_hex(6)
         if isinstance(first, AppendOp):
             rows = [row for op in batch.ops for row in op.rows]  # type: ignore[attr-defined]
             reply = await store.append(

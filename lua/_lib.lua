@@ -51,13 +51,16 @@ local PUSH_CHUNK = 1000
 -- primary that answers. A replica promoted by a failover has a new replication
 -- id, and it may have missed the last writes, whose versions it will then reuse
 -- for other rows: a worker that saw those writes must reload, not patch.
--- (INFO is refused by some script engines, such as fakeredis's: no suffix there.)
+-- Workers send the epoch back with every call, so it is kept short: 8 hex
+-- digits of the replication id tell two primaries apart but for a 2**-32
+-- chance per failover. (INFO is refused by some script engines, such as
+-- fakeredis's: no suffix there.)
 local function primary_suffix()
   local ok, info = pcall(redis.call, 'INFO', 'replication')
   if not ok or type(info) ~= 'string' then
     return ''
   end
-  local id = string.match(info, 'master_replid:(%w+)')
+  local id = string.match(info, 'master_replid:(%x%x%x%x%x%x%x%x)')
   if not id then
     return ''
   end

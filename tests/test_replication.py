@@ -15,7 +15,8 @@ import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
-from cluster_servers import eventually
+from cluster_servers import eventually, link_down
+from fault_proxy import FaultProxy
 from redis_servers import RedisServer, wait_until
 
 from conversation import (
@@ -227,3 +228,47 @@ async def test_an_error_that_never_goes_away_fails_the_write_not_the_room(
     await manager.ensure_fresh_from_redis(room)
     assert [m["content"] for m in manager.get_messages(room)] == ["[Message ID: 2] fine"]
     await client.aclose()
+
+
+# ------------------------------------------------- failover to a stale replica
+
+
+async def test_workers_reload_after_a_failover_that_reused_versions(
+    primary: RedisServer, tmp_path: Path, make_manager: Make, room: str
+) -> None:
+    """The promoted replica missed writes, and new writes then reuse their versions.
+
+    A worker that saw the lost writes is ahead by version only until the new
+    primary passes it; the epoch carries the primary's replication id, so it
+    reloads instead of patching new rows onto a history Redis no longer has.
+    Both workers reach Redis through one proxy, moved to the replica as a
+    virtual IP would be.
+    """
+    replica = start_replica(tmp_path / "replica", primary)
+    proxy = await FaultProxy(primary.port).start()
+    clients = [aioredis.Redis(port=proxy.port, socket_timeout=5) for _ in range(2)]
+    try:
+        seer, other = (make_manager(client, retry_backoff=(0.01, 0.05)) for client in clients)
+        for turn in range(10):
+            await seer.append_async(room, "user", f"[Message ID: {turn}] replicated")
+        wait_until(lambda: len(stored(replica, room)) == 10, what="the replica holding 10 rows")
+        with link_down(primary, replica):
+            for turn in range(10, 15):
+                await seer.append_async(room, "user", f"[Message ID: {turn}] lost")
+            with redis.Redis(port=replica.port) as promoted:
+                promoted.execute_command("REPLICAOF", "NO", "ONE")
+            proxy.upstream_port = replica.port
+            proxy.cut()
+        for turn in range(15, 23):
+            await other.append_async(room, "assistant", f"[Message ID: {turn}] after")
+
+        await seer.ensure_fresh_from_redis(room)
+        after = stored(replica, room)
+        assert len(after) == 18 and not any(c.endswith("lost") for c in after)
+        assert [m["content"] for m in seer.get_messages(room)] == after
+        assert seer.stats()["reloads"] >= 1
+    finally:
+        for client in clients:
+            await client.aclose()
+        await proxy.stop()
+        replica.stop()

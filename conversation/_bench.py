@@ -98,6 +98,8 @@ ROW_KEYS: tuple[str, ...] = (
     "render_inference",
     "render_agents",
     "render_consolidation",
+    "primary_capacity",
+    "append_async_wait_1",
 )
 
 TEMPLATES = ("inference", "agents", "consolidation")
@@ -129,6 +131,9 @@ class Sizes:
     memory_rooms: int
     memory_per_room: int
     render_calls: int
+    scale_rooms: int
+    scale_events_per_room: int
+    wait_appends: int
 
 
 FULL = Sizes(
@@ -153,6 +158,9 @@ FULL = Sizes(
     memory_rooms=40,
     memory_per_room=100,
     render_calls=2000,
+    scale_rooms=200,
+    scale_events_per_room=30,
+    wait_appends=500,
 )
 
 QUICK = Sizes(
@@ -177,6 +185,9 @@ QUICK = Sizes(
     memory_rooms=10,
     memory_per_room=50,
     render_calls=100,
+    scale_rooms=20,
+    scale_events_per_room=5,
+    wait_appends=20,
 )
 
 
@@ -304,9 +315,10 @@ def _free_port() -> int:
 class PrivateRedis:
     """A throw-away ``redis-server`` on a free loopback port, stopped by its pid."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra: Sequence[str] = ()) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="conversation-bench-"))
         self.port = 0
+        self.extra = tuple(extra)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -327,6 +339,7 @@ class PrivateRedis:
                 "--appendonly", "no",
                 "--dir", str(self.directory),
                 "--logfile", str(self.directory / "redis.log"),
+                *self.extra,
             ]  # fmt: skip
             self.process = subprocess.Popen(
                 args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -387,7 +400,9 @@ class Bench:
 
     def client(self, parser: Parser = "hiredis") -> aioredis.Redis:
         """A fresh client (its own pool): the engine and the baseline never share one."""
-        kwargs: dict[str, Any] = {"socket_timeout": 30}
+        # redis-py 8 caps a pool at 100 connections; the raw baseline of the
+        # scaling row runs one pipeline per room at once, for 200 rooms.
+        kwargs: dict[str, Any] = {"socket_timeout": 30, "max_connections": 1000}
         if parser == "python":
             # redis-py picks hiredis whenever it is importable; a pool built with
             # an explicit pure-Python parser class turns it off for its connections.
@@ -1514,6 +1529,173 @@ def _plain_jinja(template: str) -> Callable[[dict[str, Any]], str] | None:
     return compiled.render
 
 
+# --------------------------------------------------------------------- scaling
+
+
+async def _server_cpu_seconds(client: aioredis.Redis) -> float:
+    """CPU time of the server's main thread (the one that runs every script)."""
+    info: dict[str, Any] = await client.info("cpu")
+    if "used_cpu_user_main_thread" in info:
+        return float(info["used_cpu_user_main_thread"]) + float(info["used_cpu_sys_main_thread"])
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def bench_scaling(bench: Bench) -> list[Row]:
+    """What one primary can carry, and what waiting for a replica costs a write."""
+    return [await _primary_capacity(bench), await _wait_cost(bench)]
+
+
+async def _primary_capacity(bench: Bench) -> Row:
+    """Room events per CPU-second of the primary: awaited appends over many rooms, an
+    edit (reaction) every 10th event, against a raw pipeline doing the same writes.
+
+    A single-threaded primary saturates when its main thread is busy all the time,
+    so this is the event rate one primary (or one cluster shard) can carry.
+    """
+    sizes = bench.sizes
+    progress("primary capacity")
+    rng = random.Random(7)
+    per_room = sizes.scale_events_per_room
+    texts = [text_of(f"s{i}", ENTRY_BYTES, rng) for i in range(per_room)]
+    events = sizes.scale_rooms * per_room
+
+    async def engine_run(manager: ConversationManager, rooms: list[str]) -> None:
+        async def writer(room_id: str) -> None:
+            for index, text in enumerate(texts):
+                if index % 10 == 9:
+                    await manager.patch_reactions_async(room_id, f"s{index - 1}", f"👍 {index}")
+                else:
+                    await manager.append_async(room_id, "user", text, message_id=f"s{index}")
+
+        await asyncio.gather(*(writer(room_id) for room_id in rooms))
+
+    async def raw_run(client: aioredis.Redis, rooms: list[str]) -> None:
+        async def writer(room_id: str) -> None:
+            for index, text in enumerate(texts):
+                row = row_of(f"s{index}", "user", text)
+                pipe = client.pipeline(transaction=False)
+                if index % 10 == 9:
+                    pipe.execute_command("LSET", room_id, -2, row)
+                else:
+                    pipe.rpush(room_id, row)
+                    pipe.ltrim(room_id, -100, -1)
+                pipe.incr(room_id + ":v")
+                pipe.pexpire(room_id, 3_600_000)
+                await pipe.execute()
+
+        await asyncio.gather(*(writer(room_id) for room_id in rooms))
+
+    engine_client, raw_client, meter = bench.client(), bench.client(), bench.client()
+    manager = bench.manager(engine_client)
+    engine_rates: list[float] = []
+    raw_rates: list[float] = []
+    wall: dict[str, list[float]] = {"engine": [], "raw": []}
+
+    async def measured(kind: str, body: Callable[[], Awaitable[None]]) -> float:
+        before = await _server_cpu_seconds(meter)
+        start = time.perf_counter()
+        await body()
+        elapsed = time.perf_counter() - start
+        cpu = max(1e-6, await _server_cpu_seconds(meter) - before)
+        wall[kind].append(events / elapsed)
+        return events / cpu
+
+    async with closing(manager):
+        for repeat in range(sizes.repeats):
+            rooms = [bench.room("scale") for _ in range(sizes.scale_rooms)]
+            raw_rooms = [bench.raw_key("scale") for _ in range(sizes.scale_rooms)]
+            runs = [
+                ("engine", functools.partial(engine_run, manager, rooms)),
+                ("raw", functools.partial(raw_run, raw_client, raw_rooms)),
+            ]
+            if repeat % 2:
+                runs.reverse()  # alternate which goes first, as paired() does
+            for kind, body in runs:
+                gc.collect()
+                rate = await measured(kind, body)
+                (engine_rates if kind == "engine" else raw_rates).append(rate)
+    return ratio_row(
+        "primary_capacity",
+        f"events per primary CPU-second, {sizes.scale_rooms} rooms (1 edit per 10)",
+        "events/cpu-s",
+        median(engine_rates),
+        median(raw_rates),
+        details={
+            "rooms": sizes.scale_rooms,
+            "events_per_run": events,
+            "engine_runs": engine_rates,
+            "baseline_runs": raw_rates,
+            "engine_events_per_wall_s": median(wall["engine"]),
+            "baseline_events_per_wall_s": median(wall["raw"]),
+        },
+    )
+
+
+async def _wait_cost(bench: Bench) -> Row:
+    """Latency of one awaited append with ``min_replicas=1`` vs without (same engine)."""
+    if not bench.private:
+        return _skipped("append_async_wait_1", "needs the private server (starts a replica)")
+    progress("append with WAIT for one replica")
+    port = int(bench.url.rsplit(":", 1)[1].split("/")[0])
+    replica = PrivateRedis(extra=("--replicaof", "127.0.0.1", str(port))).start()
+    try:
+        await _wait_replica_linked(replica.port)
+        rng = random.Random(3)
+        texts = [text_of(f"w{i}", ENTRY_BYTES, rng) for i in range(bench.sizes.wait_appends)]
+        plain = bench.manager(bench.client())
+        waiting = ConversationManager(
+            None,
+            redis=bench.client(),
+            key_prefix=bench.prefix,
+            ttl_seconds=3600,
+            min_replicas=1,
+            replica_timeout_ms=1000,
+        )
+
+        async def run(manager: ConversationManager) -> float:
+            room_id = bench.room("wait")
+            await manager.append_async(room_id, "user", texts[0])  # warm: scripts, connection
+            latencies = []
+            for index, text in enumerate(texts):
+                start = time.perf_counter()
+                await manager.append_async(room_id, "user", text, message_id=f"w{index}")
+                latencies.append((time.perf_counter() - start) * 1e6)
+            return median(latencies)
+
+        async with closing(plain), closing(waiting):
+            with_wait, without = await paired(
+                bench.sizes.repeats,
+                functools.partial(run, waiting),
+                functools.partial(run, plain),
+            )
+            unconfirmed = waiting.stats()["unreplicated_writes"]
+    finally:
+        replica.stop()
+    return ratio_row(
+        "append_async_wait_1",
+        "append_async p50, min_replicas=1 vs without (one replica, loopback)",
+        "us",
+        median(with_wait),
+        median(without),
+        details={"engine_runs": with_wait, "baseline_runs": without, "unconfirmed": unconfirmed},
+    )
+
+
+async def _wait_replica_linked(port: int, timeout: float = 30.0) -> None:
+    client = aioredis.Redis(port=port)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            info: dict[str, Any] = await client.info("replication")
+            if info.get("master_link_status") == "up" and not info.get("master_sync_in_progress"):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the bench replica on port {port} did not link up")
+            await asyncio.sleep(0.02)
+    finally:
+        await client.aclose()
+
+
 def _skipped(key: str, reason: str) -> Row:
     return Row(key, key, "", None, None, "n/a", None, skipped=reason)
 
@@ -1534,6 +1716,8 @@ def _fmt(value: float | None, unit: str) -> str:
         return f"{value:,.0f} B"
     if unit == "round trips":
         return f"{value:.2f} rt"
+    if unit == "events/cpu-s":
+        return f"{value:,.0f}/cpu-s"
     return f"{value:,.3g}"
 
 
@@ -1598,6 +1782,7 @@ SECTIONS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "lag": bench_loop_lag,
     "memory": bench_memory,
     "render": bench_render,
+    "scaling": bench_scaling,
 }
 
 

@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import orjson
-from redis.exceptions import RedisError, ResponseError
 
 from ._budget import estimate_tokens
 from ._entries import (
@@ -67,6 +66,7 @@ from ._errors import (
     describe_error,
 )
 from ._keys import KeySpace, validate_room_id
+from ._retry import TRANSIENT_ERRORS, is_permanent
 from ._window import RoomState, SyncReply, Window
 
 if TYPE_CHECKING:
@@ -86,7 +86,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_TRANSIENT = (RedisError, OSError, TimeoutError)
 _FOLD_SEND_ATTEMPTS = 3
 _FOLD_SEND_BACKOFF = 0.05
 _LLEN_CHUNK = 500
@@ -565,9 +564,9 @@ class Consolidator:
                     )
                     self._engine.absorb(room, reply)
                 return reply.status != 0
-            except ResponseError:
-                raise
-            except _TRANSIENT as exc:
+            except TRANSIENT_ERRORS as exc:
+                if is_permanent(exc):
+                    raise
                 if attempt == _FOLD_SEND_ATTEMPTS - 1:
                     raise RedisUnavailable(
                         f"room {room.room_id}: could not confirm the fold: {describe_error(exc)}",
@@ -611,7 +610,7 @@ class Consolidator:
         else:
             try:
                 raw = list(await store.redis.lrange(self._engine.archive_key(room_id), 0, -1))
-            except _TRANSIENT as exc:
+            except TRANSIENT_ERRORS as exc:
                 raise RedisUnavailable(
                     f"room {room_id}: cannot read the archive: {describe_error(exc)}",
                     room_id=room_id,
@@ -659,7 +658,7 @@ class Consolidator:
             await asyncio.gather(renewer, return_exceptions=True)
             try:
                 await store.lease_release(key, token)
-            except _TRANSIENT as exc:
+            except TRANSIENT_ERRORS as exc:
                 logger.warning(
                     "room %s: could not release the consolidation lease (it expires): %r",
                     room_id,
@@ -673,7 +672,7 @@ class Consolidator:
             await asyncio.sleep(ttl_ms / 3000)
             try:
                 held = await store.lease_renew(key, token, ttl_ms)
-            except _TRANSIENT as exc:
+            except TRANSIENT_ERRORS as exc:
                 logger.warning("room %s: could not renew the consolidation lease: %r", room_id, exc)
                 continue
             if not held:
@@ -770,7 +769,7 @@ class ConsolidationWorker:
         while not stop.is_set():
             try:
                 await self.run_once()
-            except (*_TRANSIENT, ConversationError) as exc:
+            except (*TRANSIENT_ERRORS, ConversationError) as exc:
                 logger.warning("consolidation pass failed: %r", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._interval)
@@ -811,7 +810,7 @@ class ConsolidationWorker:
                     keep_recent=self._keep_recent,
                     room_context=self._room_context,
                 )
-        except (*_TRANSIENT, ConversationError) as exc:
+        except (*TRANSIENT_ERRORS, ConversationError) as exc:
             self.stats.failures += 1
             cause = exc.__cause__
             logger.warning(

@@ -10,7 +10,6 @@ what other workers changed meanwhile, so synced stays exact without extra reads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import secrets
@@ -20,17 +19,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from redis.exceptions import (
-    AskError,
-    ClusterDownError,
-    NoScriptError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    RedisClusterException,
-    RedisError,
-    ResponseError,
-    TryAgainError,
-)
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ._budget import fit_to_budget
@@ -60,11 +48,11 @@ from ._errors import (
     InvalidMessage,
     PersistError,
     RedisUnavailable,
-    ReplicationTimeout,
     describe_error,
 )
 from ._keys import KeySpace, RoomKeys, validate_room_id
 from ._ops import AppendOp, BackfillOp, ClearOp, EditOp, LimitOp, Op, Row
+from ._retry import TRANSIENT_ERRORS, is_permanent
 from ._stats import Stats
 from ._store import RoomStore
 from ._window import RoomState, SyncReply, apply_reply
@@ -81,34 +69,9 @@ _SYNC_ATTEMPTS = 3
 # them, so one huge window never stalls every other coroutine of the worker.
 _ASYNC_DECODE_SLICE = 256 * 1024
 
-# RedisClusterException: redis-py's client-side cluster errors ("slot not
-# covered" while its slot map is rebuilt after a failover) are not RedisErrors.
-_TRANSIENT = (RedisError, OSError, TimeoutError, RedisClusterException, ReplicationTimeout)
 # A batch that keeps failing with an exception no one expected (a bug here or in
-# the client library) is failed after this many attempts instead of being retried.
+# the client library) is failed after this many attempts in a row.
 _MAX_UNEXPECTED_FAILURES = 5
-# Server replies that say "not now" rather than "never": the write is retried.
-_RETRYABLE_REPLIES = (
-    "OOM", "BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS",
-)  # fmt: skip
-
-
-# redis-py maps these codes to classes and strips the code from the message.
-_RETRYABLE_ERRORS = (
-    OutOfMemoryError,
-    ReadOnlyError,
-    TryAgainError,
-    ClusterDownError,
-    NoScriptError,
-    AskError,  # and MovedError: resharding or a failover moved the slot
-)
-
-
-def _is_permanent(exc: BaseException) -> bool:
-    """A script error that retrying cannot fix (as opposed to a network or capacity fault)."""
-    if not isinstance(exc, ResponseError) or isinstance(exc, _RETRYABLE_ERRORS):
-        return False
-    return not str(exc).startswith(_RETRYABLE_REPLIES)
 
 
 class Renderer(Protocol):
@@ -389,7 +352,7 @@ class ConversationManager:
         if self._store is not None:
             try:
                 await self._refresh(room)
-            except _TRANSIENT as exc:
+            except TRANSIENT_ERRORS as exc:
                 self._stats.stale_reads += 1
                 logger.warning(
                     "room %s: serving memory, Redis unreachable: %s", room_id, describe_error(exc)
@@ -414,7 +377,7 @@ class ConversationManager:
             try:
                 await self._refresh(room)
                 return
-            except _TRANSIENT as exc:
+            except TRANSIENT_ERRORS as exc:
                 # A pooled connection that a restart, failover or CLIENT KILL closed
                 # fails at once; the next attempt takes another (or a new) one. A
                 # timeout is not retried: the caller asked to know, not to wait.
@@ -741,22 +704,37 @@ class ConversationManager:
                 except Exception as exc:
                     failures += 1
                     self._stats.persist_failures += 1
-                    if not isinstance(exc, _TRANSIENT):
+                    if isinstance(exc, TRANSIENT_ERRORS):
+                        unexpected = 0
+                    else:
                         # Not a Redis fault: a bug here or in the client library (seen:
                         # redis-py's cluster client under load). Retried a few times so
                         # one glitch loses nothing, never allowed to strand the queue.
                         unexpected += 1
+                        # It may have struck after Redis applied the write, half-way
+                        # through absorbing the reply: without an epoch the retry (a
+                        # replay of the token) brings a whole snapshot, not a patch.
+                        room.synced.epoch = ""
                         logger.exception(
                             "room %s: unexpected error persisting %d write(s) (attempt %d)",
                             room.room_id, len(batch.ops), unexpected,
                         )  # fmt: skip
-                    if _is_permanent(exc) or unexpected >= _MAX_UNEXPECTED_FAILURES:
+                    given_up = unexpected >= _MAX_UNEXPECTED_FAILURES
+                    if given_up and batch.durable_deadline is not None:
+                        self._abandon_durable(room, batch, exc)  # its error names the key
+                        failures = unexpected = 0
+                        continue
+                    if given_up or is_permanent(exc):
                         logger.error(
                             "room %s: giving up on %d write(s): %s",
                             room.room_id, len(batch.ops), describe_error(exc),
                         )  # fmt: skip
                         error = PersistError(
-                            f"room {room.room_id}: the write failed for good: {describe_error(exc)}"
+                            f"room {room.room_id}: Redis rejected the write: {describe_error(exc)}"
+                            if is_permanent(exc)
+                            else f"room {room.room_id}: the write failed {unexpected} times in a "
+                            f"row and was given up; it may have landed: {describe_error(exc)}",
+                            room_id=room.room_id,
                         )
                         error.__cause__ = exc
                         self._finish(room, batch, [error] * len(batch.ops))
@@ -772,7 +750,7 @@ class ConversationManager:
                     now = loop.time()
                     if batch.durable_deadline is not None and now >= batch.durable_deadline:
                         self._abandon_durable(room, batch, exc)
-                        failures = 0
+                        failures = unexpected = 0
                         continue
                     delay = min(self._backoff_max, self._backoff_base * 2 ** (failures - 1))
                     delay *= 0.5 + random.random() / 2  # jitter: workers do not retry in lockstep
@@ -926,8 +904,12 @@ class ConversationManager:
                 continue  # already in synced: it landed before its reply was lost
             # An op that no longer applies (its entry left the window) will be
             # settled by its own persist; the view simply lacks its effect.
-            with contextlib.suppress(InvalidMessage):
+            try:
                 op.apply(view, self._max_history)
+            except InvalidMessage:
+                pass
+            except Exception:  # a bug must not leave the room's queue unsettled
+                logger.exception("room %s: could not re-apply a pending write", room.room_id)
         room.view = view
 
     async def _refresh(self, room: _Room) -> None:

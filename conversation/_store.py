@@ -47,6 +47,10 @@ NO_WAIT_SCRIPT_NAMES = frozenset({"sync", "lease_release", "lease_renew"})
 
 Arg = str | bytes | int
 
+# Whether scripts may call INFO, which lua/_lib.lua needs to tag epochs with the
+# primary's replication id.
+_INFO_PROBE = "return (pcall(redis.call, 'INFO', 'replication')) and 1 or 0"
+
 
 @dataclass(frozen=True, slots=True)
 class Script:
@@ -101,6 +105,7 @@ class _Pipeliner:
         self._cluster = isinstance(redis, RedisCluster)
         self._reload_before_next = False
         self._outstanding = 0  # calls sent or queued whose replies are not in yet
+        self._info_checked = False
 
     async def run(self, script: Script, keys: list[str], args: list[Arg], direct: bool) -> Any:
         """Run one script call; ``direct``: send it at once from the caller's task
@@ -206,6 +211,14 @@ class _Pipeliner:
         self._stats.script_reloads += 1
         for script in self._scripts.values():
             await self._redis.script_load(script.source)
+        if not self._info_checked:
+            self._info_checked = True
+            if not await self._redis.eval(_INFO_PROBE, 0):
+                logger.warning(
+                    "INFO is refused inside scripts on this server (ACL, rename-command, or an "
+                    "emulator): epochs carry no replication id, so after a failover to a "
+                    "replica that missed writes, workers may patch instead of reloading"
+                )
 
     async def _execute(self, calls: list[_Call]) -> list[Any]:
         self._stats.round_trips += 1

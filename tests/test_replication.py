@@ -219,7 +219,7 @@ async def test_an_error_that_never_goes_away_fails_the_write_not_the_room(
         return await real_append(*args, **kwargs)
 
     monkeypatch.setattr(store, "append", broken_append)
-    with pytest.raises(PersistError, match="failed for good") as caught:
+    with pytest.raises(PersistError, match="given up; it may have landed") as caught:
         await manager.append_async(room, "user", "[Message ID: 1] doomed")
     assert isinstance(caught.value.__cause__, AttributeError)
     broken = False
@@ -272,3 +272,57 @@ async def test_workers_reload_after_a_failover_that_reused_versions(
             await client.aclose()
         await proxy.stop()
         replica.stop()
+
+
+async def test_an_error_after_redis_applied_the_write_lands_it_once(
+    primary: RedisServer, make_manager: Make, room: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reply of an applied write is lost to a bug: the retry replays the token."""
+    client = aioredis.Redis(port=primary.port, socket_timeout=5)
+    manager = make_manager(client, retry_backoff=(0.01, 0.02))
+    await manager.append_async(room, "user", "[Message ID: 1] before")
+    real_absorb = manager._absorb
+    failures = iter([KeyError("a bug while reading the reply")])
+
+    def flaky_absorb(*args: Any, **kwargs: Any) -> None:
+        for error in failures:
+            raise error
+        real_absorb(*args, **kwargs)
+
+    monkeypatch.setattr(manager, "_absorb", flaky_absorb)
+    await manager.append_async(room, "user", "[Message ID: 2] applied, reply lost")
+    await manager.append_async(room, "user", "[Message ID: 3] after")
+    expected = [
+        "[Message ID: 1] before",
+        "[Message ID: 2] applied, reply lost",
+        "[Message ID: 3] after",
+    ]
+    assert stored(primary, room) == expected
+    assert [m["content"] for m in manager.get_messages(room)] == expected
+    await manager.ensure_fresh_from_redis(room)
+    assert [m["content"] for m in manager.get_messages(room)] == expected
+    await client.aclose()
+
+
+async def test_a_server_that_refuses_info_to_scripts_is_reported(
+    primary: RedisServer, make_manager: Make, room: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A common hardening ACL (-@dangerous) denies INFO: the engine still works, and says
+    that failovers that lost writes can no longer be told apart."""
+    with redis.Redis(port=primary.port) as admin:
+        admin.acl_setuser(
+            "bot",
+            enabled=True,
+            passwords=["+secret"],
+            keys=["*"],
+            commands=["+@all", "-@dangerous"],
+        )
+    client = aioredis.Redis(port=primary.port, username="bot", password="secret", socket_timeout=5)
+    manager = make_manager(client)
+    with caplog.at_level("WARNING", logger="conversation"):
+        await manager.append_async(room, "user", "[Message ID: 1] hi")
+        await manager.append_async(room, "user", "[Message ID: 2] again")
+    warnings = [r for r in caplog.records if "INFO is refused" in r.getMessage()]
+    assert len(warnings) == 1
+    assert stored(primary, room) == ["[Message ID: 1] hi", "[Message ID: 2] again"]
+    await client.aclose()

@@ -14,6 +14,7 @@ seconds on the cluster and three to four behind Sentinel.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import socket
 import subprocess
@@ -41,6 +42,8 @@ NODE_TIMEOUT_MS = 500
 SENTINEL_DOWN_AFTER_MS = 2000
 SERVICE = "mymaster"
 KEYS = KeySpace("sg")
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -550,6 +553,33 @@ class Workload:
         )
         return recovered - self.killed_at, waiting
 
+    async def report(
+        self,
+        label: str,
+        client: Any,
+        busy: str,
+        promoted_after: float,
+        record_property: Callable[[str, object], None],
+    ) -> int:
+        """Check the 30 turns queued in ``busy`` landed once each, record and log the
+        failover's numbers; returns how many acknowledged appends were lost."""
+        stored = [m["content"] for m in await redis_window(client, busy)]
+        assert sum(1 for content in stored if content.endswith("] queued")) == 30
+        lost = await self.lost(client)
+        recovered_after, waiting = self.recovery(busy)
+        numbers = {
+            "acknowledged_appends": sum(self.count(room) for room in self.rooms),
+            "writes_during_failover": waiting + 30,
+            "replica_promoted_after_s": round(promoted_after, 2),
+            "busy_room_writable_after_s": round(recovered_after, 2),
+            "acknowledged_writes_lost": lost,
+            "persist_retries": sum(m.stats()["persist_retries"] for m in self.managers),
+        }
+        for name, value in numbers.items():
+            record_property(name, value)
+        logger.warning("%s: %s", label, numbers)
+        return lost
+
     async def lost(self, client: Any) -> int:
         """Acknowledged appends that Redis does not hold."""
         lost = 0
@@ -565,25 +595,82 @@ def message_id_of(message: dict[str, Any]) -> str:
     return content[len("[Message ID: ") : content.index("]")]
 
 
-async def lag_window(
-    writer: ConversationManager,
-    tasks: list[asyncio.Task[None]],
-    primary: redis.Redis,
-    room: str,
-) -> int:
-    """Let the lagging-window writes reach the primary; returns how many did.
+class LaggingWrites:
+    """20 concurrent appends made while the replica lags, and what became of them.
 
-    Without WAIT they are all acknowledged (so all are on the primary). With it
-    the first one lands and is retried, unconfirmed, while the others queue
-    behind it in order: wait until WAIT has refused it twice.
+    The room must hold 10 turns before (``before``). ``start`` launches the
+    appends, ``reach_primary`` waits until they are on the primary as far as
+    they can get, ``check`` (after the failover) settles them, lets another
+    worker write on the new primary, and checks convergence and losses.
     """
-    window = KEYS.room(room).window
-    await eventually(
-        lambda: (
-            all(task.done() for task in tasks)
-            or (primary.llen(window) > 10 and writer.stats()["unreplicated_writes"] >= 2)
-        ),
-        10,
-        "the lagging writes on the primary",
-    )
-    return int(primary.llen(window)) - 10
+
+    count = 20
+
+    def __init__(self, writer: ConversationManager, room: str) -> None:
+        self.writer = writer
+        self.room = room
+        self.acked: list[str] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.on_primary_only = self.acknowledged_while_lagging = 0
+
+    async def before(self) -> None:
+        for turn in range(10):
+            await self.writer.append_async(self.room, "user", f"[Message ID: before-{turn}] b")
+
+    async def _write(self, turn: int) -> None:
+        await self.writer.append_async(self.room, "user", f"[Message ID: lag-{turn}] lagging")
+        self.acked.append(f"lag-{turn}")
+
+    def start(self) -> None:
+        self.tasks = [asyncio.create_task(self._write(turn)) for turn in range(self.count)]
+
+    async def reach_primary(self, primary: redis.Redis) -> None:
+        """Without WAIT all are acknowledged (so all are on the primary). With it the
+        first lands and is retried, unconfirmed, while the others queue behind it in
+        order: wait until WAIT has refused it twice."""
+        window = KEYS.room(self.room).window
+        await eventually(
+            lambda: (
+                all(task.done() for task in self.tasks)
+                or (primary.llen(window) > 10 and self.writer.stats()["unreplicated_writes"] >= 2)
+            ),
+            10,
+            "the lagging writes on the primary",
+        )
+        self.on_primary_only = int(primary.llen(window)) - 10
+        self.acknowledged_while_lagging = len(self.acked)
+
+    async def check(
+        self,
+        label: str,
+        min_replicas: int,
+        other: ConversationManager,
+        client: Any,
+        record_property: Callable[[str, object], None],
+    ) -> None:
+        await asyncio.gather(*self.tasks)
+        await self.writer.drain(timeout=30)
+        # Another worker writes on the new primary: versions there pass the writer's.
+        for turn in range(25):
+            await other.append_async(self.room, "assistant", f"[Message ID: after-{turn}] after")
+        await assert_converged([self.writer, other], client, [self.room])
+        stored = [m["content"] for m in await redis_window(client, self.room)]
+        assert len(stored) == len(set(stored)), "a retried write landed twice"
+        lost = sum(1 for mid in self.acked if f"[Message ID: {mid}] lagging" not in stored)
+        outcome = (self.on_primary_only, self.acknowledged_while_lagging, lost)
+        for name, value in zip(
+            ("on_primary_only", "acknowledged_while_lagging", "acknowledged_writes_lost"),
+            outcome,
+            strict=True,
+        ):
+            record_property(name, value)
+        logger.warning(
+            "%s, min_replicas=%d: %d of %d appends reached the primary only, "
+            "%d of them acknowledged, %d acknowledged appends lost",
+            label, min_replicas, outcome[0], self.count, outcome[1], lost,
+        )  # fmt: skip
+        if min_replicas:
+            assert self.on_primary_only >= 1
+            assert (self.acknowledged_while_lagging, lost) == (0, 0)
+        else:
+            assert outcome == (self.count, self.count, self.count)

@@ -10,7 +10,6 @@ next test finds a healthy 3 + 3 cluster again.
 from __future__ import annotations
 
 import asyncio
-import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -19,14 +18,13 @@ import pytest
 import redis
 from cluster_servers import (
     KEYS,
+    LaggingWrites,
     LocalCluster,
     Workload,
     assert_converged,
     eventually,
-    lag_window,
     link_down,
     quick_retry,
-    redis_window,
 )
 from multiproc import run_in_processes
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -36,8 +34,6 @@ from conversation import ConversationManager, DurabilityError
 
 Make = Callable[..., ConversationManager]
 MakeClient = Callable[[], RedisCluster]
-
-logger = logging.getLogger(__name__)
 
 
 @pytest.fixture(scope="module")
@@ -377,21 +373,8 @@ async def test_failover_in_the_middle_of_concurrent_writes(
     client = cluster_client()
     assert cluster.slot_owner(slot_of(busy)).port == replica.port
     await assert_converged(managers, client, rooms)
-    stored = [m["content"] for m in await redis_window(client, busy)]
-    assert sum(1 for content in stored if content.endswith("] queued")) == 30
-    lost = await workload.lost(client)
-    recovered_after, waiting = workload.recovery(busy)
-    numbers = {
-        "acknowledged_appends": sum(workload.count(room) for room in rooms),
-        "writes_during_failover": waiting + 30,
-        "replica_promoted_after_s": round(promoted_after, 2),
-        "busy_room_writable_after_s": round(recovered_after, 2),
-        "acknowledged_writes_lost": lost,
-        "persist_retries": sum(manager.stats()["persist_retries"] for manager in managers),
-    }
-    for name, value in numbers.items():
-        record_property(name, value)
-    logger.warning("cluster failover, min_replicas=%d: %s", min_replicas, numbers)
+    label = f"cluster failover, min_replicas={min_replicas}"
+    lost = await workload.report(label, client, busy, promoted_after, record_property)
     if min_replicas:
         assert lost == 0
 
@@ -423,51 +406,17 @@ async def test_failover_to_a_lagging_replica(
         retry_backoff=(0.02, 0.25),
     )
     other = make_manager(cluster_client(), max_history=1000)
-    for turn in range(10):
-        await writer.append_async(room, "user", f"[Message ID: before-{turn}] before")
-
-    acked: list[str] = []
-
-    async def write(turn: int) -> None:
-        await writer.append_async(room, "user", f"[Message ID: lag-{turn}] lagging")
-        acked.append(f"lag-{turn}")
-
+    writes = LaggingWrites(writer, room)
+    await writes.before()
     with (
         link_down(victim.server, replica.server),
         redis.Redis(port=victim.port) as direct,
     ):
-        tasks = [asyncio.create_task(write(turn)) for turn in range(20)]
-        on_primary_only = await lag_window(writer, tasks, direct, room)
-        acknowledged_while_lagging = len(acked)
+        writes.start()
+        await writes.reach_primary(direct)
         cluster.kill(victim)
     await asyncio.to_thread(cluster.wait_promoted, replica)
     cluster.restart(victim)
     await asyncio.to_thread(cluster.wait_healthy)
-    await asyncio.gather(*tasks)
-    await writer.drain(timeout=30)
-
-    # Another worker writes on the new primary: versions there pass the writer's.
-    for turn in range(25):
-        await other.append_async(room, "assistant", f"[Message ID: after-{turn}] after")
-    client = cluster_client()
-    await assert_converged([writer, other], client, [room])
-    stored = [m["content"] for m in await redis_window(client, room)]
-    assert len(stored) == len(set(stored)), "a retried write landed twice"
-    lost = sum(1 for message_id in acked if f"[Message ID: {message_id}] lagging" not in stored)
-    record_property("on_primary_only", on_primary_only)
-    record_property("acknowledged_while_lagging", acknowledged_while_lagging)
-    record_property("acknowledged_writes_lost", lost)
-    logger.warning(
-        "cluster failover to a lagging replica, min_replicas=%d: "
-        "%d of 20 appends reached the primary only, %d of them acknowledged, "
-        "%d acknowledged appends lost",
-        min_replicas,
-        on_primary_only,
-        acknowledged_while_lagging,
-        lost,
-    )
-    if min_replicas:
-        assert on_primary_only >= 1
-        assert (acknowledged_while_lagging, lost) == (0, 0)
-    else:
-        assert (on_primary_only, acknowledged_while_lagging, lost) == (20, 20, 20)
+    label = "cluster failover to a lagging replica"
+    await writes.check(label, min_replicas, other, cluster_client(), record_property)

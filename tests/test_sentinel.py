@@ -9,7 +9,6 @@ as a replica of it, so the next test finds a primary with a replica again.
 from __future__ import annotations
 
 import asyncio
-import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -18,14 +17,13 @@ import redis
 import redis.asyncio as aioredis
 from cluster_servers import (
     SERVICE,
+    LaggingWrites,
     LocalSentinel,
     Workload,
     assert_converged,
     eventually,
-    lag_window,
     link_down,
     quick_retry,
-    redis_window,
 )
 from redis.asyncio.sentinel import Sentinel
 
@@ -34,7 +32,6 @@ from conversation import ConversationManager
 Make = Callable[..., ConversationManager]
 MakeClient = Callable[[], aioredis.Redis]
 
-logger = logging.getLogger(__name__)
 
 FAILOVER_MODES = pytest.mark.parametrize(
     "min_replicas", [0, 1], ids=["async-replication", "wait-1-replica"]
@@ -162,21 +159,8 @@ async def test_sentinel_failover_in_the_middle_of_concurrent_writes(
 
     client = sentinel_client()
     await assert_converged(managers, client, names)
-    stored = [m["content"] for m in await redis_window(client, names[0])]
-    assert sum(1 for content in stored if content.endswith("] queued")) == 30
-    lost = await workload.lost(client)
-    recovered_after, waiting = workload.recovery(names[0])
-    numbers = {
-        "acknowledged_appends": sum(workload.count(room) for room in names),
-        "writes_during_failover": waiting + 30,
-        "replica_promoted_after_s": round(promoted_after, 2),
-        "room_writable_after_s": round(recovered_after, 2),
-        "acknowledged_writes_lost": lost,
-        "persist_retries": sum(manager.stats()["persist_retries"] for manager in managers),
-    }
-    for name, value in numbers.items():
-        record_property(name, value)
-    logger.warning("sentinel failover, min_replicas=%d: %s", min_replicas, numbers)
+    label = f"sentinel failover, min_replicas={min_replicas}"
+    lost = await workload.report(label, client, names[0], promoted_after, record_property)
     if min_replicas:
         assert lost == 0
 
@@ -200,48 +184,15 @@ async def test_sentinel_failover_to_a_lagging_replica(
         retry_backoff=(0.02, 0.25),
     )
     other = make_manager(sentinel_client(), max_history=1000)
-    for turn in range(10):
-        await writer.append_async(room, "user", f"[Message ID: before-{turn}] before")
+    writes = LaggingWrites(writer, room)
+    await writes.before()
     old, replica = sentinel.primary(), sentinel.replica()
-
-    acked: list[str] = []
-
-    async def write(turn: int) -> None:
-        await writer.append_async(room, "user", f"[Message ID: lag-{turn}] lagging")
-        acked.append(f"lag-{turn}")
-
     with link_down(old, replica), redis.Redis(port=old.port) as direct:
-        tasks = [asyncio.create_task(write(turn)) for turn in range(20)]
-        on_primary_only = await lag_window(writer, tasks, direct, room)
-        acknowledged_while_lagging = len(acked)
+        writes.start()
+        await writes.reach_primary(direct)
         old.kill()
     new = await asyncio.to_thread(sentinel.wait_failover, old.port)
     sentinel.restart_as_replica(old, new)
     await asyncio.to_thread(sentinel.wait_healthy)
-    await asyncio.gather(*tasks)
-    await writer.drain(timeout=30)
-
-    for turn in range(25):
-        await other.append_async(room, "assistant", f"[Message ID: after-{turn}] after")
-    client = sentinel_client()
-    await assert_converged([writer, other], client, [room])
-    stored = [m["content"] for m in await redis_window(client, room)]
-    assert len(stored) == len(set(stored)), "a retried write landed twice"
-    lost = sum(1 for message_id in acked if f"[Message ID: {message_id}] lagging" not in stored)
-    record_property("on_primary_only", on_primary_only)
-    record_property("acknowledged_while_lagging", acknowledged_while_lagging)
-    record_property("acknowledged_writes_lost", lost)
-    logger.warning(
-        "sentinel failover to a lagging replica, min_replicas=%d: "
-        "%d of 20 appends reached the primary only, %d of them acknowledged, "
-        "%d acknowledged appends lost",
-        min_replicas,
-        on_primary_only,
-        acknowledged_while_lagging,
-        lost,
-    )
-    if min_replicas:
-        assert on_primary_only >= 1
-        assert (acknowledged_while_lagging, lost) == (0, 0)
-    else:
-        assert (on_primary_only, acknowledged_while_lagging, lost) == (20, 20, 20)
+    label = "sentinel failover to a lagging replica"
+    await writes.check(label, min_replicas, other, sentinel_client(), record_property)

@@ -693,8 +693,10 @@ class _Worker:
         )
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.stop.set)
+        with _stop_on_sigterm(self.stop):
+            await self._run()
+
+    async def _run(self) -> None:
         started = time.monotonic()
         try:
             self.report(("ready", self.role, os.getpid()))
@@ -1018,6 +1020,24 @@ _WORKERS: dict[str, type[_Worker]] = {
 }
 
 
+@contextlib.contextmanager
+def _stop_on_sigterm(stop: asyncio.Event) -> Iterator[None]:
+    """SIGTERM sets ``stop`` while the block runs, and is ignored after it.
+
+    The parent's SIGTERM can come late, after the work is done: had the loop's
+    handler still been installed while ``asyncio.run`` closes the loop, the
+    signal would be written to the loop's already closed wakeup pipe, and
+    Python prints a traceback for it.
+    """
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _child_setup(role: str, verbose: bool) -> None:
     # Ctrl-C in the terminal reaches every process of the group: only the parent
     # acts on it, and stops the children with SIGTERM so they drain.
@@ -1057,7 +1077,13 @@ def source_main(config: DemoConfig, events: list[Event], channel: Any) -> None:
 async def _publish(config: DemoConfig, events: list[Event], report: Report) -> None:
     client = make_client(config.redis_url, cluster=config.cluster)
     stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    with _stop_on_sigterm(stop):
+        await _publish_events(client, config, events, report, stop)
+
+
+async def _publish_events(
+    client: Any, config: DemoConfig, events: list[Event], report: Report, stop: asyncio.Event
+) -> None:
     started = time.monotonic()
     report(("ready", "source", os.getpid()))
     try:

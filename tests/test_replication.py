@@ -178,23 +178,33 @@ async def test_reads_and_syncs_do_not_wait_for_replicas(
 # --------------------------------------------------------- unexpected errors
 
 
+def break_appends(
+    manager: ConversationManager,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: Callable[[], Exception | None],
+) -> None:
+    """Before each append script call, ``failure()`` may name an error to raise instead."""
+    store = manager._store
+    assert store is not None
+    real_append = store.append
+
+    async def append(*args: Any, **kwargs: Any) -> Any:
+        error = failure()
+        if error is not None:
+            raise error
+        return await real_append(*args, **kwargs)
+
+    monkeypatch.setattr(store, "append", append)
+
+
 async def test_persist_loop_survives_an_unexpected_error(
     primary: RedisServer, make_manager: Make, room: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bug-shaped error (seen from redis-py's cluster client under load) is retried."""
     client = aioredis.Redis(port=primary.port, socket_timeout=5)
     manager = make_manager(client, retry_backoff=(0.01, 0.02))
-    store = manager._store
-    assert store is not None
-    real_append = store.append
     failures = iter([AttributeError("'NoneType' object has no attribute 'writelines'")])
-
-    async def flaky_append(*args: Any, **kwargs: Any) -> Any:
-        for error in failures:
-            raise error
-        return await real_append(*args, **kwargs)
-
-    monkeypatch.setattr(store, "append", flaky_append)
+    break_appends(manager, monkeypatch, lambda: next(failures, None))
     manager.append(room, "user", "[Message ID: 1] first")
     await manager.append_async(room, "user", "[Message ID: 2] second")
     await manager.drain(timeout=5)
@@ -208,17 +218,8 @@ async def test_an_error_that_never_goes_away_fails_the_write_not_the_room(
 ) -> None:
     client = aioredis.Redis(port=primary.port, socket_timeout=5)
     manager = make_manager(client, retry_backoff=(0.01, 0.02))
-    store = manager._store
-    assert store is not None
-    real_append = store.append
     broken = True
-
-    async def broken_append(*args: Any, **kwargs: Any) -> Any:
-        if broken:
-            raise AttributeError("a bug")
-        return await real_append(*args, **kwargs)
-
-    monkeypatch.setattr(store, "append", broken_append)
+    break_appends(manager, monkeypatch, lambda: AttributeError("a bug") if broken else None)
     with pytest.raises(PersistError, match="given up; it may have landed") as caught:
         await manager.append_async(room, "user", "[Message ID: 1] doomed")
     assert isinstance(caught.value.__cause__, AttributeError)

@@ -836,6 +836,7 @@ class ConsolidationWorker:
             return self._engine.known_rooms()
         keyspace = self._engine.key_space()
         found: set[str] = set()
+        # On a RedisCluster, redis-py's scan_iter walks every primary, each to its end.
         async for key in store.redis.scan_iter(match=keyspace.meta_pattern(), count=1000):
             text = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
             room_id = keyspace.room_from_meta_key(text)

@@ -38,9 +38,7 @@ import os
 import platform
 import random
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +55,7 @@ import redis.asyncio as aioredis
 
 from ._keys import KeySpace, RoomKeys
 from ._manager import ConversationManager
+from ._redis_server import RedisServerProcess
 
 __all__ = ["ROW_KEYS", "main"]
 
@@ -306,62 +305,24 @@ async def paired(
 # ------------------------------------------------------------------ the server
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class PrivateRedis:
     """A throw-away ``redis-server`` on a free loopback port, stopped by its pid."""
 
     def __init__(self, extra: Sequence[str] = ()) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="conversation-bench-"))
-        self.port = 0
-        self.extra = tuple(extra)
-        self.process: subprocess.Popen[bytes] | None = None
+        self.server = RedisServerProcess(self.directory, extra=tuple(extra))
+
+    @property
+    def port(self) -> int:
+        return self.server.port
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.server.url
 
     def start(self) -> PrivateRedis:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not on PATH; install it or pass --redis-url")
-        for _attempt in range(5):
-            self.port = _free_port()
-            args = [
-                binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.directory),
-                "--logfile", str(self.directory / "redis.log"),
-                *self.extra,
-            ]  # fmt: skip
-            self.process = subprocess.Popen(
-                args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
-            if self._wait_ready():
-                return self
-            self.stop()  # the port was taken between probe and bind: try another
-        raise RuntimeError(f"could not start redis-server (see {self.directory / 'redis.log'})")
-
-    def _wait_ready(self, timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is None or self.process.poll() is not None:
-                return False
-            try:
-                with redis.Redis(port=self.port, socket_timeout=0.5) as client:
-                    if client.ping():
-                        return True
-            except redis.ConnectionError:
-                pass
-            time.sleep(0.01)
-        return False
+        self.server.start()
+        return self
 
     def version(self) -> str:
         with redis.Redis(port=self.port) as client:
@@ -369,14 +330,7 @@ class PrivateRedis:
             return str(info.get("redis_version", "?"))
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
+        self.server.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

@@ -47,7 +47,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -61,7 +60,6 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 import orjson
-import redis
 
 from ._cli import (
     EXIT_INTERRUPTED,
@@ -82,6 +80,7 @@ from ._cli import (
 )
 from ._keys import KeySpace
 from ._manager import ConversationManager, Renderer
+from ._redis_server import RedisServerProcess
 
 logger = logging.getLogger(__name__)
 
@@ -1132,20 +1131,6 @@ class Backend:
     description: str
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _ping(url: str) -> bool:
-    try:
-        with redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5) as client:
-            return bool(client.ping())
-    except (redis.ConnectionError, redis.TimeoutError, OSError):
-        return False
-
-
 @contextlib.contextmanager
 def redis_backend(url: str | None, embedded: str = "auto") -> Iterator[Backend]:
     """The Redis the demo runs on: ``url`` if given, else a private embedded one.
@@ -1175,55 +1160,27 @@ def _private_redis_server(binary: str) -> Iterator[Backend]:
     ).stdout
     match = re.search(r"v=(\S+)", version)
     with tempfile.TemporaryDirectory(prefix="conversation-demo-") as directory:
-        port = _free_port()
-        process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                directory,
-                "--logfile",
-                str(Path(directory) / "redis.log"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            # Its own session: a Ctrl-C in the terminal must not stop it before
-            # the workers have drained into it; it is stopped by pid below.
-            start_new_session=True,
-        )
-        url = f"redis://127.0.0.1:{port}/0"
+        # Its own session: a Ctrl-C in the terminal must not stop it before the
+        # workers have drained into it; it is stopped by pid below.
+        server = RedisServerProcess(Path(directory), new_session=True)
         try:
-            deadline = time.monotonic() + 10
-            while not _ping(url):
-                if process.poll() is not None:
-                    raise CliError(
-                        f"the embedded redis-server exited with {process.returncode}",
-                        EXIT_UNREACHABLE,
-                    )
-                if time.monotonic() > deadline:
-                    raise CliError("the embedded redis-server did not start", EXIT_UNREACHABLE)
-                time.sleep(0.02)
+            server.start()
+        except RuntimeError as exc:
+            server.stop()
+            raise CliError(
+                f"the embedded redis-server did not start: {exc}", EXIT_UNREACHABLE
+            ) from exc
+        try:
+            pid = server.process.pid if server.process is not None else "?"
             yield Backend(
-                url,
-                f"private redis-server {match.group(1) if match else ''} on 127.0.0.1:{port} "
-                f"(pid {process.pid}; embedded — pass --redis-url to use your own)".replace(
+                server.url,
+                f"private redis-server {match.group(1) if match else ''} on 127.0.0.1:"
+                f"{server.port} (pid {pid}; embedded — pass --redis-url to use your own)".replace(
                     "  ", " "
                 ),
             )
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            server.stop()
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ import redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.crc import key_slot
-from redis_servers import REDIS_SERVER, RedisServer, wait_until
+from redis_servers import RedisServer, wait_until
 
 from conversation import ConversationManager
 from conversation._keys import KeySpace
@@ -111,27 +111,11 @@ def spawn(servers: list[RedisServer], config_files: dict[int, Path] | None = Non
     ``config_files`` maps a port to the config file that server starts from
     (Sentinel needs one it can rewrite); the others start from arguments alone.
     """
-    if REDIS_SERVER is None:
-        raise RuntimeError("redis-server is not on PATH")
     for server in servers:
-        server.directory.mkdir(parents=True, exist_ok=True)
-        config = (config_files or {}).get(server.port)
-        args = [
-            REDIS_SERVER,
-            *([str(config)] if config is not None else []),
-            "--port", str(server.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(server.directory),
-            "--logfile", str(server.directory / "redis.log"),
-            *server.extra,
-        ]  # fmt: skip
-        server.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        server.config_file = (config_files or {}).get(server.port)
+        server.launch()
     for server in servers:
-        wait_until(server.ping, what=f"redis-server on port {server.port}")
+        server.wait_ready()
 
 
 @contextmanager

@@ -106,6 +106,7 @@ class _Pipeliner:
         self._reload_before_next = False
         self._outstanding = 0  # calls sent or queued whose replies are not in yet
         self._info_checked = False
+        self._repair: asyncio.Task[None] | None = None
 
     async def run(self, script: Script, keys: list[str], args: list[Arg], direct: bool) -> Any:
         """Run one script call; ``direct``: send it at once from the caller's task
@@ -285,7 +286,7 @@ class _Pipeliner:
                 results[index] = outcome if isinstance(outcome, Exception) else outcome[position]
         failed = [calls[i] for i, result in enumerate(results) if _needs_new_route(result)]
         if failed:
-            await self._repair_routes(failed[0])
+            self._schedule_repair(failed[0])
         if all(isinstance(result, Exception) for result in results):
             connection_errors = [r for r in results if isinstance(r, RedisConnectionError)]
             if len(connection_errors) == len(results):
@@ -304,12 +305,23 @@ class _Pipeliner:
         *results, confirmed = (command.result for command in commands)
         return self._confirm(calls, results, confirmed)
 
+    def _schedule_repair(self, call: _Call) -> None:
+        """Repair the slot map in the background, one repair at a time: the calls
+        that went to healthy primaries in the same batch must not wait for it."""
+        if self._repair is not None and not self._repair.done():
+            return
+        task = asyncio.get_running_loop().create_task(self._repair_routes(call))
+        self._repair = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _repair_routes(self, call: _Call) -> None:
         """Let redis-py repair its slot map: a keyed read through the normal path
         follows MOVED and reconnects after a failover, as any command would."""
         try:
-            await self._redis.exists(call.keys[0])
-        except (RedisError, RedisClusterException, OSError) as exc:
+            async with asyncio.timeout(self._timeout):
+                await self._redis.exists(call.keys[0])
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             logger.debug("slot map repair failed for now: %s", exc)
 
     def _confirm(self, calls: list[_Call], results: list[Any], confirmed: Any) -> list[Any]:

@@ -170,9 +170,27 @@ class _Pipeliner:
             else:
                 call.future.set_result(result)
 
+    async def _check_info(self) -> None:
+        """Once per manager, before its first script call: may scripts call INFO?"""
+        try:
+            async with asyncio.timeout(self._timeout):
+                allowed = bool(await self._redis.eval(_INFO_PROBE, 0))
+        except ResponseError as exc:  # EVAL itself refused: the scripts will say so
+            logger.debug("could not probe INFO inside scripts: %s", exc)
+            allowed = True
+        self._info_checked = True  # not before: a probe lost to a fault is retried
+        if not allowed:
+            logger.warning(
+                "INFO is refused inside scripts on this server (ACL, rename-command, or an "
+                "emulator): epochs carry no replication id, so after a failover to a "
+                "replica that missed writes, workers may patch instead of reloading"
+            )
+
     async def _results(self, calls: list[_Call]) -> list[Any]:
         """Each call's reply or error (NOSCRIPT handled); raises what failed them all."""
         try:
+            if not self._info_checked:
+                await self._check_info()
             if self._reload_before_next:
                 # After a lost connection the server may be a restarted or failed-over
                 # one with an empty script cache; some servers (fakeredis's TCP server)
@@ -212,19 +230,6 @@ class _Pipeliner:
         self._stats.script_reloads += 1
         for script in self._scripts.values():
             await self._redis.script_load(script.source)
-        if not self._info_checked:
-            self._info_checked = True
-            try:
-                allowed = bool(await self._redis.eval(_INFO_PROBE, 0))
-            except ResponseError as exc:  # EVAL itself refused: the scripts will say so
-                logger.debug("could not probe INFO inside scripts: %s", exc)
-                allowed = True
-            if not allowed:
-                logger.warning(
-                    "INFO is refused inside scripts on this server (ACL, rename-command, or an "
-                    "emulator): epochs carry no replication id, so after a failover to a "
-                    "replica that missed writes, workers may patch instead of reloading"
-                )
 
     async def _execute(self, calls: list[_Call]) -> list[Any]:
         self._stats.round_trips += 1
@@ -238,8 +243,17 @@ class _Pipeliner:
             return await self._execute_waiting(calls)
         if len(calls) == 1 or self._cluster:
             # redis-py refuses EVALSHA inside a cluster pipeline: on a cluster the
-            # tick's calls go out concurrently instead, each to its slot's primary.
-            return list(await asyncio.gather(*(self._evalsha(call) for call in calls)))
+            # tick's calls go out concurrently instead, each to its slot's primary,
+            # and a dead primary fails only its own rooms' calls.
+            results = await asyncio.gather(
+                *(self._evalsha(call) for call in calls), return_exceptions=True
+            )
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(result, Exception):
+                    raise result
+            if all(isinstance(result, _LOST_CONNECTION) for result in results):
+                raise results[0]  # the server (or every node) is gone: see _results
+            return list(results)
         pipe = self._redis.pipeline(transaction=False)
         for call in calls:
             pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
@@ -355,6 +369,8 @@ class _Pipeliner:
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
+
+_LOST_CONNECTION = (RedisConnectionError, ConnectionError)
 
 _STALE_ROUTE_ERRORS = (
     RedisConnectionError,

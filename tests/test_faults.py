@@ -212,3 +212,35 @@ async def test_pipelined_calls_reload_scripts_after_flush(
             b'{"message_id":null,"role":"user","content":"after flush"}',
         ]
     await client.aclose()
+
+
+async def test_on_a_cluster_a_dead_node_fails_only_its_own_rooms_calls() -> None:
+    """The calls of one tick go to several primaries at once; one primary being gone
+    must not fail the calls that reached the others (they would be retried for
+    nothing, and any awaited write there would wait for a dead node's backoff)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from conversation._stats import Stats
+    from conversation._store import Script, _Call, _Pipeliner
+
+    class TwoNodes:
+        """Stands in for a RedisCluster whose node for key 'dead' is down."""
+
+        async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+            if keys_and_args[0] == "dead":
+                raise RedisConnectionError("Error 111 connecting to the dead node")
+            return b"ok"
+
+        async def eval(self, script: str, numkeys: int) -> int:
+            return 1
+
+    pipeliner = _Pipeliner(TwoNodes(), {}, Stats(), 1.0)
+    pipeliner._cluster = True
+    script = Script("append", "", "0" * 40)
+    calls = [_Call(script, [key], [], None) for key in ("dead", "alive", "alive")]
+    results = await pipeliner._results(calls)
+    assert isinstance(results[0], RedisConnectionError)
+    assert results[1:] == [b"ok", b"ok"]
+    # Every node gone: the whole tick fails as one, and scripts are reloaded next time.
+    with pytest.raises(RedisConnectionError):
+        await pipeliner._results([_Call(script, ["dead"], [], None)])

@@ -1593,7 +1593,7 @@ async def _wait_cost(bench: Bench) -> Row:
     port = int(bench.url.rsplit(":", 1)[1].split("/")[0])
     replica = PrivateRedis(extra=("--replicaof", "127.0.0.1", str(port))).start()
     try:
-        await _wait_replica_linked(replica.port)
+        await asyncio.to_thread(replica.server.wait_replica_synced)
         rng = random.Random(3)
         texts = [text_of(f"w{i}", ENTRY_BYTES, rng) for i in range(bench.sizes.wait_appends)]
         plain = bench.manager(bench.client())
@@ -1633,21 +1633,6 @@ async def _wait_cost(bench: Bench) -> Row:
         median(without),
         details={"engine_runs": with_wait, "baseline_runs": without, "unconfirmed": unconfirmed},
     )
-
-
-async def _wait_replica_linked(port: int, timeout: float = 30.0) -> None:
-    client = aioredis.Redis(port=port)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            info: dict[str, Any] = await client.info("replication")
-            if info.get("master_link_status") == "up" and not info.get("master_sync_in_progress"):
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the bench replica on port {port} did not link up")
-            await asyncio.sleep(0.02)
-    finally:
-        await client.aclose()
 
 
 def _skipped(key: str, reason: str) -> Row:

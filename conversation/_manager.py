@@ -28,6 +28,7 @@ from ._consolidation import (
     ConsolidationResult,
     Consolidator,
     Summarizer,
+    _positive_int,
 )
 from ._entries import (
     Entry,
@@ -975,19 +976,12 @@ async def _decode_yielding(rows: list[bytes]) -> list[Entry]:
 
 
 def _check_replication(
-    redis: Any, min_replicas: object, replica_timeout_ms: object, command_timeout: float | None
+    redis: Any, min_replicas: int, replica_timeout_ms: int, command_timeout: float | None
 ) -> None:
     if isinstance(min_replicas, bool) or not isinstance(min_replicas, int) or min_replicas < 0:
         raise ConfigurationError(f"min_replicas must be an int >= 0, got {min_replicas!r}")
-    if (
-        isinstance(replica_timeout_ms, bool)
-        or not isinstance(replica_timeout_ms, int)
-        or replica_timeout_ms < 1
-    ):
-        # WAIT 0 would block until the replicas answer, however long that takes.
-        raise ConfigurationError(
-            f"replica_timeout_ms must be a positive int, got {replica_timeout_ms!r}"
-        )
+    # WAIT 0 would block until the replicas answer, however long that takes.
+    _positive_int("replica_timeout_ms", replica_timeout_ms)
     if not min_replicas:
         return
     if redis is None:

@@ -125,6 +125,22 @@ class RedisServerProcess:
         except (redis.ConnectionError, redis.TimeoutError):
             return False
 
+    def wait_replica_synced(self, timeout: float = 30.0) -> None:
+        """Wait until this server, started as a replica, is linked and has synced."""
+
+        def synced() -> bool:
+            with redis.Redis(port=self.port, socket_timeout=1, decode_responses=True) as client:
+                fields = client.info("replication")
+            return fields.get("master_link_status") == "up" and not fields.get(
+                "master_sync_in_progress"
+            )
+
+        deadline = time.monotonic() + timeout
+        while not synced():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replica on port {self.port} did not sync in {timeout}s")
+            time.sleep(0.02)
+
     def stop(self) -> None:
         """SIGTERM (SIGKILL after 10 s), and wait for the process to end."""
         if self.process is None:

@@ -240,31 +240,33 @@ class _Pipeliner:
         if self._min_replicas and any(c.script.name not in NO_WAIT_SCRIPT_NAMES for c in calls):
             if self._cluster:
                 return await self._execute_cluster_waiting(calls)
-            return await self._execute_waiting(calls)
-        if len(calls) == 1 or self._cluster:
+            return await self._execute_pipelined(calls, wait=True)
+        if len(calls) == 1:
+            # Awaited in place: a gather would make a task for the one call that
+            # every awaited write sends.
+            try:
+                outcome = await self._evalsha(calls[0])
+            except Exception as exc:
+                outcome = exc
+            return _per_call([outcome])
+        if self._cluster:
             # redis-py refuses EVALSHA inside a cluster pipeline: on a cluster the
             # tick's calls go out concurrently instead, each to its slot's primary,
             # and a dead primary fails only its own rooms' calls.
-            results = await asyncio.gather(
+            outcomes = await asyncio.gather(
                 *(self._evalsha(call) for call in calls), return_exceptions=True
             )
-            for result in results:
-                if isinstance(result, BaseException) and not isinstance(result, Exception):
-                    raise result
-            if all(isinstance(result, _LOST_CONNECTION) for result in results):
-                raise results[0]  # the server (or every node) is gone: see _results
-            return list(results)
-        pipe = self._redis.pipeline(transaction=False)
-        for call in calls:
-            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-        return list(await pipe.execute(raise_on_error=False))
+            return _per_call(outcomes)
+        return await self._execute_pipelined(calls, wait=False)
 
-    async def _execute_waiting(self, calls: list[_Call]) -> list[Any]:
-        """The scripts, then WAIT, in one pipeline: one connection, so WAIT counts
-        the replicas that hold everything those scripts wrote."""
+    async def _execute_pipelined(self, calls: list[_Call], *, wait: bool) -> list[Any]:
+        """The scripts in one pipeline, and with ``wait`` a WAIT after them: one
+        connection, so WAIT counts the replicas that hold everything they wrote."""
         pipe = self._redis.pipeline(transaction=False)
         for call in calls:
             pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        if not wait:
+            return list(await pipe.execute(raise_on_error=False))
         pipe.execute_command("WAIT", self._min_replicas, self._replica_timeout_ms)
         *results, confirmed = await pipe.execute(raise_on_error=False)
         return self._confirm(calls, results, confirmed)
@@ -294,18 +296,13 @@ class _Pipeliner:
             return_exceptions=True,
         )
         for (_node, indexes), outcome in zip(groups, outcomes, strict=True):
-            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
-                raise outcome
-            for position, index in enumerate(indexes):
-                results[index] = outcome if isinstance(outcome, Exception) else outcome[position]
-        failed = [calls[i] for i, result in enumerate(results) if _needs_new_route(result)]
-        if failed:
-            self._schedule_repair(failed[0])
-        if all(isinstance(result, Exception) for result in results):
-            connection_errors = [r for r in results if isinstance(r, RedisConnectionError)]
-            if len(connection_errors) == len(results):
-                raise connection_errors[0]
-        return results
+            replies = [outcome] * len(indexes) if isinstance(outcome, BaseException) else outcome
+            for index, reply in zip(indexes, replies, strict=True):
+                results[index] = reply
+        stale = [calls[i] for i, result in enumerate(results) if isinstance(result, _STALE_ROUTE)]
+        if stale:
+            self._schedule_repair(stale[0])
+        return _per_call(results)
 
     async def _on_node(self, node: ClusterNode, calls: list[_Call]) -> list[Any]:
         commands = [
@@ -362,7 +359,7 @@ class _Pipeliner:
             return await self._redis.evalsha(
                 call.script.sha, len(call.keys), *call.keys, *call.args
             )
-        except (NoScriptError, ResponseError) as exc:
+        except ResponseError as exc:  # NOSCRIPT included
             return exc  # per call, as a pipeline reports it
 
     async def wait_idle(self) -> None:
@@ -372,7 +369,8 @@ class _Pipeliner:
 
 _LOST_CONNECTION = (RedisConnectionError, ConnectionError)
 
-_STALE_ROUTE_ERRORS = (
+# A cluster reply that says the client's slot map is stale (or the node gone).
+_STALE_ROUTE = (
     RedisConnectionError,
     RedisTimeoutError,
     RedisClusterException,
@@ -381,9 +379,16 @@ _STALE_ROUTE_ERRORS = (
 )
 
 
-def _needs_new_route(result: Any) -> bool:
-    """A cluster reply that says the client's slot map is stale (or the node gone)."""
-    return isinstance(result, _STALE_ROUTE_ERRORS)
+def _per_call(outcomes: Sequence[Any]) -> list[Any]:
+    """Each call's reply or error, from calls sent side by side; raises when they
+    were cancelled, or when every call lost its connection (the server, or every
+    node, is gone: ``_results`` then reloads the scripts before the next send)."""
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+            raise outcome
+    if outcomes and all(isinstance(outcome, _LOST_CONNECTION) for outcome in outcomes):
+        raise outcomes[0]
+    return list(outcomes)
 
 
 class RoomStore:

@@ -7,7 +7,7 @@ this module pins down the single-server behaviour those build on.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,25 +33,14 @@ KEYS = KeySpace("sg")
 
 
 @pytest.fixture
-def primary(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "primary").start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def primary(redis_server: RedisServer) -> RedisServer:
+    """conftest's private server, named for the role it plays here."""
+    return redis_server
 
 
 def start_replica(directory: Path, primary: RedisServer) -> RedisServer:
     replica = RedisServer(directory, extra=("--replicaof", "127.0.0.1", str(primary.port))).start()
-
-    def linked() -> bool:
-        with redis.Redis(port=replica.port, decode_responses=True) as client:
-            fields = client.info("replication")
-        return fields.get("master_link_status") == "up" and not fields.get(
-            "master_sync_in_progress"
-        )
-
-    wait_until(linked, what="the replica linked and synced")
+    replica.wait_replica_synced()
     return replica
 
 

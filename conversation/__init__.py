@@ -16,6 +16,7 @@ from ._consolidation import (
     format_transcript,
 )
 from ._errors import (
+    BacklogFull,
     ConfigurationError,
     ConsolidationError,
     ConversationError,
@@ -38,6 +39,7 @@ from ._sessions import Session, SessionInfo, SessionStore
 
 __all__ = [
     "ArchiveBatch",
+    "BacklogFull",
     "ConfigurationError",
     "ConsolidationConfig",
     "ConsolidationError",

@@ -1085,7 +1085,7 @@ async def _room_stats(
             pipe.zcard(keys.idem)
             pipe.pttl(keys.meta)
             pipe.type(keyspace.archive(room))
-            for key in (*keys.as_list(), keyspace.archive(room)):
+            for key in keys.as_list():
                 pipe.execute_command("MEMORY", "USAGE", key)
         replies = await pipe.execute(raise_on_error=False)
         per_room = 6 + 5

@@ -550,7 +550,6 @@ class Consolidator:
                 async with room.lock:
                     reply = await store.fold(
                         room.keys,
-                        self._engine.archive_key(room.room_id),
                         room.synced,
                         token,
                         epoch=plan.epoch,
@@ -560,7 +559,6 @@ class Consolidator:
                         summary_row=summary_row,
                         record=record,
                         archive_cap=self.config.archive_max_batches,
-                        archive_ttl_ms=_ms(self.config.archive_ttl_seconds),
                     )
                     self._engine.absorb(room, reply)
                 return reply.status != 0
@@ -680,10 +678,6 @@ class Consolidator:
                 # now summarise the same turns, and only one fold will land.
                 logger.warning("room %s: the consolidation lease was lost", room_id)
                 return
-
-
-def _ms(seconds: float | None) -> int | None:
-    return None if seconds is None else max(1, int(seconds * 1000))
 
 
 def _parse_record(record: bytes) -> ArchiveBatch | None:

@@ -1254,7 +1254,7 @@ async def _reset(config: DemoConfig) -> None:
     try:
         for room in config.rooms:
             keys = keyspace.room(room)
-            await client.delete(*keys.as_list(), keyspace.archive(room), keyspace.lease(room))
+            await client.delete(*keys.as_list(), keyspace.lease(room))
         await client.delete(config.stream)
         for role in ROLES:
             await client.xgroup_create(config.stream, role, id="0", mkstream=True)

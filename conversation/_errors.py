@@ -8,7 +8,8 @@ The tree::
     ├── PersistError                  Redis did not confirm a write
     │   ├── DurabilityError           a durable write could not be confirmed
     │   ├── ReplicationTimeout        fewer replicas than min_replicas confirmed a write
-    │   └── DrainTimeout              shutdown could not flush every write in time
+    │   ├── DrainTimeout              shutdown could not flush every write in time
+    │   └── BacklogFull               a room already has max_pending_writes waiting
     ├── RedisUnavailable              a read that needs Redis could not reach it
     ├── ConsolidationError            a summary could not be made; the room is unchanged
     ├── ConfigurationError            the manager was built with unusable settings
@@ -25,6 +26,7 @@ exception that caused one stays reachable as ``__cause__``.
 from __future__ import annotations
 
 __all__ = [
+    "BacklogFull",
     "ConfigurationError",
     "ConsolidationError",
     "ConversationError",
@@ -67,10 +69,18 @@ class InvalidMessage(ConversationError, ValueError):
 
 
 class PersistError(ConversationError):
-    """Redis did not confirm a write."""
+    """Redis did not confirm a write.
 
-    def __init__(self, message: str, *, room_id: str | None = None) -> None:
+    ``idempotency_key``, when set, names the write: re-sending it with
+    ``append_async(..., idempotency_key=err.idempotency_key)`` lands it exactly
+    once, whether or not the first attempt reached Redis.
+    """
+
+    def __init__(
+        self, message: str, *, room_id: str | None = None, idempotency_key: str | None = None
+    ) -> None:
         self.room_id = room_id
+        self.idempotency_key = idempotency_key
         super().__init__(message)
 
 
@@ -83,9 +93,10 @@ class DurabilityError(PersistError):
     it lands exactly once.
     """
 
+    idempotency_key: str
+
     def __init__(self, message: str, *, room_id: str, idempotency_key: str) -> None:
-        self.idempotency_key = idempotency_key
-        super().__init__(message, room_id=room_id)
+        super().__init__(message, room_id=room_id, idempotency_key=idempotency_key)
 
 
 class ReplicationTimeout(PersistError):
@@ -113,6 +124,22 @@ class DrainTimeout(PersistError):
         self.unflushed = unflushed
         total = sum(unflushed.values())
         super().__init__(f"{total} write(s) in {len(unflushed)} room(s) were not flushed to Redis")
+
+
+class BacklogFull(PersistError):
+    """The room already holds ``limit`` writes that Redis has not confirmed.
+
+    Raised by the write that would exceed ``max_pending_writes``; it changed
+    nothing, in memory or in Redis. The queue drains once Redis answers again.
+    """
+
+    def __init__(self, room_id: str, limit: int) -> None:
+        self.limit = limit
+        super().__init__(
+            f"room {room_id}: {limit} write(s) are already waiting for Redis "
+            f"(max_pending_writes={limit}); this write was refused",
+            room_id=room_id,
+        )
 
 
 class RedisUnavailable(ConversationError):

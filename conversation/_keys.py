@@ -42,9 +42,10 @@ class RoomKeys:
     meta: str
     log: str
     idem: str
+    archive: str
 
     def as_list(self) -> list[str]:
-        return [self.window, self.meta, self.log, self.idem]
+        return [self.window, self.meta, self.log, self.idem, self.archive]
 
 
 class KeySpace:
@@ -60,7 +61,7 @@ class KeySpace:
 
     def room(self, room_id: str) -> RoomKeys:
         base = self.room_base(room_id)
-        return RoomKeys(base + WINDOW, base + META, base + LOG, base + IDEM)
+        return RoomKeys(base + WINDOW, base + META, base + LOG, base + IDEM, base + ARCHIVE)
 
     def archive(self, room_id: str) -> str:
         return self.room_base(room_id) + ARCHIVE

@@ -10,6 +10,7 @@ what other workers changed meanwhile, so synced stays exact without extra reads.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import secrets
@@ -43,6 +44,7 @@ from ._entries import (
     to_messages,
 )
 from ._errors import (
+    BacklogFull,
     ConfigurationError,
     DrainTimeout,
     DurabilityError,
@@ -90,6 +92,13 @@ class _Batch:
     # view must not apply these ops on top of a synced state that holds them.
     landed: bool = False
 
+    def tokens(self) -> list[str]:
+        """The tokens Redis remembers for this batch: each append keeps its own
+        (lua/append.lua); other writes are sent, and remembered, as one."""
+        if isinstance(self.ops[0], AppendOp):
+            return [op.token for op in self.ops]
+        return [self.token]
+
 
 @dataclass(eq=False, slots=True)
 class _Room:
@@ -105,6 +114,11 @@ class _Room:
     inline: Op | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_used: float = field(default_factory=time.monotonic)
+    # Whether synced took in a change the view has not seen (another worker's
+    # write, a replay, a reload): only then is the view rebuilt from synced plus
+    # the queue. A reply that holds nothing but our own effect leaves the view
+    # exact, which keeps draining a long queue linear.
+    view_stale: bool = False
 
 
 class ConversationManager:
@@ -136,13 +150,16 @@ class ConversationManager:
         consolidation: ConsolidationConfig | None = None,
         min_replicas: int = 0,
         replica_timeout_ms: int = 1000,
+        max_pending_writes: int = 100_000,
     ) -> None:
         if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
             raise ConfigurationError(f"max_history must be a positive int, got {max_history!r}")
         if ttl_seconds is not None and ttl_seconds <= 0:
             raise ConfigurationError(f"ttl_seconds must be positive or None, got {ttl_seconds!r}")
         _check_replication(redis, min_replicas, replica_timeout_ms, command_timeout)
+        _positive_int("max_pending_writes", max_pending_writes)
         _reject_decoding_client(redis)
+        self._max_pending = max_pending_writes
         self._renderer = prompt_renderer
         self._max_history = max_history
         self._redis = redis
@@ -164,6 +181,7 @@ class ConversationManager:
                 command_timeout=command_timeout,
                 min_replicas=min_replicas,
                 replica_timeout_ms=replica_timeout_ms,
+                archive_ttl_ms=_archive_ttl_ms(consolidation),
             )
             if redis is not None
             else None
@@ -462,6 +480,7 @@ class ConversationManager:
                 for future in not_done:
                     future.cancel()
                 unflushed = {r.room_id: len(r.pending) for r in self._rooms.values() if r.pending}
+                self._fail_waiters("drain gave up before Redis confirmed it")
                 raise DrainTimeout(unflushed)
 
     async def aclose(self, timeout: float | None = 30.0) -> None:
@@ -479,8 +498,27 @@ class ConversationManager:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self._fail_waiters("the manager closed before Redis confirmed it")
             if self._store is not None:
                 await self._store.wait_idle()
+
+    def _fail_waiters(self, why: str) -> None:
+        """Settle every unconfirmed write's future, so no caller awaits it forever.
+
+        The writes themselves stay queued (unless the manager closes): they may
+        still land, and the error's key re-sends one exactly once.
+        """
+        for room in self._rooms.values():
+            for op in room.pending:
+                if op.done is not None and not op.done.done():
+                    op.done.set_exception(
+                        PersistError(
+                            f"room {room.room_id}: {why}; it may still land: re-send it with "
+                            "idempotency_key=err.idempotency_key to be sure",
+                            room_id=room.room_id,
+                            idempotency_key=op.token,
+                        )
+                    )
 
     def stats(self) -> dict[str, int]:
         counters = self._stats.as_dict()
@@ -575,6 +613,8 @@ class ConversationManager:
         self, room_id: str, op: Op, loop: asyncio.AbstractEventLoop | None, inline: bool = False
     ) -> bool:
         room = self._room(room_id)
+        if self._store is not None and len(room.pending) >= self._max_pending:
+            raise BacklogFull(room_id, self._max_pending)
         found = op.apply(room.view, self._max_history)
         if isinstance(op, AppendOp):
             self._stats.appends += len(op.rows)
@@ -772,7 +812,7 @@ class ConversationManager:
         if first.durable_deadline is None:
             if isinstance(first, AppendOp):
                 rows = len(first.rows)
-                for op in list(room.pending)[1:]:
+                for op in itertools.islice(room.pending, 1, None):
                     if not isinstance(op, AppendOp) or op.durable_deadline is not None:
                         break
                     if rows + len(op.rows) > _MAX_BATCH_ROWS:
@@ -781,7 +821,7 @@ class ConversationManager:
                     ops.append(op)
             elif isinstance(first, EditOp):
                 # A reaction storm on one message becomes one replace of its row.
-                for op in list(room.pending)[1:]:
+                for op in itertools.islice(room.pending, 1, None):
                     if not isinstance(op, EditOp) or op.identity != first.identity:
                         break
                     ops.append(op)
@@ -797,11 +837,16 @@ class ConversationManager:
         # 48 random bits name a room's incarnation; short, as it travels with every call.
         epoch = secrets.token_hex(6)
         if isinstance(first, AppendOp):
-            rows = [row for op in batch.ops for row in op.rows]  # type: ignore[attr-defined]
-            reply = await store.append(
-                keys, synced, batch.token, epoch, [row[0] for row in rows], direct=direct
-            )
-            self._absorb(room, reply, rows)
+            appends: list[AppendOp] = batch.ops  # type: ignore[assignment]
+            writes = [(op.token, [row[0] for row in op.rows]) for op in appends]
+            reply, flags = await store.append(keys, synced, epoch, writes, direct=direct)
+            # Rows of a write whose token had applied are in Redis where its first
+            # attempt put them (the reply carries them); only the others are ours now.
+            pushed = [row for op, flag in zip(appends, flags, strict=True) if flag == "1"
+                      for row in op.rows]  # fmt: skip
+            self._absorb(room, reply, pushed)
+            if len(pushed) != sum(len(op.rows) for op in appends):
+                room.view_stale = True
             return [True] * len(batch.ops)
         if isinstance(first, EditOp):
             return await self._persist_edit(room, batch, direct)
@@ -839,6 +884,7 @@ class ConversationManager:
         for _attempt in range(_MAX_EDIT_CONFLICTS):
             index = synced.window.find_last(identity)
             if index is None:
+                room.view_stale = True  # the view may still show the edit
                 return [False] * len(edits)
             old_row = synced.window.rows[index]
             try:
@@ -867,6 +913,8 @@ class ConversationManager:
         return [error] * len(edits)
 
     def _absorb(self, room: _Room, reply: SyncReply, own_rows: Sequence[Row] = ()) -> None:
+        if reply.kind == 2 or reply.replaced or reply.rows:
+            room.view_stale = True
         self._stats.corrupt_rows += apply_reply(room.synced, reply, room.room_id, own_rows)
 
     def _finish(self, room: _Room, batch: _Batch, results: list[Any]) -> None:
@@ -878,7 +926,8 @@ class ConversationManager:
                 else:
                     op.done.set_result(result)
         room.inflight = None
-        self._rebuild_view(room)
+        if room.view_stale:
+            self._rebuild_view(room)
 
     def _abandon_durable(self, room: _Room, batch: _Batch, cause: BaseException) -> None:
         self._stats.durable_failures += 1
@@ -898,6 +947,7 @@ class ConversationManager:
         self._rebuild_view(room)
 
     def _rebuild_view(self, room: _Room) -> None:
+        room.view_stale = False
         view = room.synced.copy()
         landed = room.inflight.ops if room.inflight is not None and room.inflight.landed else []
         for op in room.pending:
@@ -917,7 +967,7 @@ class ConversationManager:
         assert self._store is not None
         async with room.lock:
             batch = room.inflight
-            reply = await self._store.sync(room.keys, room.synced, batch.token if batch else "")
+            reply = await self._store.sync(room.keys, room.synced, batch.tokens() if batch else ())
             landed = False
             if batch is not None and reply.status == 2 and not batch.landed:
                 batch.landed = landed = True
@@ -973,6 +1023,11 @@ async def _decode_yielding(rows: list[bytes]) -> list[Entry]:
             await asyncio.sleep(0)
     messages.extend(to_messages(rows[start:]))
     return messages
+
+
+def _archive_ttl_ms(config: ConsolidationConfig | None) -> int | None:
+    seconds = config.archive_ttl_seconds if config is not None else None
+    return None if seconds is None else max(1, int(seconds * 1000))
 
 
 def _check_replication(

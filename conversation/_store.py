@@ -404,11 +404,14 @@ class RoomStore:
         command_timeout: float | None,
         min_replicas: int = 0,
         replica_timeout_ms: int = 0,
+        archive_ttl_ms: int | None = None,
     ) -> None:
         self.redis = redis
         self.scripts = load_scripts()
         self._stats = stats
         self._ttl_ms = ttl_ms
+        # None: the archive lives as long as the room's other keys.
+        self._archive_ttl_ms = ttl_ms if archive_ttl_ms is None else archive_ttl_ms
         self._default_limit = default_limit
         self._timeout = command_timeout
         self._pipeliner = _Pipeliner(
@@ -431,6 +434,7 @@ class RoomStore:
             self._ttl_ms,
             self._default_limit,
             fresh_epoch,
+            self._archive_ttl_ms,
         ]
 
     async def _run(
@@ -441,32 +445,44 @@ class RoomStore:
         token: str,
         fresh_epoch: str,
         extra: Sequence[Arg],
-        extra_keys: Sequence[str] = (),
         direct: bool = False,
     ) -> SyncReply:
         args = self._common(state, token, fresh_epoch)
         args.extend(extra)
-        script, all_keys = self.scripts[name], [*keys.as_list(), *extra_keys]
-        raw = await self._pipeliner.run(script, all_keys, args, direct)
+        raw = await self._pipeliner.run(self.scripts[name], keys.as_list(), args, direct)
         reply = SyncReply.parse(raw)
         self._stats.bytes_received += reply.payload_bytes()
         return reply
 
-    async def sync(self, keys: RoomKeys, state: RoomState, token: str = "") -> SyncReply:
-        """Catch up; status 2 says the write named by ``token`` already landed."""
-        return await self._run("sync", keys, state, token, "", ())
+    async def sync(self, keys: RoomKeys, state: RoomState, tokens: Sequence[str] = ()) -> SyncReply:
+        """Catch up; status 2 says every write named by ``tokens`` already landed."""
+        return await self._run("sync", keys, state, "", "", tokens)
 
     async def append(
         self,
         keys: RoomKeys,
         state: RoomState,
-        token: str,
         epoch: str,
-        rows: Sequence[bytes],
+        writes: Sequence[tuple[str, Sequence[bytes]]],
         *,
         direct: bool = False,
-    ) -> SyncReply:
-        return await self._run("append", keys, state, token, epoch, rows, direct=direct)
+    ) -> tuple[SyncReply, str]:
+        """Push each write's rows under its own token; also returns one flag per
+        write: ``"1"`` pushed now, ``"2"`` its token had already applied."""
+        extra: list[Arg] = [len(writes)]
+        for token, rows in writes:
+            extra.append(token)
+            extra.append(len(rows))
+        for _token, rows in writes:
+            extra.extend(rows)
+        args = self._common(state, "", epoch)
+        args.extend(extra)
+        raw = await self._pipeliner.run(self.scripts["append"], keys.as_list(), args, direct)
+        flags = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
+        raw[0] = 1 if "1" in flags else 2
+        reply = SyncReply.parse(raw)
+        self._stats.bytes_received += reply.payload_bytes()
+        return reply, flags
 
     async def replace(
         self,
@@ -514,7 +530,6 @@ class RoomStore:
     async def fold(
         self,
         keys: RoomKeys,
-        archive_key: str,
         state: RoomState,
         token: str,
         *,
@@ -525,18 +540,16 @@ class RoomStore:
         summary_row: bytes,
         record: bytes,
         archive_cap: int,
-        archive_ttl_ms: int | None,
     ) -> SyncReply:
         """Replace the first ``len(rows)`` rows (planned at ``epoch``/``head``) by a summary.
 
         ``keep`` indexes a row of ``rows`` to keep right after the summary (-1:
-        none); ``archive_ttl_ms=None`` gives the archive the room's TTL.
+        none).
         """
         framed = b"".join(b"%d:%s" % (len(row), row) for row in rows)
         expected = await self._expected(framed)
-        ttl = self._ttl_ms if archive_ttl_ms is None else archive_ttl_ms
-        extra = (epoch, head, len(rows), expected, keep, archive_cap, ttl, record, summary_row)
-        return await self._run("fold", keys, state, token, "", extra, extra_keys=(archive_key,))
+        extra = (epoch, head, len(rows), expected, keep, archive_cap, record, summary_row)
+        return await self._run("fold", keys, state, token, "", extra)
 
     async def _expected(self, data: bytes) -> bytes | str:
         """What a script compares stored bytes with: their SHA1, or the bytes themselves."""

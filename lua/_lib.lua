@@ -3,22 +3,27 @@
 --
 -- KEYS (every script, all sharing the room's hash tag {<room_id>}):
 --   [1] window  LIST of rows (orjson entries, identity and role first)
---   [2] meta    HASH epoch, version, head, base, logfloor, limit, rebackfill, iseq,
---               replays (writes whose token had already applied)
---   [3] log     LIST of "<version>:<absolute position>" for replaced rows (capped)
+--   [2] meta    HASH epoch, version, head, base, logfloor, logn, limit, rebackfill,
+--               iseq, replays (writes whose token had already applied)
+--   [3] log     LIST of "<version>:<absolute position>" for replaced rows (capped);
+--               logn counts the records pushed since it was last reset, so a log
+--               that lost records (evicted alone) is noticed, never trusted
 --   [4] idem    ZSET of idempotency tokens of applied writes, scored by meta's
 --               iseq counter (the newest IDEM_CAP at least are kept)
+--   [5] archive LIST of fold records (see fold.lua); only its TTL is touched here
 -- ARGV (every script): [1] caller epoch ('' = knows nothing), [2] caller version,
 --   [3] caller head, [4] caller length (the caller's synced window), [5] idempotency
 --   token ('' = none), [6] TTL in ms (0 = keys do not expire), [7] default window
---   limit, [8] fresh epoch to adopt when the room has no meta yet.
+--   limit, [8] fresh epoch to adopt when the room has no meta yet, [9] archive TTL
+--   in ms (0 = the archive does not expire).
 --
 -- Invariants kept by every script:
 --   * version only grows within an epoch; every mutation advances it by one;
 --   * head is the absolute position of window[0]; it only grows until a
 --     non-incremental change (clear, rewrite), which also sets base = version;
 --   * a caller at (epoch, version >= max(base, logfloor)) can be brought up to
---     date from head, length and the log alone; anyone else gets a snapshot.
+--     date from head, length and the log alone, provided the log holds every
+--     record logn says it should; anyone else gets a snapshot.
 --
 -- Every script returns a sync reply, prefixed by its own status:
 --   {status, 0, version}                                   nothing changed
@@ -31,7 +36,7 @@
 
 local unpack = unpack or table.unpack
 
-local WINDOW, META, LOG, IDEM = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local WINDOW, META, LOG, IDEM, ARCHIVE = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local C_EPOCH = ARGV[1]
 local C_VERSION = tonumber(ARGV[2])
 local C_HEAD = tonumber(ARGV[3])
@@ -40,6 +45,7 @@ local TOKEN = ARGV[5]
 local TTL = tonumber(ARGV[6])
 local DEFAULT_LIMIT = tonumber(ARGV[7])
 local FRESH_EPOCH = ARGV[8]
+local ARCHIVE_TTL = tonumber(ARGV[9])
 local LOG_CAP = 256
 local IDEM_CAP = 1024
 -- The ZSET is trimmed by score once every IDEM_TRIM_EVERY writes, not on every
@@ -69,7 +75,7 @@ end
 
 local function read_meta()
   local m = redis.call('HMGET', META, 'epoch', 'version', 'head', 'base', 'logfloor',
-                       'limit', 'rebackfill', 'iseq')
+                       'limit', 'rebackfill', 'iseq', 'logn')
   if not m[1] then
     return nil
   end
@@ -82,6 +88,7 @@ local function read_meta()
     limit = tonumber(m[6]) or 0,
     rebackfill = tonumber(m[7]) or 0,
     iseq = tonumber(m[8]), -- nil: not counted yet (see remember)
+    logn = tonumber(m[9]), -- nil: written by an older engine (the log is trusted)
   }
 end
 
@@ -95,29 +102,42 @@ local function ensure_meta()
   end
   redis.call('DEL', LOG)
   redis.call('HSET', META, 'epoch', FRESH_EPOCH, 'version', 0, 'head', 0, 'base', 0,
-             'logfloor', 0)
+             'logfloor', 0, 'logn', 0)
   return {epoch = FRESH_EPOCH .. primary_suffix(), version = 0, head = 0, base = 0,
-          logfloor = 0, limit = 0, rebackfill = 0}
+          logfloor = 0, logn = 0, limit = 0, rebackfill = 0}
 end
 
 -- Every redis.call costs about a microsecond of script overhead, so a write
--- changes m in Lua (bump, trim, remember) and stores version, head, logfloor and
--- iseq with ONE HSET at the end (save). The script is atomic, so reading the
+-- changes m in Lua (bump, trim, remember) and stores version, head, logfloor,
+-- logn and iseq with ONE HSET at the end (save). The script is atomic, so reading the
 -- version once and writing version + 1 is the same as HINCRBY.
 local function bump(m)
   m.version = m.version + 1
 end
 
 -- ...: more field/value pairs a script changed (base, limit, rebackfill).
+local wrote = false -- whether this call saved meta (see sync_reply)
+
 local function save(m, ...)
-  if m.iseq then
-    redis.call('HSET', META, 'version', m.version, 'head', m.head, 'logfloor', m.logfloor,
-               'iseq', m.iseq, ...)
-  else
-    redis.call('HSET', META, 'version', m.version, 'head', m.head, 'logfloor', m.logfloor, ...)
+  wrote = true
+  local fields = {'version', m.version, 'head', m.head, 'logfloor', m.logfloor}
+  if m.logn then
+    fields[#fields + 1] = 'logn'
+    fields[#fields + 1] = m.logn
   end
+  if m.iseq then
+    fields[#fields + 1] = 'iseq'
+    fields[#fields + 1] = m.iseq
+  end
+  local extra = {...}
+  for i = 1, #extra do
+    fields[#fields + 1] = extra[i]
+  end
+  redis.call('HSET', META, unpack(fields))
 end
 
+-- Every write refreshes every key of the room, the archive included: an archive
+-- that only a fold refreshed would expire under a room that is still in use.
 local function touch()
   if TTL > 0 then
     redis.call('PEXPIRE', WINDOW, TTL)
@@ -125,6 +145,17 @@ local function touch()
     redis.call('PEXPIRE', LOG, TTL)
     redis.call('PEXPIRE', IDEM, TTL)
   end
+  if ARCHIVE_TTL > 0 then
+    redis.call('PEXPIRE', ARCHIVE, ARCHIVE_TTL)
+  end
+end
+
+-- The log and logn start again (clear, rewrite, fold): base = version already
+-- sends every older caller a snapshot.
+local function reset_log(m)
+  redis.call('DEL', LOG)
+  m.logfloor = 0
+  m.logn = 0
 end
 
 local function seen()
@@ -145,8 +176,15 @@ end
 -- Scores are meta's iseq counter, not versions: versions restart in a new epoch,
 -- iseq survives clear. A meta without iseq (new, or written by an older engine)
 -- continues from the highest score the ZSET holds. save(m) stores m.iseq.
-local function remember(m)
-  if TOKEN == '' then
+-- tokens: the tokens of the writes this call applied (nil: this call's TOKEN).
+local function remember(m, tokens)
+  if tokens == nil then
+    if TOKEN == '' then
+      return
+    end
+    tokens = {TOKEN}
+  end
+  if #tokens == 0 then
     return
   end
   local seq = m.iseq
@@ -154,10 +192,16 @@ local function remember(m)
     local last = redis.call('ZRANGE', IDEM, -1, -1, 'WITHSCORES')
     seq = tonumber(last[2]) or 0
   end
-  seq = seq + 1
+  local before = seq
+  local pairs_ = {}
+  for i = 1, #tokens do
+    seq = seq + 1
+    pairs_[2 * i - 1] = seq
+    pairs_[2 * i] = tokens[i]
+  end
   m.iseq = seq
-  redis.call('ZADD', IDEM, seq, TOKEN)
-  if seq % IDEM_TRIM_EVERY == 0 then
+  redis.call('ZADD', IDEM, unpack(pairs_))
+  if math.floor(seq / IDEM_TRIM_EVERY) > math.floor(before / IDEM_TRIM_EVERY) then
     -- Scores are consecutive, so this keeps exactly the newest IDEM_CAP tokens.
     redis.call('ZREMRANGEBYSCORE', IDEM, '-inf', seq - IDEM_CAP)
   end
@@ -224,9 +268,29 @@ local function trim(m, len)
   return drop
 end
 
--- Sets m.logfloor when records fall off; save(m) stores it.
+-- How many records an intact log holds (nil: an older engine's meta, trusted).
+local function log_expected(m)
+  if m.logn == nil then
+    return nil
+  end
+  return math.min(m.logn, LOG_CAP)
+end
+
+-- Sets m.logfloor when records fall off, and m.logn; save(m) stores both.
 log_replace = function(m, pos)
-  local n = redis.call('RPUSH', LOG, m.version .. ':' .. pos)
+  local record = m.version .. ':' .. pos
+  local n = redis.call('RPUSH', LOG, record)
+  local expected = log_expected(m) or (n - 1)
+  if n - 1 ~= expected then
+    -- The log lost records on its own (evicted, deleted): start it again from
+    -- this record. Callers older than it cannot be patched any more.
+    redis.call('DEL', LOG)
+    redis.call('RPUSH', LOG, record)
+    m.logn = 1
+    m.logfloor = math.max(m.logfloor, m.version - 1)
+    return
+  end
+  m.logn = expected + 1
   if n > LOG_CAP then
     local dropped = redis.call('LPOP', LOG, n - LOG_CAP)
     local last = dropped[#dropped]
@@ -263,6 +327,17 @@ local function sync_reply(status, m, own_k, own_pos)
   end
   if C_VERSION == m.version then
     return {status, 0, m.version}
+  end
+  local expected = log_expected(m)
+  if expected and redis.call('LLEN', LOG) ~= expected then
+    -- Records this caller may need are gone: patching from what is left would
+    -- serve an edit's old text as current. A write heals the log, so later
+    -- callers are patched again (everyone older than now gets this snapshot).
+    if wrote then
+      redis.call('DEL', LOG)
+      redis.call('HSET', META, 'logn', 0, 'logfloor', m.version)
+    end
+    return snapshot(status, m)
   end
   local tail_start = math.max(caller_end, m.head)
   local reply = {status, 1, m.version, m.head, m.limit, m.rebackfill, own_k, 0}

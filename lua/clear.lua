@@ -7,11 +7,11 @@ local m = ensure_meta()
 if replayed() then
   return sync_reply(2, m, 0, -1)
 end
-redis.call('DEL', WINDOW, LOG)
+redis.call('DEL', WINDOW)
+reset_log(m)
 bump(m)
 m.head = 0
 m.base = m.version
-m.logfloor = 0
 remember(m)
 save(m, 'base', m.base)
 touch()

@@ -1,16 +1,14 @@
 -- fold: replace the oldest rows of the window by ONE summary entry and archive them,
 -- only if those rows are still exactly the ones the summary was written from.
--- KEYS[1..4]: see _lib.lua. KEYS[5]: archive, a LIST of fold records, oldest first
--- (same hash tag as the room).
--- ARGV[1..8]: see _lib.lua. ARGV[9]: epoch the fold was planned on; ARGV[10]:
--- absolute position of the window's first row when planned (the head); ARGV[11]: n,
--- how many rows at the head are folded; ARGV[12]: SHA1 hex of those n rows, each
+-- KEYS: see _lib.lua; KEYS[5], the archive, is a LIST of fold records, oldest first.
+-- ARGV[1..9]: see _lib.lua. ARGV[10]: epoch the fold was planned on; ARGV[11]:
+-- absolute position of the window's first row when planned (the head); ARGV[12]: n,
+-- how many rows at the head are folded; ARGV[13]: SHA1 hex of those n rows, each
 -- framed as "<byte length>:<row>" and concatenated, or '=' followed by that framed
--- text itself (servers without redis.sha1hex, such as fakeredis); ARGV[13]: 0-based
+-- text itself (servers without redis.sha1hex, such as fakeredis); ARGV[14]: 0-based
 -- index among the n of a row to keep right after the summary (the pinned first user
--- message), or -1; ARGV[14]: archive cap in records (0 = uncapped); ARGV[15]: archive
--- TTL in ms (0 = leave its expiry alone); ARGV[16]: the archive record; ARGV[17]: the
--- summary row.
+-- message), or -1; ARGV[15]: archive cap in records (0 = uncapped); ARGV[16]: the
+-- archive record; ARGV[17]: the summary row. The archive's TTL is common ARGV[9].
 -- Status: 1 folded, 0 conflict (the head moved or a folded row changed or a tool
 -- result follows the fold; nothing was written, the reply brings the caller up to
 -- date to plan again), 2 the token was already applied.
@@ -19,18 +17,17 @@
 -- and the summary land together; the window never starts a tool-call group with
 -- its results; it is a non-incremental change (base = version), so every other
 -- worker reloads; head only grows (the rows kept keep their absolute positions).
-local ARCHIVE = KEYS[5]
 local m = read_meta()
 if m and replayed() then
   return sync_reply(2, m, 0, -1)
 end
-local n = tonumber(ARGV[11])
-local keep = tonumber(ARGV[13])
+local n = tonumber(ARGV[12])
+local keep = tonumber(ARGV[14])
 local put = 1  -- rows put back at the head: the summary, then the pinned row if any
 if keep >= 0 then
   put = 2
 end
-if not m or m.epoch ~= ARGV[9] or m.head ~= tonumber(ARGV[10]) or n < put or keep >= n then
+if not m or m.epoch ~= ARGV[10] or m.head ~= tonumber(ARGV[11]) or n < put or keep >= n then
   return sync_reply(0, m, 0, -1)
 end
 local rows = redis.call('LRANGE', WINDOW, 0, n - 1)
@@ -42,7 +39,7 @@ for i = 1, n do
   framed[i] = #rows[i] .. ':' .. rows[i]
 end
 local text = table.concat(framed)
-local expected = ARGV[12]
+local expected = ARGV[13]
 local same
 if string.sub(expected, 1, 1) == '=' then
   same = text == string.sub(expected, 2)
@@ -61,16 +58,11 @@ redis.call('LPUSH', WINDOW, ARGV[17])
 bump(m)
 m.head = m.head + n - put
 m.base = m.version
-m.logfloor = 0
-redis.call('DEL', LOG)
+reset_log(m)
 redis.call('RPUSH', ARCHIVE, ARGV[16])
-local cap = tonumber(ARGV[14])
+local cap = tonumber(ARGV[15])
 if cap > 0 then
   redis.call('LTRIM', ARCHIVE, -cap, -1)
-end
-local archive_ttl = tonumber(ARGV[15])
-if archive_ttl > 0 then
-  redis.call('PEXPIRE', ARCHIVE, archive_ttl)
 end
 remember(m)
 save(m, 'base', m.base)

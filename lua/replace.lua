@@ -1,9 +1,9 @@
 -- replace: swap ONE row, only if it is still the row the caller based its edit on.
 -- KEYS, common ARGV and reply: see _lib.lua.
--- ARGV[9]: absolute position of the row; ARGV[10]: the first 16 hex digits of the
+-- ARGV[10]: absolute position of the row; ARGV[11]: the first 16 hex digits of the
 -- SHA1 of the row the caller
 -- holds there, or '=' followed by that whole row (for servers without
--- redis.sha1hex, such as fakeredis); ARGV[11]: the new row.
+-- redis.sha1hex, such as fakeredis); ARGV[12]: the new row.
 -- Status: 1 replaced, 0 conflict (the reply brings the caller up to date so it
 -- can re-apply its edit and retry), 2 the token was already applied.
 -- Invariant: concurrent appends never conflict (positions are absolute); an edit
@@ -12,10 +12,10 @@ local m = ensure_meta()
 if replayed() then
   return sync_reply(2, m, 0, -1)
 end
-local pos = tonumber(ARGV[9])
+local pos = tonumber(ARGV[10])
 if C_EPOCH == m.epoch and C_VERSION >= m.base and pos >= m.head then
   local current = redis.call('LINDEX', WINDOW, pos - m.head)
-  local expected = ARGV[10]
+  local expected = ARGV[11]
   local same
   if string.sub(expected, 1, 1) == '=' then
     same = current and current == string.sub(expected, 2)
@@ -24,7 +24,7 @@ if C_EPOCH == m.epoch and C_VERSION >= m.base and pos >= m.head then
   end
   if same then
     local was_current = C_VERSION == m.version and C_HEAD == m.head
-    redis.call('LSET', WINDOW, pos - m.head, ARGV[11])
+    redis.call('LSET', WINDOW, pos - m.head, ARGV[12])
     bump(m)
     log_replace(m, pos)
     remember(m)

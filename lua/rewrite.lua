@@ -1,6 +1,6 @@
 -- rewrite: compare-and-set of the whole window (used by backfill).
 -- KEYS, common ARGV and reply: see _lib.lua.
--- ARGV[9]: the version the caller based the new window on; ARGV[10..]: the rows.
+-- ARGV[10]: the version the caller based the new window on; ARGV[11..]: the rows.
 -- Status: 1 rewritten, 0 conflict (someone wrote since; the reply brings the
 -- caller up to date to merge and retry), 2 the token was already applied.
 -- Invariant: never overwrites a write the caller did not see; base = version so
@@ -9,15 +9,15 @@ local m = ensure_meta()
 if replayed() then
   return sync_reply(2, m, 0, -1)
 end
-if C_EPOCH ~= m.epoch or tonumber(ARGV[9]) ~= m.version then
+if C_EPOCH ~= m.epoch or tonumber(ARGV[10]) ~= m.version then
   return sync_reply(0, m, 0, -1)
 end
-redis.call('DEL', WINDOW, LOG)
-local len = push_rows(10, #ARGV)
+redis.call('DEL', WINDOW)
+reset_log(m)
+local len = push_rows(11, #ARGV)
 bump(m)
 m.head = 0
 m.base = m.version
-m.logfloor = 0
 m.rebackfill = 0
 trim(m, len)
 remember(m)

@@ -206,15 +206,14 @@ async def test_fold_script_refuses_a_stale_plan_and_changes_nothing(
     assert store is not None
     state = manager._room(room).synced
     rows = state.window.rows
-    archive = window_key(room) + ":archive"
     before = await redis_state(any_client, room)
 
     async def fold(head: int, n: int, keep: int = -1, fold_rows: list[bytes] | None = None) -> int:
         reply = await store.fold(
-            manager._room(room).keys, archive, state, "", epoch=state.epoch, head=head,
+            manager._room(room).keys, state, "", epoch=state.epoch, head=head,
             rows=rows[:n] if fold_rows is None else fold_rows, keep=keep,
             summary_row=b'{"message_id":"summary:1","role":"system","content":"s"}',
-            record=b'{"seq":1}', archive_cap=10, archive_ttl_ms=None,
+            record=b'{"seq":1}', archive_cap=10,
         )  # fmt: skip
         return reply.status
 

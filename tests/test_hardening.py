@@ -1,0 +1,305 @@
+"""Issue 12: the edges users hit first, each against a real redis-server (and fakeredis).
+
+Idempotency keys through batching (SPEC §27), callers settled at shutdown
+(§28), the loss of single companion keys (§29), and the archive's TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from redis_servers import RedisServer
+from support import stored_ids, wait_for, window_key
+
+from conversation import (
+    BacklogFull,
+    ConfigurationError,
+    ConsolidationConfig,
+    ConversationManager,
+    DrainTimeout,
+    PersistError,
+)
+
+Make = Callable[..., ConversationManager]
+
+
+# ------------------------------------------------- idempotency keys name one write
+
+
+async def test_a_recall_sharing_a_batch_with_a_sync_append_is_stored_once(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    manager = make_manager(any_client)
+    await manager.append_async(room, "user", "first", message_id="a", idempotency_key="key-a")
+    # The sync append starts the room's persist task; the recall queues behind it,
+    # so both go out in ONE script call.
+    manager.append(room, "user", "second", message_id="b")
+    await manager.append_async(room, "user", "first", message_id="a", idempotency_key="key-a")
+    await manager.drain()
+    assert await stored_ids(any_client, room) == ["a", "b"]
+    other = make_manager(any_client)
+    await other.ensure_fresh_from_redis(room)
+    await manager.ensure_fresh_from_redis(room)
+    assert [m["content"] for m in manager.get_messages(room)] == ["first", "second"]
+    assert other.get_messages(room) == manager.get_messages(room)
+
+
+async def test_a_replay_at_the_head_of_a_batch_is_skipped_alone(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    manager = make_manager(any_client)
+    await manager.append_async(room, "user", "a", message_id="a", idempotency_key="key-a")
+    state = manager._room(room)
+    async with state.lock:  # hold the room's sender so the next writes queue up
+        manager.append(room, "user", "x", message_id="x")
+        await wait_for(lambda: state.inflight is not None, "the first batch to be taken")
+        recall = asyncio.create_task(
+            manager.append_async(room, "user", "a", message_id="a", idempotency_key="key-a")
+        )
+        await wait_for(lambda: len(state.pending) == 2, "the recall to queue")
+        manager.append(room, "user", "c", message_id="c")
+        manager.append(room, "user", "d", message_id="d")
+    await recall
+    await manager.drain()
+    # The batch after x is [recall of a, c, d]: only a is skipped.
+    assert await stored_ids(any_client, room) == ["a", "x", "c", "d"]
+    await manager.ensure_fresh_from_redis(room)
+    assert [m["content"] for m in manager.get_messages(room)] == ["a", "x", "c", "d"]
+
+
+async def test_one_batch_holding_the_same_key_twice_stores_it_once(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    manager = make_manager(any_client)
+    manager.append(room, "user", "x", message_id="x")
+    await asyncio.gather(
+        *(
+            manager.append_async(room, "user", "k", message_id="k", idempotency_key="same")
+            for _ in range(3)
+        )
+    )
+    await manager.drain()
+    assert await stored_ids(any_client, room) == ["x", "k"]
+    await manager.ensure_fresh_from_redis(room)
+    assert [m["message_id"] for m in _entries(manager, room)] == ["x", "k"]
+
+
+def _entries(manager: ConversationManager, room: str) -> list[dict[str, object]]:
+    return [orjson.loads(row) for row in manager._room(room).view.window.rows]
+
+
+async def test_the_append_script_reports_each_write_on_its_own(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    manager = make_manager(any_client)
+    await manager.append_async(room, "user", "a", message_id="a", idempotency_key="ka")
+    store, state = manager._store, manager._room(room).synced
+    assert store is not None
+    rows = [b'{"message_id":"%s","role":"user","content":"%s"}' % (c, c) for c in (b"b", b"c")]
+    reply, flags = await store.append(
+        manager._room(room).keys, state, "e", [("ka", [b"dup"]), ("kb", rows[:1]), ("kc", rows[1:])]
+    )
+    assert flags == "211"
+    assert await stored_ids(any_client, room) == ["a", "b", "c"]
+    reply, flags = await store.append(manager._room(room).keys, state, "e", [("kb", rows[:1])])
+    assert flags == "2" and reply.status == 2
+    assert await stored_ids(any_client, room) == ["a", "b", "c"]
+
+
+# ----------------------------------------------------- nobody waits forever
+
+
+@pytest.fixture
+async def server_and_client(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, aioredis.Redis]]:
+    # AOF, fsync'd on every write: a restart keeps what was acknowledged.
+    server = RedisServer(
+        tmp_path / "redis", extra=("--appendonly", "yes", "--appendfsync", "always")
+    ).start()
+    client = aioredis.Redis(port=server.port, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        yield server, client
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def test_aclose_that_gives_up_fails_every_awaiting_caller_naming_the_room(
+    server_and_client: tuple[RedisServer, aioredis.Redis], room: str
+) -> None:
+    server, client = server_and_client
+    manager = ConversationManager(
+        None, redis=client, command_timeout=0.5, retry_backoff=(0.01, 0.05)
+    )
+    await manager.append_async(room, "user", "landed", message_id="1")
+    server.stop()
+    waiting = [
+        asyncio.create_task(manager.append_async(room, "user", f"t{i}", message_id=f"w{i}"))
+        for i in range(3)
+    ]
+    await wait_for(lambda: len(manager._room(room).pending) == 3, "the writes to queue")
+    with pytest.raises(DrainTimeout) as drained:
+        await manager.aclose(timeout=0.3)
+    assert drained.value.unflushed == {room: 3}
+    for task in waiting:
+        with pytest.raises(PersistError) as failed:
+            await asyncio.wait_for(task, 5)
+        assert failed.value.room_id == room and room in str(failed.value)
+        assert failed.value.idempotency_key
+
+
+async def test_drain_that_gives_up_fails_waiters_and_the_write_still_lands_once(
+    server_and_client: tuple[RedisServer, aioredis.Redis], room: str
+) -> None:
+    server, client = server_and_client
+    manager = ConversationManager(
+        None, redis=client, command_timeout=0.5, retry_backoff=(0.01, 0.05)
+    )
+    try:
+        await manager.append_async(room, "user", "landed", message_id="1")
+        server.stop()
+        waiting = asyncio.create_task(manager.append_async(room, "user", "late", message_id="2"))
+        await wait_for(lambda: bool(manager._room(room).pending), "the write to queue")
+        with pytest.raises(DrainTimeout):
+            await manager.drain(timeout=0.3)
+        with pytest.raises(PersistError) as failed:
+            await asyncio.wait_for(waiting, 5)
+        key = failed.value.idempotency_key
+        assert key is not None
+        server.start()
+        await manager.drain(timeout=30)  # the queued write lands in the background
+        await manager.append_async(room, "user", "late", message_id="2", idempotency_key=key)
+        assert await stored_ids(client, room) == ["1", "2"]
+    finally:
+        await manager.aclose(timeout=5)
+
+
+# ------------------------------------------------------------ partial key loss
+
+
+async def _two_workers_in_step(
+    client: aioredis.Redis, make_manager: Make, room: str, **settings: object
+) -> tuple[ConversationManager, ConversationManager]:
+    a = make_manager(client, **settings)
+    b = make_manager(client, **settings)
+    for i in range(8):
+        await a.append_async(room, "user", f"[Message ID: {i}] turn {i}")
+    await b.ensure_fresh_from_redis(room)
+    return a, b
+
+
+async def _assert_both_equal_redis(
+    client: aioredis.Redis, room: str, *workers: ConversationManager
+) -> None:
+    rows = list(await client.lrange(window_key(room), 0, -1))
+    for worker in workers:
+        await worker.ensure_fresh_from_redis(room)
+        assert worker._room(room).synced.window.rows == rows
+        assert worker._room(room).view.window.rows == rows
+
+
+async def test_losing_only_the_log_never_serves_an_old_edit(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    a, b = await _two_workers_in_step(any_client, make_manager, room)
+    assert await a.update_message_async(room, 3, "[Message ID: 3] edited")
+    await any_client.delete(window_key(room) + ":log")  # evicted on its own
+    await b.ensure_fresh_from_redis(room)
+    texts = [m["content"] for m in b.get_messages(room)]
+    assert "[Message ID: 3] edited" in texts
+    await _assert_both_equal_redis(any_client, room, a, b)
+    # Writes heal the log: later edits are patched incrementally again.
+    await a.append_async(room, "user", "[Message ID: 8] more")
+    await b.ensure_fresh_from_redis(room)
+    before = b.stats()["reloads"]
+    assert await a.update_message_async(room, 5, "[Message ID: 5] again")
+    await b.ensure_fresh_from_redis(room)
+    assert b.stats()["reloads"] == before
+    await _assert_both_equal_redis(any_client, room, a, b)
+
+
+@pytest.mark.parametrize("suffix", [":log", ":meta", ":idem", ":archive"])
+async def test_losing_one_companion_key_leaves_every_worker_equal_to_redis(
+    any_client: aioredis.Redis, make_manager: Make, room: str, suffix: str
+) -> None:
+    config = ConsolidationConfig(keep_recent=4, min_fold=2)
+    a, b = await _two_workers_in_step(any_client, make_manager, room, consolidation=config)
+    result = await a.consolidate(room)
+    assert result.outcome == "folded"
+    await b.ensure_fresh_from_redis(room)
+    assert await b.update_message_async(room, 6, "[Message ID: 6] edit by b")
+    await a.append_async(room, "user", "[Message ID: 20] before the loss")
+    assert await any_client.delete(window_key(room) + suffix) == 1
+    # Both keep writing after the loss, each unaware of it.
+    assert await a.update_message_async(room, 7, "[Message ID: 7] edit by a")
+    await b.append_async(room, "user", "[Message ID: 21] after the loss")
+    await asyncio.gather(
+        a.patch_reactions_async(room, 20, "x 1"),
+        b.mark_deleted_async(room, 21, "2026-12-02T10:00:00Z"),
+    )
+    await _assert_both_equal_redis(any_client, room, a, b)
+    texts = " ".join(str(m["content"]) for m in a.get_messages(room))
+    for expected in ("edit by a", "[Reactions: x 1]", "[deleted at 2026-12-02T10:00:00Z]"):
+        assert expected in texts
+    if suffix != ":meta":  # a lost meta starts a new epoch: b's edit is still stored
+        assert "edit by b" in texts
+
+
+# ------------------------------------------------------------- the archive's TTL
+
+
+@pytest.mark.parametrize(("archive_ttl", "expected"), [(None, 100_000), (500.0, 500_000)])
+async def test_every_write_refreshes_the_archive_ttl(
+    any_client: aioredis.Redis,
+    make_manager: Make,
+    room: str,
+    archive_ttl: float | None,
+    expected: int,
+) -> None:
+    config = ConsolidationConfig(keep_recent=2, min_fold=2, archive_ttl_seconds=archive_ttl)
+    manager = make_manager(any_client, ttl_seconds=100, consolidation=config)
+    for i in range(6):
+        await manager.append_async(room, "user", f"[Message ID: {i}] t{i}")
+    assert (await manager.consolidate(room)).outcome == "folded"
+    archive = window_key(room) + ":archive"
+    await any_client.pexpire(archive, 2000)  # as if the fold were long ago
+    await manager.append_async(room, "user", "[Message ID: 9] a later turn")
+    assert expected // 2 < await any_client.pttl(archive) <= expected
+    await any_client.pexpire(archive, 2000)
+    assert await manager.patch_reactions_async(room, 9, "ok 1")
+    assert expected // 2 < await any_client.pttl(archive) <= expected
+
+
+# ------------------------------------------------------------------- the backlog
+
+
+async def test_max_pending_writes_refuses_the_next_write_and_keeps_memory(
+    server_and_client: tuple[RedisServer, aioredis.Redis], room: str
+) -> None:
+    server, client = server_and_client
+    manager = ConversationManager(
+        None, redis=client, command_timeout=0.5, retry_backoff=(0.01, 0.05), max_pending_writes=5
+    )
+    try:
+        await manager.append_async(room, "user", "0", message_id="0")
+        server.stop()
+        for i in range(1, 6):
+            manager.append(room, "user", str(i), message_id=str(i))
+        with pytest.raises(BacklogFull) as refused:
+            manager.append(room, "user", "6", message_id="6")
+        assert refused.value.room_id == room and "max_pending_writes=5" in str(refused.value)
+        assert [m["content"] for m in manager.get_messages(room)] == [str(i) for i in range(6)]
+        server.start()
+        await manager.drain(timeout=30)
+        assert await stored_ids(client, room) == [str(i) for i in range(6)]
+    finally:
+        await manager.aclose(timeout=5)
+
+
+def test_max_pending_writes_must_be_positive() -> None:
+    with pytest.raises(ConfigurationError, match="max_pending_writes"):
+        ConversationManager(None, max_pending_writes=0)

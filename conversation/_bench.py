@@ -99,6 +99,8 @@ ROW_KEYS: tuple[str, ...] = (
     "render_consolidation",
     "primary_capacity",
     "append_async_wait_1",
+    "outage_drain",
+    "outage_drain_loop_max",
 )
 
 TEMPLATES = ("inference", "agents", "consolidation")
@@ -133,6 +135,7 @@ class Sizes:
     scale_rooms: int
     scale_events_per_room: int
     wait_appends: int
+    outage_writes: int
 
 
 FULL = Sizes(
@@ -160,6 +163,7 @@ FULL = Sizes(
     scale_rooms=200,
     scale_events_per_room=30,
     wait_appends=500,
+    outage_writes=100_000,
 )
 
 QUICK = Sizes(
@@ -187,6 +191,7 @@ QUICK = Sizes(
     scale_rooms=20,
     scale_events_per_room=5,
     wait_appends=20,
+    outage_writes=3000,
 )
 
 
@@ -1711,6 +1716,72 @@ def _meta(args: argparse.Namespace, server_version: str, elapsed: float) -> dict
     }
 
 
+async def bench_outage(bench: Bench) -> list[Row]:
+    """Recovery after a long outage: N sync appends queued while Redis is paused drain
+    once it answers; against a raw pipeline pushing the same rows in 512-row batches."""
+    sizes, rng = bench.sizes, random.Random(11)
+    count, limit, batch = sizes.outage_writes, 100, 512
+    texts = [text_of(f"o{i}", ENTRY_BYTES, rng) for i in range(64)]
+    control, client, raw = bench.client(), bench.client(), bench.client()
+    manager = ConversationManager(
+        None,
+        max_history=limit,
+        redis=client,
+        key_prefix=bench.prefix,
+        command_timeout=1.0,
+        retry_backoff=(0.01, 0.05),  # the drain, not the backoff, is what is timed
+    )
+    room_id = bench.room("outage")
+    async with closing(manager):
+        await manager.append_async(room_id, "user", "[Message ID: 0] before the outage")
+        progress(f"outage: queueing {count} appends while Redis is paused")
+        # WRITE pause blocks every script call yet lets CLIENT UNPAUSE through; ALL blocks it too.
+        await control.client_pause(600_000, all=False)
+        try:
+            for serial in range(1, count + 1):
+                manager.append(room_id, "user", f"[Message ID: {serial}] {texts[serial % 64]}")
+        finally:
+            lag = LagMonitor()
+            lag.start()
+            started = time.perf_counter()
+            await control.client_unpause()
+        await manager.drain()
+        drained = time.perf_counter() - started
+        await lag.stop()
+        stored = await client.llen(bench.keys(room_id).window)
+    rows = [row_of(str(i), "user", texts[i % 64]) for i in range(count)]
+    key = bench.raw_key("outage")
+    raw_lag = LagMonitor()
+    raw_lag.start()
+    started = time.perf_counter()
+    for start in range(0, count, batch):
+        pipe = raw.pipeline(transaction=False)
+        pipe.rpush(key, *rows[start : start + batch])
+        pipe.ltrim(key, -limit, -1)
+        await pipe.execute()
+    raw_seconds = time.perf_counter() - started
+    await raw_lag.stop()
+    details = {"writes": count, "stored": stored, "raw_s": round(raw_seconds, 3)}
+    return [
+        ratio_row(
+            "outage_drain",
+            f"drain {count} appends queued in an outage (s)",
+            "s",
+            drained,
+            raw_seconds,
+            details=details,
+        ),
+        value_row(
+            "outage_drain_loop_max",
+            "loop stall while draining them (max ms; raw: while pushing them)",
+            "ms",
+            max(lag.lags, default=0.0),
+            max(raw_lag.lags, default=0.0),
+            at_most=50,
+        ),
+    ]
+
+
 SECTIONS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "append": bench_append,
     "warm": bench_warm_read,
@@ -1722,6 +1793,7 @@ SECTIONS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "memory": bench_memory,
     "render": bench_render,
     "scaling": bench_scaling,
+    "outage": bench_outage,
 }
 
 

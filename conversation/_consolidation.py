@@ -400,6 +400,10 @@ class Consolidator:
         # Memory-only managers keep archives here (one process, no Redis).
         self._memory_archive: dict[str, list[bytes]] = {}
 
+    def rebind(self) -> None:
+        """The manager moved to a new event loop: locks of the old one are dropped."""
+        self._locks = _KeyedLocks()
+
     # ------------------------------------------------------------------ checks
 
     def should_consolidate(self, room_id: str) -> bool:

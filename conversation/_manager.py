@@ -166,6 +166,7 @@ class ConversationManager:
         self._keyspace = KeySpace(key_prefix)
         self._max_entry_bytes = max_entry_bytes
         self._durable_timeout = durable_timeout
+        self._command_timeout = command_timeout
         self._sync_timeout = sync_timeout
         self._backoff_base, self._backoff_max = retry_backoff
         self._stats = Stats()
@@ -366,11 +367,14 @@ class ConversationManager:
         ``token_budget`` trims the returned copy (not the stored window) to fit:
         the first user message and the newest turns stay, whole tool groups go.
         """
-        self._bound_loop()  # a read on a loop makes it the manager's, as a write does
         room = self._room(room_id)
         if self._store is not None:
             try:
-                await self._refresh(room)
+                # One command_timeout in all, waiting for the room's lock included:
+                # behind a persist stuck on a stalled Redis, memory is served
+                # after one timeout, not two.
+                async with asyncio.timeout(self._command_timeout):
+                    await self._refresh(room)
             except TRANSIENT_ERRORS as exc:
                 self._stats.stale_reads += 1
                 logger.warning(
@@ -386,7 +390,6 @@ class ConversationManager:
 
     async def ensure_fresh_from_redis(self, room_id: str) -> None:
         """Wait for this worker's writes to the room, then match Redis exactly."""
-        self._bound_loop()
         room = self._room(room_id)
         if self._store is None:
             return
@@ -444,6 +447,7 @@ class ConversationManager:
 
     async def list_archives(self, room_id: str) -> list[ArchiveBatch]:
         """The room's archived turns, oldest batch first, each with the summary that replaced it."""
+        self._bound_loop()
         return await self._consolidation.list_archives(room_id)
 
     # --------------------------------------------------------------- lifecycle
@@ -464,6 +468,7 @@ class ConversationManager:
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until every write queued so far is confirmed (or, if durable, given up)."""
+        self._bound_loop()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
@@ -562,6 +567,7 @@ class ConversationManager:
         return EditOp(normalise_message_id(message_id), transform, self._max_entry_bytes)
 
     def _room(self, room_id: str) -> _Room:
+        self._bound_loop()  # refuses a caller on another live loop, reads included
         room = self._rooms.get(room_id)
         if room is None:
             validate_room_id(room_id)
@@ -591,23 +597,63 @@ class ConversationManager:
             running = None
         if running is loop:
             return self._apply(room_id, op, loop, inline)
-        if running is not None:
-            raise ConfigurationError("this manager belongs to another event loop")
         # A thread without a loop: hand the write to the manager's loop and wait
         # for the local effect (not for Redis), so nothing is skipped.
         handoff = asyncio.run_coroutine_threadsafe(_call(self._apply, room_id, op, loop), loop)
         return handoff.result(timeout=self._sync_timeout)
 
     def _bound_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The manager's loop if it runs, after binding to the caller's running loop.
+
+        The first loop that uses the manager owns it. A call from another running
+        loop is refused while the owner is open (its locks, futures and pooled
+        connections belong to the owner), and adopts the manager once the owner
+        has closed (``asyncio.run`` per request). ``None``: no loop runs the
+        manager (a thread calling before any loop did, or after its loop stopped).
+        """
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        if running is not None and (self._loop is None or self._loop.is_closed()):
-            self._loop = running
-        if self._loop is not None and (self._loop.is_closed() or not self._loop.is_running()):
+        loop = self._loop
+        if running is not None and running is not loop:
+            if loop is not None and not loop.is_closed():
+                raise ConfigurationError(
+                    "this manager belongs to another event loop, which is still open: "
+                    "use it from that loop (or from a plain thread), or give each loop "
+                    "its own manager"
+                )
+            self._rebind(running)
+            loop = running
+        if loop is not None and (loop.is_closed() or not loop.is_running()):
             return None
-        return self._loop
+        return loop
+
+    def _rebind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Adopt ``loop``: the previous one closed, and with it every task and
+        future it ran. Whatever was queued and unconfirmed is sent again from
+        here, under the same tokens, so nothing is lost or doubled."""
+        previous, self._loop = self._loop, loop
+        if previous is None:
+            return
+        resumed = 0
+        for room in self._rooms.values():
+            room.lock = asyncio.Lock()
+            room.task = None
+            room.inline = None
+            for op in room.pending:
+                op.done = loop.create_future()
+                op.done.add_done_callback(_consume_exception)
+            if room.pending and self._store is not None:
+                room.task = loop.create_task(self._persist_loop(room))
+                resumed += 1
+        if self._store is not None:
+            self._store.rebind()
+        self._consolidation.rebind()
+        logger.info(
+            "the manager's event loop closed; moved to a new one (%d room(s) resume writes)",
+            resumed,
+        )
 
     def _apply(
         self, room_id: str, op: Op, loop: asyncio.AbstractEventLoop | None, inline: bool = False
@@ -950,9 +996,19 @@ class ConversationManager:
         room.view_stale = False
         view = room.synced.copy()
         landed = room.inflight.ops if room.inflight is not None and room.inflight.landed else []
+        # Runs of appends are pushed at once and trimmed once: the same window as
+        # one trim per append (trimming keeps a suffix), at a fraction of the
+        # cost when a long outage has queued many thousands of writes.
+        run: list[Row] = []
         for op in room.pending:
             if any(op is done for done in landed):
                 continue  # already in synced: it landed before its reply was lost
+            if isinstance(op, AppendOp):
+                run.extend(op.rows)
+                continue
+            if run:
+                _push_trimmed(view, run, self._max_history)
+                run = []
             # An op that no longer applies (its entry left the window) will be
             # settled by its own persist; the view simply lacks its effect.
             try:
@@ -961,6 +1017,8 @@ class ConversationManager:
                 pass
             except Exception:  # a bug must not leave the room's queue unsettled
                 logger.exception("room %s: could not re-apply a pending write", room.room_id)
+        if run:
+            _push_trimmed(view, run, self._max_history)
         room.view = view
 
     async def _refresh(self, room: _Room) -> None:
@@ -982,6 +1040,13 @@ class ConversationManager:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _push_trimmed(state: RoomState, rows: list[Row], default_limit: int) -> None:
+    limit = state.limit or default_limit
+    # A window keeps at most ``limit`` rows, so older rows of the run cannot survive.
+    state.window.extend(rows[-limit:])
+    state.window.trim(limit)
 
 
 def _clamp_limit(limit: object) -> int:

@@ -379,6 +379,47 @@ _STALE_ROUTE = (
 )
 
 
+def forget_pooled_connections(redis: Any) -> None:
+    """Close and drop a client's pooled connections that a closed event loop owned.
+
+    Their streams belong to that loop: closing them the usual way needs it, and
+    using them fails with "Event loop is closed". Their sockets are closed
+    directly instead (nothing else can reach them now), and the client opens new
+    connections on the loop that runs it. The pool's lock may be bound to the
+    closed loop too, so it is replaced.
+    """
+    if isinstance(redis, RedisCluster):
+        for node in redis.get_nodes():
+            for connection in node._connections:
+                _close_orphan(connection)
+            node._connections.clear()
+            node._free.clear()
+        return
+    pool = getattr(redis, "connection_pool", None)
+    if pool is None:
+        return
+    for connection in [*pool._available_connections, *pool._in_use_connections]:
+        _close_orphan(connection)
+    pool.reset()
+    if isinstance(getattr(pool, "_lock", None), asyncio.Lock):
+        pool._lock = asyncio.Lock()
+
+
+def _close_orphan(connection: Any) -> None:
+    writer = getattr(connection, "_writer", None)
+    if writer is None:
+        return
+    # transport.close() would schedule its callbacks on the closed loop and fail;
+    # the transport's own socket is closed and detached instead, as close() would.
+    transport = writer.transport
+    sock = getattr(transport, "_sock", None)
+    if sock is not None:
+        sock.close()
+        transport._sock = None
+    transport._closing = True  # what close() sets first; the stream then knows it is closed
+    connection._writer = connection._reader = None
+
+
 def _per_call(outcomes: Sequence[Any]) -> list[Any]:
     """Each call's reply or error, from calls sent side by side; raises when they
     were cancelled, or when every call lost its connection (the server, or every
@@ -414,15 +455,26 @@ class RoomStore:
         self._archive_ttl_ms = ttl_ms if archive_ttl_ms is None else archive_ttl_ms
         self._default_limit = default_limit
         self._timeout = command_timeout
-        self._pipeliner = _Pipeliner(
-            redis,
+        self._pipeliner_settings = (min_replicas, replica_timeout_ms)
+        self._pipeliner = self._new_pipeliner()
+        self._has_sha1hex: bool | None = None
+
+    def _new_pipeliner(self) -> _Pipeliner:
+        min_replicas, replica_timeout_ms = self._pipeliner_settings
+        return _Pipeliner(
+            self.redis,
             self.scripts,
-            stats,
-            command_timeout,
+            self._stats,
+            self._timeout,
             min_replicas=min_replicas,
             replica_timeout_ms=replica_timeout_ms,
         )
-        self._has_sha1hex: bool | None = None
+
+    def rebind(self) -> None:
+        """Start afresh on a new event loop: calls queued on the old one died with
+        it, and the client's pooled connections belong to it."""
+        self._pipeliner = self._new_pipeliner()
+        forget_pooled_connections(self.redis)
 
     def _common(self, state: RoomState, token: str, fresh_epoch: str) -> list[Arg]:
         return [

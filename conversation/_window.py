@@ -43,6 +43,12 @@ class Window:
         if role is None:
             self.corrupt += 1
 
+    def extend(self, rows: Sequence[tuple[bytes, str | None, str]]) -> None:
+        """Append rows of known identity and role (none corrupt), in one step."""
+        self.rows.extend(row for row, _, _ in rows)
+        self.ids.extend(identity for _, identity, _ in rows)
+        self.roles.extend(role for _, _, role in rows)
+
     def push_stored(self, rows: list[bytes], room_id: str) -> int:
         """Append rows read from Redis, decoding each; returns how many were corrupt."""
         bad = 0

@@ -303,3 +303,138 @@ async def test_max_pending_writes_refuses_the_next_write_and_keeps_memory(
 def test_max_pending_writes_must_be_positive() -> None:
     with pytest.raises(ConfigurationError, match="max_pending_writes"):
         ConversationManager(None, max_pending_writes=0)
+
+
+# ------------------------------------------------------------------ event loops
+
+
+def test_a_manager_outlives_its_loop_with_the_same_client(redis_server: RedisServer) -> None:
+    """asyncio.run per request (Agents SDK run_sync, many web handlers) keeps working."""
+    client = aioredis.Redis(port=redis_server.port)
+    manager = ConversationManager(None, redis=client)
+    room = "loops:1"
+
+    async def first() -> None:
+        await manager.append_async(room, "user", "[Message ID: 1] one")
+        # A sync write whose persist task dies with this loop: it must still land.
+        manager.append(room, "user", "[Message ID: 2] two")
+
+    async def second() -> list[str]:
+        assert await manager.update_message_async(room, 1, "[Message ID: 1] one, edited")
+        await manager.append_async(room, "assistant", "three")
+        await manager.ensure_fresh_from_redis(room)
+        return [str(m["content"]) for m in await manager.get_messages_async(room)]
+
+    async def third() -> list[bytes]:
+        await manager.drain()
+        rows: list[bytes] = await client.lrange(window_key(room), 0, -1)
+        await manager.aclose()
+        await client.aclose()
+        return rows
+
+    asyncio.run(first())
+    contents = asyncio.run(second())
+    assert contents == ["[Message ID: 1] one, edited", "[Message ID: 2] two", "three"]
+    rows = asyncio.run(third())
+    assert [orjson.loads(row)["content"] for row in rows] == contents
+
+
+async def test_reads_from_another_live_loop_are_refused_and_harm_nothing(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    manager = make_manager(any_client)
+    await manager.append_async(room, "user", "[Message ID: 1] hi")
+    refused: list[str] = []
+
+    def elsewhere() -> None:
+        async def calls() -> None:
+            for call in (
+                lambda: manager.get_messages_async(room),
+                lambda: manager.ensure_fresh_from_redis(room),
+                lambda: manager.update_message_async(room, 1, "[Message ID: 1] hijack"),
+            ):
+                try:
+                    await call()
+                except ConfigurationError as exc:
+                    refused.append(str(exc))
+            try:
+                manager.get_messages(room)
+            except ConfigurationError as exc:
+                refused.append(str(exc))
+
+        asyncio.run(calls())
+
+    await asyncio.to_thread(elsewhere)
+    assert len(refused) == 4 and all("another event loop" in r for r in refused)
+    # The owning loop's writes and reads of that room are unharmed.
+    assert await manager.update_message_async(room, 1, "[Message ID: 1] edited")
+    await manager.append_async(room, "user", "[Message ID: 2] more")
+    await manager.ensure_fresh_from_redis(room)
+    assert [m["content"] for m in manager.get_messages(room)] == [
+        "[Message ID: 1] edited",
+        "[Message ID: 2] more",
+    ]
+
+
+# ----------------------------------------------------------- reads during a stall
+
+
+async def test_a_read_behind_a_stalled_persist_waits_one_command_timeout(
+    redis_server: RedisServer, room: str
+) -> None:
+    client = aioredis.Redis(port=redis_server.port)
+    control = aioredis.Redis(port=redis_server.port)
+    manager = ConversationManager(None, redis=client, command_timeout=2.0)
+    try:
+        await manager.append_async(room, "user", "[Message ID: 1] before")
+        await control.execute_command("CLIENT", "PAUSE", 20_000, "ALL")
+        manager.append(room, "user", "[Message ID: 2] during")
+        state = manager._room(room)
+        await wait_for(state.lock.locked, "the persist to hold the room")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        messages = await manager.get_messages_async(room)
+        waited = loop.time() - started
+        # Memory, own write included, after at most one timeout (the old code waited
+        # for the persist's timeout, then its own: about twice as long).
+        assert [m["content"] for m in messages][-1] == "[Message ID: 2] during"
+        assert waited < 3.0, waited
+        assert manager.stats()["stale_reads"] == 1
+    finally:
+        await control.execute_command("CLIENT", "UNPAUSE")
+        await manager.aclose(timeout=30)
+        await client.aclose()
+        await control.aclose()
+
+
+# ------------------------------------------------------------ a long outage
+
+
+async def test_a_long_queue_drains_in_order_with_the_view_intact(
+    server_and_client: tuple[RedisServer, aioredis.Redis], room: str
+) -> None:
+    server, client = server_and_client
+    manager = ConversationManager(
+        None, redis=client, command_timeout=0.5, retry_backoff=(0.01, 0.05), max_history=50
+    )
+    other_client = aioredis.Redis(port=server.port)
+    other = ConversationManager(None, redis=other_client, max_history=50)
+    try:
+        await manager.append_async(room, "user", "[Message ID: 0] start")
+        server.stop()
+        for i in range(1, 3000):
+            manager.append(room, "user", f"[Message ID: {i}] t{i}")
+            if i % 700 == 0:
+                assert manager.update_message(room, i, f"[Message ID: {i}] edited {i}")
+        server.start()
+        await other.append_async(room, "user", "[Message ID: other] from another worker")
+        await manager.drain(timeout=60)
+        await manager.ensure_fresh_from_redis(room)
+        await other.ensure_fresh_from_redis(room)
+        ids = await stored_ids(client, room)
+        assert ids == [f"{i}" for i in range(2950, 3000)]
+        assert manager.get_messages(room) == other.get_messages(room)
+    finally:
+        await manager.aclose(timeout=5)
+        await other.aclose(timeout=5)
+        await other_client.aclose()

@@ -8,7 +8,7 @@ counted at a flat rate: their real cost depends on the model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 from typing import Any
 
@@ -60,10 +60,15 @@ def _opens_or_continues_calls(group: list[Message]) -> bool:
 
 
 def fit_to_budget(messages: Sequence[Message], budget: int) -> list[Message]:
-    """Keep the system prompt(s), the first user message and the newest turns that fit.
+    """Keep the system prompt(s), the newest user turn, and the newest turns that fit.
 
-    Turns are dropped from the middle, a tool-call group is kept or dropped
-    whole, and the result keeps the original order. The input is not changed.
+    The turn being answered comes first: the newest user message survives any
+    budget that fits it, then what follows it (tool calls and results an agent
+    is in the middle of), newest first. The first user message, which often
+    states the task, is kept next when there is room; then older turns, newest
+    first. Turns are dropped from the middle, a tool-call group is kept or
+    dropped whole, and the result keeps the original order. The input is not
+    changed.
     """
     if budget < 0:
         raise ValueError(f"token budget must be >= 0, got {budget}")
@@ -72,25 +77,25 @@ def fit_to_budget(messages: Sequence[Message], budget: int) -> list[Message]:
     # The system prompt, and the consolidation summary that follows it.
     while rest and rest[0].get("role") == "system":
         head.append(rest.pop(0))
-    used = sum(estimate_tokens(m) for m in head)
     groups = _groups(rest)
-    pinned: list[Message] = []
-    first_user = next((i for i, g in enumerate(groups) if g[0].get("role") == "user"), None)
-    if first_user is not None:
-        cost = sum(estimate_tokens(m) for m in groups[first_user])
-        if used + cost <= budget:
-            pinned = groups.pop(first_user)
-            used += cost
-        else:
-            first_user = None
-    recent: list[list[Message]] = []
-    for group in reversed(groups):
-        cost = sum(estimate_tokens(m) for m in group)
-        if used + cost > budget:
-            break
-        recent.append(group)
-        used += cost
-    recent.reverse()
-    kept_ids = {id(m) for group in recent for m in group} | {id(m) for m in pinned}
-    body = [m for m in rest if id(m) in kept_ids]
-    return head + body
+    costs = [sum(estimate_tokens(m) for m in group) for group in groups]
+    users = [i for i, group in enumerate(groups) if group[0].get("role") == "user"]
+    newest = users[-1] if users else len(groups)
+    room = budget - sum(estimate_tokens(m) for m in head)
+    kept: set[int] = set()
+
+    def keep_while_it_fits(indexes: Iterable[int]) -> None:
+        nonlocal room
+        for index in indexes:
+            if costs[index] > room:
+                return
+            kept.add(index)
+            room -= costs[index]
+
+    keep_while_it_fits(users[-1:])
+    keep_while_it_fits(range(len(groups) - 1, newest, -1))
+    # Older turns only around the question being answered, never instead of it.
+    if not users or newest in kept:
+        keep_while_it_fits(i for i in users[:1] if i != newest)
+        keep_while_it_fits(i for i in range(newest - 1, -1, -1) if i not in kept)
+    return head + [m for index in sorted(kept) for m in groups[index]]

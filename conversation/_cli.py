@@ -547,9 +547,8 @@ async def list_rooms(
     target: RedisTarget, prefix: str, match: str = "*", progress: Progress | None = None
 ) -> list[str]:
     keyspace = KeySpace(prefix)
-    pattern = f"{prefix}:conversation:{{{match}}}:meta"
     rooms = set()
-    async for key in target.scan(pattern, progress):
+    async for key in target.scan(keyspace.meta_pattern(match), progress):
         room = keyspace.room_from_meta_key(key.decode("utf-8", "replace"))
         if room is not None:
             rooms.add(room)

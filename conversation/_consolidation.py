@@ -40,11 +40,20 @@ import inspect
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import orjson
+from redis.exceptions import RedisError
 
 from ._budget import estimate_tokens
 from ._entries import (
@@ -357,6 +366,27 @@ class _Engine:
 
     def key_space(self) -> KeySpace:
         return self.manager._keyspace
+
+    @contextlib.contextmanager
+    def visit(self, room_id: str) -> Iterator[None]:
+        """A worker's visit is not a use of the room.
+
+        A room this process did not hold is forgotten again once idle, and a room
+        it held keeps its last use, so ``reap_stale`` still frees it. Memory-only
+        managers keep everything: their memory is the only copy.
+        """
+        manager = self.manager
+        before = manager._rooms.get(room_id)
+        last_used = before.last_used if before is not None else None
+        try:
+            yield
+        finally:
+            room = manager._rooms.get(room_id)
+            if room is not None and manager._store is not None:
+                if before is None and room.idle():
+                    del manager._rooms[room_id]
+                elif room is before and last_used is not None:
+                    room.last_used = last_used
 
 
 class _KeyedLocks:
@@ -786,8 +816,12 @@ class ConsolidationWorker:
         return [result for result in results if result is not None]
 
     async def _visit(self, room_id: str) -> ConsolidationResult | None:
-        manager = self._manager
         self.stats.checked += 1
+        with self._engine.visit(room_id):
+            return await self._check_and_fold(room_id)
+
+    async def _check_and_fold(self, room_id: str) -> ConsolidationResult | None:
+        manager = self._manager
         try:
             if self._engine.store is not None:
                 await manager.ensure_fresh_from_redis(room_id)
@@ -808,7 +842,9 @@ class ConsolidationWorker:
                     keep_recent=self._keep_recent,
                     room_context=self._room_context,
                 )
-        except (*TRANSIENT_ERRORS, ConversationError) as exc:
+        # RedisError: a key of the wrong type (WRONGTYPE) or another server refusal
+        # in one room must not end the pass for the others.
+        except (*TRANSIENT_ERRORS, ConversationError, RedisError) as exc:
             self.stats.failures += 1
             cause = exc.__cause__
             logger.warning(
@@ -857,13 +893,21 @@ class ConsolidationWorker:
                 valid.append(validate_room_id(room_id))
             except ConversationError:
                 logger.warning("skipping an invalid room id from the room source")
-        lengths: list[int] = []
+        lengths: list[object] = []
         for start in range(0, len(valid), _LLEN_CHUNK):
             pipe = store.redis.pipeline(transaction=False)
             for room_id in valid[start : start + _LLEN_CHUNK]:
                 pipe.llen(keyspace.room(room_id).window)
-            lengths.extend(int(n) for n in await pipe.execute())
-        return [room_id for room_id, n in zip(valid, lengths, strict=True) if n >= floor]
+            # One room's WRONGTYPE comes back in its own slot, not as the pass's error.
+            lengths.extend(await pipe.execute(raise_on_error=False))
+        candidates = []
+        for room_id, length in zip(valid, lengths, strict=True):
+            if isinstance(length, Exception):
+                self.stats.failures += 1
+                logger.warning("room %s: skipped by consolidation: %s", room_id, length)
+            elif isinstance(length, int) and length >= floor:
+                candidates.append(room_id)
+        return candidates
 
 
 # ----------------------------------------------------------- the default summariser

@@ -94,6 +94,11 @@ def _check_content(content: object) -> None:
             )
 
 
+def content_may_be_null(role: object, tool_calls: object) -> bool:
+    """OpenAI sends ``content: null`` on an assistant turn that only calls tools."""
+    return role == "assistant" and isinstance(tool_calls, list) and bool(tool_calls)
+
+
 def build_entry(
     role: object,
     content: object,
@@ -106,8 +111,7 @@ def build_entry(
     """Validate the fields of one turn and return its entry (identity first)."""
     if role not in ROLES:
         raise InvalidMessage(f"role {role!r:.40} is not one of {sorted(ROLES)}", field="role")
-    # OpenAI sends content=null on an assistant turn that only calls tools.
-    if not (content is None and role == "assistant" and tool_calls):
+    if not (content is None and content_may_be_null(role, tool_calls)):
         _check_content(content)
     identity = (
         normalise_message_id(message_id)
@@ -215,10 +219,11 @@ def clean_tag_value(value: object, what: str) -> str:
 
 def _read_tags(text: str, identity: str) -> tuple[int, int, bool, dict[str, str]]:
     """Where the tag zone starts and ends, whether it follows a marker, and its tags."""
-    marker = f"[Message ID: {identity}]"
-    at = text.find(marker)
-    after_marker = at >= 0
-    start = at + len(marker) if after_marker else 0
+    # The marker as the bot wrote it: identities are read stripped, so a padded
+    # "[Message ID: 42 ]" is the marker of "42" and its tags go after it.
+    marker = next((m for m in MARKER_RE.finditer(text) if m.group(1).strip() == identity), None)
+    after_marker = marker is not None
+    start = marker.end() if marker is not None else 0
     pattern = _TAG_AFTER_MARKER if after_marker else _TAG_AT_START
     tags: dict[str, str] = {}
     end = start

@@ -6,6 +6,7 @@ one Redis Cluster slot and each Lua script touches a single slot.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ._errors import InvalidRoomId
@@ -14,6 +15,11 @@ MAX_ROOM_ID_BYTES = 512
 
 #: Suffixes of a room's companion keys, in the order every script receives them.
 WINDOW, META, LOG, IDEM, ARCHIVE, LEASE = "", ":meta", ":log", ":idem", ":archive", ":lease"
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a Redis glob pattern that matches exactly itself."""
+    return re.sub(r"([\\*?\[\]])", r"\\\1", text)
 
 
 def validate_room_id(room_id: object) -> str:
@@ -69,9 +75,12 @@ class KeySpace:
     def lease(self, room_id: str) -> str:
         return self.room_base(room_id) + LEASE
 
-    def meta_pattern(self) -> str:
-        """SCAN pattern matching every room's meta key (for operator tools)."""
-        return f"{self.prefix}:conversation:{{*}}{META}"
+    def meta_pattern(self, room_glob: str = "*") -> str:
+        """SCAN pattern matching the meta key of every room whose id matches ``room_glob``.
+
+        The prefix is matched literally: ``bot[eu]`` is a name, not a character class.
+        """
+        return f"{glob_escape(self.prefix)}:conversation:{{{room_glob}}}{META}"
 
     def room_from_meta_key(self, key: str) -> str | None:
         head = f"{self.prefix}:conversation:{{"

@@ -120,6 +120,10 @@ class _Room:
     # exact, which keeps draining a long queue linear.
     view_stale: bool = False
 
+    def idle(self) -> bool:
+        """Nothing queued and nothing being persisted: forgetting it loses nothing."""
+        return not self.pending and (self.task is None or self.task.done())
+
 
 class ConversationManager:
     """Per-room sliding windows of chat turns, shared by worker processes through Redis.
@@ -458,9 +462,7 @@ class ConversationManager:
         stale = [
             room_id
             for room_id, room in self._rooms.items()
-            if room.last_used < cutoff
-            and not room.pending
-            and (room.task is None or room.task.done())
+            if room.last_used < cutoff and room.idle()
         ]
         for room_id in stale:
             del self._rooms[room_id]

@@ -51,7 +51,7 @@ import orjson
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
-from ._entries import ROLES, build_entry, encode
+from ._entries import ROLES, build_entry, content_may_be_null, encode
 from ._errors import (
     ConfigurationError,
     InvalidMessage,
@@ -870,8 +870,9 @@ class SessionStore:
 
 
 def _well_formed(message: object) -> bool:
-    return (
-        isinstance(message, dict)
-        and message.get("role") in ROLES
-        and isinstance(message.get("content"), (str, list))
-    )
+    if not isinstance(message, dict) or message.get("role") not in ROLES:
+        return False
+    content = message.get("content")
+    if content is None:
+        return content_may_be_null(message["role"], message.get("tool_calls"))
+    return isinstance(content, (str, list))

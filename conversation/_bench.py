@@ -53,8 +53,8 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
-from ._keys import KeySpace, RoomKeys
 from ._manager import ConversationManager
+from ._redis.keys import KeySpace, RoomKeys
 from ._redis_server import RedisServerProcess
 
 __all__ = ["ROW_KEYS", "main"]

@@ -58,10 +58,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ._keys import KeySpace, validate_room_id
+from ._engine.window import RoomState, apply_reply
+from ._redis.keys import KeySpace, validate_room_id
+from ._redis.replies import SyncReply
+from ._redis.rooms import RoomStore, load_scripts
 from ._stats import Stats
-from ._store import RoomStore, load_scripts
-from ._window import RoomState, SyncReply, apply_reply
 
 logger = logging.getLogger(__name__)
 

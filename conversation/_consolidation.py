@@ -24,10 +24,9 @@ runs again only if the turns to fold changed), up to ``max_attempts`` times.
 Turns appended meanwhile by any worker are never touched. A summariser that
 raises or is cancelled changes nothing: nothing is written before it returns.
 
-Coupling with ``ConversationManager`` is kept to the internals named in
-``_Engine`` below (rooms, their lock and synced state, the store, the key
-space); the manager's public ``should_consolidate``, ``consolidate`` and
-``list_archives`` delegate here.
+Consolidation reaches the engine through ``_engine.core.Core`` only (rooms,
+their lock and synced state, the store, the key space); the manager's public
+``should_consolidate``, ``consolidate`` and ``list_archives`` delegate here.
 """
 
 from __future__ import annotations
@@ -45,7 +44,6 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
-    Iterator,
     Mapping,
     Sequence,
 )
@@ -56,13 +54,13 @@ import orjson
 from redis.exceptions import RedisError
 
 from ._budget import estimate_tokens
+from ._engine.window import RoomState, Window
 from ._entries import (
     MARKER_RE,
     SUMMARY_ID_PREFIX,
     SUMMARY_ROLE,
     Entry,
     build_entry,
-    encode,
     first_text,
     is_summary,
     to_messages,
@@ -73,14 +71,15 @@ from ._errors import (
     ConversationError,
     RedisUnavailable,
     describe_error,
+    require_positive_int,
 )
-from ._keys import KeySpace, validate_room_id
-from ._retry import TRANSIENT_ERRORS, is_permanent
-from ._window import RoomState, SyncReply, Window
+from ._redis.keys import validate_room_id
+from ._redis.retry import TRANSIENT_ERRORS, is_permanent
 
 if TYPE_CHECKING:
-    from ._manager import ConversationManager, _Room
-    from ._store import RoomStore
+    from ._engine.core import Core
+    from ._engine.rooms import Room
+    from ._redis.rooms import RoomStore
 
 __all__ = [
     "ArchiveBatch",
@@ -143,7 +142,7 @@ class ConsolidationConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_turns", "max_tokens", "min_fold", "max_summary_words", "max_attempts"):
-            _positive_int(name, getattr(self, name))
+            require_positive_int(name, getattr(self, name))
         for name in ("keep_recent", "archive_max_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -156,11 +155,6 @@ class ConsolidationConfig:
             raise ConfigurationError("archive_ttl_seconds must be positive or None")
         if self.lease_seconds < 1:
             raise ConfigurationError("lease_seconds must be at least 1")
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name} must be a positive int, got {value!r}")
 
 
 # ----------------------------------------------------------------- public records
@@ -327,68 +321,6 @@ class PromptSource(Protocol):
     def render_async(self, room_context: Mapping[str, Any] | None = None) -> Awaitable[str]: ...
 
 
-class _Engine:
-    """Every ``ConversationManager`` internal consolidation touches, in one place."""
-
-    def __init__(self, manager: ConversationManager) -> None:
-        self.manager = manager
-
-    def room(self, room_id: str) -> _Room:
-        return self.manager._room(room_id)
-
-    @property
-    def store(self) -> RoomStore | None:
-        return self.manager._store
-
-    def archive_key(self, room_id: str) -> str:
-        return self.manager._keyspace.archive(room_id)
-
-    def lease_key(self, room_id: str) -> str:
-        return self.manager._keyspace.lease(room_id)
-
-    def limit(self, state: RoomState) -> int:
-        return state.limit or self.manager._max_history
-
-    def encode(self, entry: Entry) -> bytes:
-        return encode(entry, self.manager._max_entry_bytes)
-
-    def absorb(self, room: _Room, reply: SyncReply) -> None:
-        """Bring the room's synced state to a script reply and rebuild its view."""
-        self.manager._absorb(room, reply)
-        self.manager._rebuild_view(room)
-
-    def count(self, counter: str) -> None:
-        stats = self.manager._stats
-        setattr(stats, counter, getattr(stats, counter) + 1)
-
-    def known_rooms(self) -> list[str]:
-        return list(self.manager._rooms)
-
-    def key_space(self) -> KeySpace:
-        return self.manager._keyspace
-
-    @contextlib.contextmanager
-    def visit(self, room_id: str) -> Iterator[None]:
-        """A worker's visit is not a use of the room.
-
-        A room this process did not hold is forgotten again once idle, and a room
-        it held keeps its last use, so ``reap_stale`` still frees it. Memory-only
-        managers keep everything: their memory is the only copy.
-        """
-        manager = self.manager
-        before = manager._rooms.get(room_id)
-        last_used = before.last_used if before is not None else None
-        try:
-            yield
-        finally:
-            room = manager._rooms.get(room_id)
-            if room is not None and manager._store is not None:
-                if before is None and room.idle():
-                    del manager._rooms[room_id]
-                elif room is before and last_used is not None:
-                    room.last_used = last_used
-
-
 class _KeyedLocks:
     """One asyncio lock per room, forgotten when nobody holds or waits for it."""
 
@@ -410,12 +342,18 @@ class _KeyedLocks:
                 self._locks[key] = (lock, users - 1)
 
 
+class HasConsolidation(Protocol):
+    """What a worker is given: a ``ConversationManager`` (its consolidation part)."""
+
+    _consolidation: Consolidator
+
+
 class Consolidator:
     """Consolidation for one manager; the manager's public methods delegate here."""
 
     def __init__(
         self,
-        manager: ConversationManager,
+        core: Core,
         config: ConsolidationConfig | None = None,
         *,
         renderer: PromptSource | None = None,
@@ -423,7 +361,7 @@ class Consolidator:
         if config is not None and not isinstance(config, ConsolidationConfig):
             raise ConfigurationError("consolidation must be a ConsolidationConfig")
         self.config = config or ConsolidationConfig()
-        self._engine = _Engine(manager)
+        self._engine = core
         self._renderer = renderer
         self._default = ExtractiveSummarizer()
         self._locks = _KeyedLocks()
@@ -463,7 +401,7 @@ class Consolidator:
         validate_room_id(room_id)
         async with self._locks.hold(room_id):
             if engine.store is not None:
-                await engine.manager.ensure_fresh_from_redis(room_id)
+                await engine.ensure_fresh(room_id)
             room = engine.room(room_id)
             summaries: dict[bytes, str] = {}
             attempts = calls = 0
@@ -565,7 +503,7 @@ class Consolidator:
         )
         return summary_row, record
 
-    async def _fold(self, room: _Room, plan: _Plan, text: str) -> bool:
+    async def _fold(self, room: Room, plan: _Plan, text: str) -> bool:
         summary_row, record = self._rows(plan, text)
         if self._engine.store is None:
             return self._fold_in_memory(room, plan, summary_row, record)
@@ -575,7 +513,7 @@ class Consolidator:
         task.add_done_callback(_consume_exception)
         return await asyncio.shield(task)
 
-    async def _send_fold(self, room: _Room, plan: _Plan, summary_row: bytes, record: bytes) -> bool:
+    async def _send_fold(self, room: Room, plan: _Plan, summary_row: bytes, record: bytes) -> bool:
         store = self._engine.store
         assert store is not None
         token = uuid.uuid4().hex  # a retry after a timeout must not fold twice
@@ -613,7 +551,7 @@ class Consolidator:
                 await asyncio.sleep(_FOLD_SEND_BACKOFF * 2**attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _fold_in_memory(self, room: _Room, plan: _Plan, summary_row: bytes, record: bytes) -> bool:
+    def _fold_in_memory(self, room: Room, plan: _Plan, summary_row: bytes, record: bytes) -> bool:
         window = room.view.window
         n = len(plan.rows)
         if window.rows[:n] != plan.rows or (len(window) > n and window.roles[n] == "tool"):
@@ -766,7 +704,7 @@ class ConsolidationWorker:
 
     def __init__(
         self,
-        manager: ConversationManager,
+        manager: HasConsolidation,
         summarize: Summarizer | None = None,
         *,
         rooms: RoomSource | None = None,
@@ -776,10 +714,9 @@ class ConsolidationWorker:
         room_context: Mapping[str, Any] | None = None,
         name: str | None = None,
     ) -> None:
-        _positive_int("concurrency", concurrency)
+        require_positive_int("concurrency", concurrency)
         if interval <= 0:
             raise ConfigurationError("interval must be positive")
-        self._manager = manager
         self._consolidator: Consolidator = manager._consolidation
         self._engine = self._consolidator._engine
         self._summarize = summarize
@@ -821,22 +758,20 @@ class ConsolidationWorker:
             return await self._check_and_fold(room_id)
 
     async def _check_and_fold(self, room_id: str) -> ConsolidationResult | None:
-        manager = self._manager
+        consolidator, engine = self._consolidator, self._engine
         try:
-            if self._engine.store is not None:
-                await manager.ensure_fresh_from_redis(room_id)
-            if not manager.should_consolidate(room_id):
+            await engine.ensure_fresh(room_id)
+            if not consolidator.should_consolidate(room_id):
                 return None
-            async with self._consolidator.lease(room_id, self.name) as held:
+            async with consolidator.lease(room_id, self.name) as held:
                 if not held:
                     self.stats.leased_elsewhere += 1
                     return None
                 # Another replica may have folded it just before we got the lease.
-                if self._engine.store is not None:
-                    await manager.ensure_fresh_from_redis(room_id)
-                if not manager.should_consolidate(room_id):
+                await engine.ensure_fresh(room_id)
+                if not consolidator.should_consolidate(room_id):
                     return None
-                result = await manager.consolidate(
+                result = await consolidator.consolidate(
                     room_id,
                     self._summarize,
                     keep_recent=self._keep_recent,

@@ -78,8 +78,8 @@ from ._cli import (
     make_client,
     redact_url,
 )
-from ._keys import KeySpace
 from ._manager import ConversationManager, Renderer
+from ._redis.keys import KeySpace
 from ._redis_server import RedisServerProcess
 
 logger = logging.getLogger(__name__)

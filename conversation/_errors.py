@@ -220,3 +220,9 @@ class SessionNotFound(SessionError, LookupError):
 def describe_error(exc: BaseException) -> str:
     """``Type: message`` of a backend error (redis-py 8's repr() hides the message)."""
     return f"{type(exc).__name__}: {exc}"
+
+
+def require_positive_int(name: str, value: object) -> None:
+    """A setting that must be an int of at least 1 (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be a positive int, got {value!r}")

@@ -63,10 +63,10 @@ from ._errors import (
     SessionNotFound,
     describe_error,
 )
-from ._keys import KeySpace, validate_room_id
+from ._redis.keys import KeySpace, validate_room_id
+from ._redis.rooms import Arg, Script, _Pipeliner
 from ._resources import data_dir
 from ._stats import Stats
-from ._store import Arg, Script, _Pipeliner
 
 __all__ = ["Session", "SessionInfo", "SessionStore"]
 

@@ -673,7 +673,7 @@ class ChaosCluster:
         self._spawn_workers()
 
     def _read_redis(self, rooms: Sequence[str]) -> tuple[dict[str, list[bytes]], dict[str, int]]:
-        from conversation._keys import KeySpace
+        from conversation._redis.keys import KeySpace
 
         keyspace = KeySpace(self.prefix)
         rows: dict[str, list[bytes]] = {}

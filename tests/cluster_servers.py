@@ -32,7 +32,7 @@ from redis.crc import key_slot
 from redis_servers import RedisServer, wait_until
 
 from conversation import ConversationManager
-from conversation._keys import KeySpace
+from conversation._redis.keys import KeySpace
 
 REDIS_CLI = shutil.which("redis-cli")
 NODE_TIMEOUT_MS = 500

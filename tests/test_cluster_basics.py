@@ -17,7 +17,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 
 from conversation import ConversationManager
-from conversation._keys import KeySpace
+from conversation._redis.keys import KeySpace
 
 ROOMS = [f"discord:{i}" for i in range(12)]
 

@@ -16,6 +16,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from redis_servers import RedisServer
+from support import window_key
 
 from conversation import (
     ConfigurationError,
@@ -32,10 +33,6 @@ Turn = dict[str, Any]
 MARKER = re.compile(r"\[Message ID: ([^\]]+)\]")
 PREFIX = ConsolidationConfig().summary_prefix
 CONFIG = ConsolidationConfig(max_turns=20, keep_recent=5, min_fold=2)
-
-
-def window_key(room: str) -> str:
-    return f"sg:conversation:{{{room}}}"
 
 
 async def redis_state(client: aioredis.Redis, room: str) -> tuple[list[bytes], Any, list[bytes]]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from support import window_key
 
 from conversation import (
     ConfigurationError,
@@ -20,10 +21,6 @@ from conversation import (
 
 Make = Callable[..., ConversationManager]
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
-
-
-def window_key(room: str) -> str:
-    return f"sg:conversation:{{{room}}}"
 
 
 async def redis_rows(client: aioredis.Redis, room: str) -> list[bytes]:

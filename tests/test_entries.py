@@ -16,7 +16,7 @@ from conversation._entries import (
     identity_from_content,
     reactions_transform,
 )
-from conversation._keys import KeySpace, validate_room_id
+from conversation._redis.keys import KeySpace, validate_room_id
 
 IMAGE = {"type": "image_url", "image_url": {"url": "https://cdn.example/cat.png"}}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,25 +12,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis_servers import RedisServer
+from support import wait_for, window_key
 
 from conversation import ConversationManager, DurabilityError, RedisUnavailable
 
 Make = Callable[..., ConversationManager]
 AOF = ("--appendonly", "yes", "--appendfsync", "always")
-
-
-def window_key(room: str) -> str:
-    return f"sg:conversation:{{{room}}}"
-
-
-async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """Wait on a real condition, yielding to the loop (never a fixed sleep)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -220,8 +206,8 @@ async def test_on_a_cluster_a_dead_node_fails_only_its_own_rooms_calls() -> None
     nothing, and any awaited write there would wait for a dead node's backoff)."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
+    from conversation._redis.rooms import Script, _Call, _Pipeliner
     from conversation._stats import Stats
-    from conversation._store import Script, _Call, _Pipeliner
 
     class TwoNodes:
         """Stands in for a RedisCluster whose node for key 'dead' is down."""

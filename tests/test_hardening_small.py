@@ -104,7 +104,7 @@ async def test_a_visit_does_not_refresh_the_last_use_of_a_resident_room(
     await fill(manager, room, 3)
     worker = ConsolidationWorker(manager, rooms=[room])
     await manager.drain()
-    manager._rooms[room].last_used -= 120  # as if nobody had used it for two minutes
+    manager._room(room).last_used -= 120  # as if nobody had used it for two minutes
 
     await worker.run_once()
 

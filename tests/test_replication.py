@@ -26,7 +26,7 @@ from conversation import (
     PersistError,
     ReplicationTimeout,
 )
-from conversation._keys import KeySpace
+from conversation._redis.keys import KeySpace
 
 Make = Callable[..., ConversationManager]
 KEYS = KeySpace("sg")
@@ -271,7 +271,8 @@ async def test_an_error_after_redis_applied_the_write_lands_it_once(
     client = aioredis.Redis(port=primary.port, socket_timeout=5)
     manager = make_manager(client, retry_backoff=(0.01, 0.02))
     await manager.append_async(room, "user", "[Message ID: 1] before")
-    real_absorb = manager._absorb
+    replicator = manager._backend
+    real_absorb = replicator.absorb
     failures = iter([KeyError("a bug while reading the reply")])
 
     def flaky_absorb(*args: Any, **kwargs: Any) -> None:
@@ -279,7 +280,7 @@ async def test_an_error_after_redis_applied_the_write_lands_it_once(
             raise error
         real_absorb(*args, **kwargs)
 
-    monkeypatch.setattr(manager, "_absorb", flaky_absorb)
+    monkeypatch.setattr(replicator, "absorb", flaky_absorb)
     await manager.append_async(room, "user", "[Message ID: 2] applied, reply lost")
     await manager.append_async(room, "user", "[Message ID: 3] after")
     expected = [

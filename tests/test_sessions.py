@@ -23,6 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis_servers import free_port
+from support import eventually as wait_for
 
 from conversation import (
     ConfigurationError,
@@ -57,17 +58,6 @@ def factory(redis: aioredis.Redis | None) -> Factory:
         return memory.setdefault(repr(sorted(kwargs.items())), SessionStore(None, **kwargs))
 
     return make
-
-
-async def wait_for(
-    predicate: Callable[[], Awaitable[bool]], what: str, timeout: float = 10
-) -> None:
-    """Poll a real condition (never a fixed sleep standing in for it)."""
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def user(name: str) -> dict[str, str]:

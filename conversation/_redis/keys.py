@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ._errors import InvalidRoomId
+from .._errors import InvalidRoomId
 
 MAX_ROOM_ID_BYTES = 512
 

@@ -1,6 +1,9 @@
-"""Which failures are worth retrying: shared by the persist loop and consolidation."""
+"""Which failures are worth retrying, and how long to wait between attempts."""
 
 from __future__ import annotations
+
+import random
+from dataclasses import dataclass
 
 from redis.exceptions import (
     AskError,
@@ -14,7 +17,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from ._errors import ReplicationTimeout
+from .._errors import ReplicationTimeout
 
 # RedisClusterException: redis-py's client-side cluster errors ("slot not
 # covered" while its slot map is rebuilt after a failover) are not RedisErrors.
@@ -41,3 +44,20 @@ def is_permanent(exc: BaseException) -> bool:
     if not isinstance(exc, ResponseError) or isinstance(exc, _RETRYABLE_ERRORS):
         return False
     return not str(exc).startswith(_RETRYABLE_REPLIES)
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Jittered exponential delays between retries: ``first`` doubling up to ``longest``."""
+
+    first: float
+    longest: float
+
+    def delay(self, attempt: int, jitter: float | None = None) -> float:
+        """The pause after the ``attempt``-th failure in a row (1-based).
+
+        ``jitter`` in [0, 1) scales it to between half and all of the nominal
+        delay, so workers failing together do not retry in lockstep.
+        """
+        nominal: float = min(self.longest, self.first * 2.0 ** (attempt - 1))
+        return nominal * (0.5 + (random.random() if jitter is None else jitter) / 2)

@@ -31,11 +31,11 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ._errors import ReplicationTimeout
-from ._keys import RoomKeys
-from ._resources import data_dir
-from ._stats import Stats
-from ._window import RoomState, SyncReply
+from .._errors import ReplicationTimeout
+from .._resources import data_dir
+from .._stats import Stats
+from .keys import RoomKeys
+from .replies import SyncedState, SyncReply
 
 logger = logging.getLogger(__name__)
 
@@ -476,12 +476,12 @@ class RoomStore:
         self._pipeliner = self._new_pipeliner()
         forget_pooled_connections(self.redis)
 
-    def _common(self, state: RoomState, token: str, fresh_epoch: str) -> list[Arg]:
+    def _common(self, state: SyncedState, token: str, fresh_epoch: str) -> list[Arg]:
         return [
             state.epoch,
             state.version,
             state.head,
-            len(state.window),
+            state.size,
             token,
             self._ttl_ms,
             self._default_limit,
@@ -493,7 +493,7 @@ class RoomStore:
         self,
         name: str,
         keys: RoomKeys,
-        state: RoomState,
+        state: SyncedState,
         token: str,
         fresh_epoch: str,
         extra: Sequence[Arg],
@@ -506,14 +506,16 @@ class RoomStore:
         self._stats.bytes_received += reply.payload_bytes()
         return reply
 
-    async def sync(self, keys: RoomKeys, state: RoomState, tokens: Sequence[str] = ()) -> SyncReply:
+    async def sync(
+        self, keys: RoomKeys, state: SyncedState, tokens: Sequence[str] = ()
+    ) -> SyncReply:
         """Catch up; status 2 says every write named by ``tokens`` already landed."""
         return await self._run("sync", keys, state, "", "", tokens)
 
     async def append(
         self,
         keys: RoomKeys,
-        state: RoomState,
+        state: SyncedState,
         epoch: str,
         writes: Sequence[tuple[str, Sequence[bytes]]],
         *,
@@ -539,7 +541,7 @@ class RoomStore:
     async def replace(
         self,
         keys: RoomKeys,
-        state: RoomState,
+        state: SyncedState,
         token: str,
         position: int,
         old_row: bytes,
@@ -559,13 +561,13 @@ class RoomStore:
         extra = (position, expected, new_row)
         return await self._run("replace", keys, state, token, "", extra, direct=direct)
 
-    async def clear(self, keys: RoomKeys, state: RoomState, token: str, epoch: str) -> SyncReply:
+    async def clear(self, keys: RoomKeys, state: SyncedState, token: str, epoch: str) -> SyncReply:
         return await self._run("clear", keys, state, token, epoch, ())
 
     async def set_limit(
         self,
         keys: RoomKeys,
-        state: RoomState,
+        state: SyncedState,
         token: str,
         epoch: str,
         limit: int,
@@ -575,14 +577,14 @@ class RoomStore:
         return await self._run("set_limit", keys, state, token, epoch, (limit, flag))
 
     async def rewrite(
-        self, keys: RoomKeys, state: RoomState, token: str, epoch: str, rows: Sequence[bytes]
+        self, keys: RoomKeys, state: SyncedState, token: str, epoch: str, rows: Sequence[bytes]
     ) -> SyncReply:
         return await self._run("rewrite", keys, state, token, epoch, (state.version, *rows))
 
     async def fold(
         self,
         keys: RoomKeys,
-        state: RoomState,
+        state: SyncedState,
         token: str,
         *,
         epoch: str,

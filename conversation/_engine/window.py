@@ -1,4 +1,4 @@
-"""The in-memory window of one room, and how a sync reply from Redis updates it.
+"""The in-memory window of one room, and how a script reply from Redis updates it.
 
 Rows are kept as the exact bytes Redis holds, with identity and role beside
 them: persisting needs no re-serialisation, catching up needs no re-parsing of
@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from ._entries import decode_row, is_summary
+from .._entries import decode_row, is_summary
+from .._redis.replies import SyncReply
 
 logger = logging.getLogger(__name__)
 
@@ -139,60 +139,14 @@ class RoomState:
     limit: int = 0  # 0: the manager's default (max_history)
     rebackfill: bool = False
 
+    @property
+    def size(self) -> int:
+        return len(self.window)
+
     def copy(self) -> RoomState:
         return RoomState(
             self.window.copy(), self.epoch, self.version, self.head, self.limit, self.rebackfill
         )
-
-
-@dataclass(slots=True)
-class SyncReply:
-    """A parsed reply of any script (see ``lua/_lib.lua``)."""
-
-    status: int
-    kind: int  # 0 nothing changed, 1 incremental, 2 snapshot
-    version: int
-    epoch: str = ""
-    head: int = 0
-    limit: int = 0
-    rebackfill: bool = False
-    own_kept: int = 0
-    replaced: list[tuple[int, bytes]] = field(default_factory=list)
-    rows: list[bytes] = field(default_factory=list)
-
-    @classmethod
-    def parse(cls, raw: list[Any]) -> SyncReply:
-        status, kind = int(raw[0]), int(raw[1])
-        if kind == 0:
-            return cls(status, kind, int(raw[2]))
-        if kind == 2:
-            epoch = raw[2]
-            return cls(
-                status,
-                kind,
-                int(raw[3]),
-                epoch=epoch.decode() if isinstance(epoch, bytes) else str(epoch),
-                head=int(raw[4]),
-                limit=int(raw[5]),
-                rebackfill=bool(int(raw[6])),
-                rows=raw[7:],
-            )
-        count = int(raw[7])
-        pairs = raw[8 : 8 + 2 * count]
-        return cls(
-            status,
-            kind,
-            int(raw[2]),
-            head=int(raw[3]),
-            limit=int(raw[4]),
-            rebackfill=bool(int(raw[5])),
-            own_kept=int(raw[6]),
-            replaced=[(int(pairs[i]), pairs[i + 1]) for i in range(0, len(pairs), 2)],
-            rows=raw[8 + 2 * count :],
-        )
-
-    def payload_bytes(self) -> int:
-        return sum(len(row) for row in self.rows) + sum(len(row) for _, row in self.replaced)
 
 
 def apply_reply(

@@ -1,0 +1,533 @@
+"""Keeping each room's memory and Redis converging: the replication engine.
+
+Each room keeps two states: *synced*, an exact mirror of Redis at some
+(epoch, version), and the *view*, which is synced plus this worker's writes that
+Redis has not confirmed yet. Writes change the view at once and queue; one
+persist task per room sends the queue in order, and every script reply carries
+what other workers changed meanwhile, so synced stays exact without extra reads.
+
+Two backends share one interface: ``Replicator`` mirrors rooms to Redis;
+``MemoryBackend`` keeps them in this process only (no Redis), where a write is
+done once its local effect is applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from .._errors import (
+    BacklogFull,
+    DurabilityError,
+    InvalidMessage,
+    PersistError,
+    RedisUnavailable,
+    describe_error,
+)
+from .._redis.replies import SyncReply
+from .._redis.retry import TRANSIENT_ERRORS, Backoff, is_permanent
+from .._redis.rooms import RoomStore
+from .._stats import Stats
+from .ops import Op, Row
+from .rooms import Batch, Room, RoomTable
+from .window import RoomState, apply_reply
+
+logger = logging.getLogger(__name__)
+
+# A batch that keeps failing with an exception no one expected (a bug here or in
+# the client library) is failed after this many attempts in a row.
+MAX_UNEXPECTED_FAILURES = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What the engine core needs to know of the manager's configuration."""
+
+    max_history: int
+    max_pending: int
+    durable_timeout: float
+    command_timeout: float | None
+    sync_timeout: float
+    backoff: Backoff
+
+
+class Verdict(enum.Enum):
+    RETRY = "retry"  # after a backoff
+    GIVE_UP = "give up"  # settle the batch with PersistError
+    ABANDON = "abandon"  # a durable batch: withdraw it with DurabilityError
+
+
+def judge_failure(
+    exc: BaseException, *, unexpected: int, durable_deadline: float | None, now: float
+) -> Verdict:
+    """What to do with a batch whose persist just failed with ``exc``.
+
+    ``unexpected``: failures in a row that were not Redis faults (bugs).
+    """
+    given_up = unexpected >= MAX_UNEXPECTED_FAILURES
+    if given_up and durable_deadline is not None:
+        return Verdict.ABANDON  # its DurabilityError names the key to re-send with
+    if given_up or is_permanent(exc):
+        return Verdict.GIVE_UP
+    if durable_deadline is not None and now >= durable_deadline:
+        return Verdict.ABANDON
+    return Verdict.RETRY
+
+
+class Backend(Protocol):
+    """How the facade's writes and reads reach (or do not reach) Redis."""
+
+    def apply(
+        self, room: Room, op: Op, loop: asyncio.AbstractEventLoop | None, inline: bool = False
+    ) -> bool: ...
+
+    async def settle(self, room: Room, op: Op) -> Any: ...
+
+    async def settle_durable(self, room: Room, op: Op, deadline: float) -> None: ...
+
+    async def ensure_fresh(self, room: Room) -> None: ...
+
+    async def refresh(self, room: Room) -> None: ...
+
+    def absorb(self, room: Room, reply: SyncReply, own_rows: Sequence[Row] = ()) -> None: ...
+
+    def rebuild_view(self, room: Room) -> None: ...
+
+    def moved(self, loop: asyncio.AbstractEventLoop) -> int: ...
+
+    def fail_waiters(self, why: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryBackend:
+    """No Redis: the view is the only copy, and a write is done once applied."""
+
+    def __init__(self, rooms: RoomTable, stats: Stats, settings: Settings) -> None:
+        self.rooms, self.stats, self.settings = rooms, stats, settings
+
+    def apply(
+        self, room: Room, op: Op, loop: asyncio.AbstractEventLoop | None, inline: bool = False
+    ) -> bool:
+        found = op.apply(room.view, self.settings.max_history)
+        op.count(self.stats)
+        return found
+
+    async def settle(self, room: Room, op: Op) -> Any:
+        return True
+
+    async def settle_durable(self, room: Room, op: Op, deadline: float) -> None:
+        return None
+
+    async def ensure_fresh(self, room: Room) -> None:
+        return None
+
+    async def refresh(self, room: Room) -> None:
+        return None
+
+    def absorb(self, room: Room, reply: SyncReply, own_rows: Sequence[Row] = ()) -> None:
+        raise TypeError("a memory-only engine receives no script replies")
+
+    def rebuild_view(self, room: Room) -> None:
+        return None
+
+    def moved(self, loop: asyncio.AbstractEventLoop) -> int:
+        return 0
+
+    def fail_waiters(self, why: str) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class _Link:
+    """One room as its writes' remote effects see it (see ``ops.Link``)."""
+
+    __slots__ = ("keys", "replicator", "room", "room_id", "stats", "store", "synced")
+
+    def __init__(self, replicator: Replicator, room: Room) -> None:
+        self.replicator, self.room = replicator, room
+        self.room_id, self.keys, self.synced = room.room_id, room.keys, room.synced
+        self.store, self.stats = replicator.store, replicator.stats
+
+    def absorb(self, reply: SyncReply, own_rows: Sequence[Row] = ()) -> None:
+        self.replicator.absorb(self.room, reply, own_rows)
+
+    def mark_view_stale(self) -> None:
+        self.room.view_stale = True
+
+
+class Replicator:
+    """Persist loops, inline persists, durable deadlines and catch-up, per room."""
+
+    def __init__(
+        self, store: RoomStore, rooms: RoomTable, stats: Stats, settings: Settings
+    ) -> None:
+        self.store, self.rooms, self.stats, self.settings = store, rooms, stats, settings
+
+    # ------------------------------------------------------------- queueing
+
+    def apply(
+        self, room: Room, op: Op, loop: asyncio.AbstractEventLoop | None, inline: bool = False
+    ) -> bool:
+        if len(room.pending) >= self.settings.max_pending:
+            raise BacklogFull(room.room_id, self.settings.max_pending)
+        found = op.apply(room.view, self.settings.max_history)
+        op.count(self.stats)
+        if not found or loop is None:
+            return found
+        op.done = loop.create_future()
+        op.done.add_done_callback(consume_exception)
+        if inline and not room.pending and room.task is None and not room.lock.locked():
+            # An idle room and a caller about to await: it persists the write
+            # itself (persist_inline), skipping a task, a shield and four loop
+            # iterations per write.
+            room.inline = op
+        room.pending.append(op)
+        if room.task is None and room.inline is None:
+            room.task = loop.create_task(self._persist_loop(room))
+        return True
+
+    async def settle(self, room: Room, op: Op) -> Any:
+        """Wait for a submitted write; the caller persists it itself when it may."""
+        if room.inline is op:
+            return await self._persist_inline(room, op)
+        if op.done is None:
+            return True
+        return await asyncio.shield(op.done)
+
+    async def settle_durable(self, room: Room, op: Op, deadline: float) -> None:
+        """Wait for a durable write, no longer than its deadline even while it is queued."""
+        if op.done is None:
+            return
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        try:
+            async with asyncio.timeout(remaining):
+                await asyncio.shield(op.done)
+            return
+        except TimeoutError:
+            pass
+        inflight = room.inflight.ops if room.inflight is not None else []
+        if op in room.pending and not any(op is o for o in inflight):
+            # Still queued behind writes that cannot land: never sent, so it is
+            # withdrawn cleanly. (If it is being sent, its own persist settles it.)
+            cause = TimeoutError("queued behind writes Redis has not confirmed")
+            self._abandon_durable(room, Batch([op], op.token, deadline), cause)
+        await asyncio.shield(op.done)
+
+    def fail_waiters(self, why: str) -> None:
+        """Settle every unconfirmed write's future, so no caller awaits it forever.
+
+        The writes themselves stay queued (unless the manager closes): they may
+        still land, and the error's key re-sends one exactly once.
+        """
+        for room in self.rooms:
+            for op in room.pending:
+                if op.done is not None and not op.done.done():
+                    op.done.set_exception(
+                        PersistError(
+                            f"room {room.room_id}: {why}; it may still land: re-send it with "
+                            "idempotency_key=err.idempotency_key to be sure",
+                            room_id=room.room_id,
+                            idempotency_key=op.token,
+                        )
+                    )
+
+    def moved(self, loop: asyncio.AbstractEventLoop) -> int:
+        """The previous loop closed, and with it every task and future it ran.
+
+        Whatever was queued and unconfirmed is sent again from ``loop``, under
+        the same tokens, so nothing is lost or doubled. Returns how many rooms
+        resume writing.
+        """
+        resumed = 0
+        for room in self.rooms:
+            room.lock = asyncio.Lock()
+            room.task = None
+            room.inline = None
+            for op in room.pending:
+                op.done = loop.create_future()
+                op.done.add_done_callback(consume_exception)
+            if room.pending:
+                room.task = loop.create_task(self._persist_loop(room))
+                resumed += 1
+        self.store.rebind()
+        return resumed
+
+    async def close(self) -> None:
+        tasks = [room.task for room in self.rooms if room.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.fail_waiters("the manager closed before Redis confirmed it")
+        await self.store.wait_idle()
+
+    # ----------------------------------------------------------- persisting
+
+    async def _persist_inline(self, room: Room, op: Op) -> Any:
+        """Persist ``op`` (alone at the head of an idle room's queue) in the caller's task.
+
+        The same frozen batch and token as the persist loop would send. Writes
+        submitted meanwhile queue behind it; once it is settled, a persist task
+        takes them. If the attempt fails, or the caller is cancelled mid-flight,
+        the batch (maybe landed: its token tells) goes to the persist loop, which
+        retries it as its own, and the caller waits as any other would.
+        """
+        batch = Batch([op], op.token, None)
+        room.inflight = batch
+        try:
+            async with room.lock:
+                results = await self._persist(room, batch, direct=True)
+        except BaseException as exc:
+            room.inline = None
+            first_failure = exc if isinstance(exc, Exception) else None
+            if room.task is None:
+                loop = asyncio.get_running_loop()
+                room.task = loop.create_task(self._persist_loop(room, first_failure))
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the write itself goes on in the background
+            assert op.done is not None
+            return await asyncio.shield(op.done)
+        room.inline = None
+        self.stats.persists += 1
+        self._finish(room, batch, results)
+        if room.pending and room.task is None:
+            room.task = asyncio.get_running_loop().create_task(self._persist_loop(room))
+        result = results[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def _persist_loop(self, room: Room, failed: BaseException | None = None) -> None:
+        """Send the room's queue in order; ``failed``: how the inline attempt at
+        ``room.inflight`` failed (handled as this loop's own first failure)."""
+        loop = asyncio.get_running_loop()
+        failures = unexpected = 0
+        try:
+            while room.pending:
+                batch = room.inflight or self._next_batch(room)
+                room.inflight = batch
+                try:
+                    if failed is not None:
+                        exc, failed = failed, None
+                        raise exc
+                    async with room.lock:
+                        results = await self._persist(room, batch)
+                except Exception as exc:
+                    failures += 1
+                    self.stats.persist_failures += 1
+                    if isinstance(exc, TRANSIENT_ERRORS):
+                        unexpected = 0
+                    else:
+                        # Not a Redis fault: a bug here or in the client library (seen:
+                        # redis-py's cluster client under load). Retried a few times so
+                        # one glitch loses nothing, never allowed to strand the queue.
+                        unexpected += 1
+                        # It may have struck after Redis applied the write, half-way
+                        # through absorbing the reply: without an epoch the retry (a
+                        # replay of the token) brings a whole snapshot, not a patch.
+                        room.synced.epoch = ""
+                        logger.exception(
+                            "room %s: unexpected error persisting %d write(s) (attempt %d)",
+                            room.room_id, len(batch.ops), unexpected,
+                        )  # fmt: skip
+                    now = loop.time()
+                    verdict = judge_failure(
+                        exc, unexpected=unexpected, durable_deadline=batch.durable_deadline, now=now
+                    )
+                    if verdict is Verdict.GIVE_UP:
+                        self._give_up(room, batch, exc, unexpected)
+                        failures = unexpected = 0
+                        continue
+                    if unexpected < MAX_UNEXPECTED_FAILURES:
+                        logger.warning(
+                            "room %s: persist of %d write(s) failed (attempt %d): %s",
+                            room.room_id, len(batch.ops), failures, describe_error(exc),
+                        )  # fmt: skip
+                    if verdict is Verdict.ABANDON:
+                        self._abandon_durable(room, batch, exc)
+                        failures = unexpected = 0
+                        continue
+                    delay = self.settings.backoff.delay(failures)
+                    if batch.durable_deadline is not None:
+                        delay = min(delay, batch.durable_deadline - now)
+                    self.stats.persist_retries += 1
+                    await asyncio.sleep(delay)
+                    continue
+                failures = unexpected = 0
+                self.stats.persists += 1
+                self._finish(room, batch, results)
+        finally:
+            room.task = None
+
+    def _next_batch(self, room: Room) -> Batch:
+        first = room.pending[0]
+        # The batch is frozen until it succeeds: a retry must resend exactly what
+        # the idempotency token named, or an ambiguous first attempt could double.
+        return Batch(first.gather(room.pending), first.token, first.durable_deadline)
+
+    async def _persist(self, room: Room, batch: Batch, *, direct: bool = False) -> list[Any]:
+        """Send one batch; ``direct``: its caller awaits it (see ``Pipeliner.run``)."""
+        # 48 random bits name a room's incarnation; short, as it travels with every call.
+        epoch = secrets.token_hex(6)
+        return await batch.ops[0].send(batch.ops, _Link(self, room), epoch, direct)
+
+    def _give_up(self, room: Room, batch: Batch, exc: Exception, unexpected: int) -> None:
+        logger.error(
+            "room %s: giving up on %d write(s): %s",
+            room.room_id, len(batch.ops), describe_error(exc),
+        )  # fmt: skip
+        error = PersistError(
+            f"room {room.room_id}: Redis rejected the write: {describe_error(exc)}"
+            if is_permanent(exc)
+            else f"room {room.room_id}: the write failed {unexpected} times in a "
+            f"row and was given up; it may have landed: {describe_error(exc)}",
+            room_id=room.room_id,
+        )
+        error.__cause__ = exc
+        self._finish(room, batch, [error] * len(batch.ops))
+
+    def absorb(self, room: Room, reply: SyncReply, own_rows: Sequence[Row] = ()) -> None:
+        if reply.kind == 2 or reply.replaced or reply.rows:
+            room.view_stale = True
+        self.stats.corrupt_rows += apply_reply(room.synced, reply, room.room_id, own_rows)
+
+    def _finish(self, room: Room, batch: Batch, results: list[Any]) -> None:
+        for op, result in zip(batch.ops, results, strict=True):
+            room.pending.popleft()
+            if op.done is not None and not op.done.done():
+                if isinstance(result, Exception):
+                    op.done.set_exception(result)
+                else:
+                    op.done.set_result(result)
+        room.inflight = None
+        if room.view_stale:
+            self.rebuild_view(room)
+
+    def _abandon_durable(self, room: Room, batch: Batch, cause: BaseException) -> None:
+        self.stats.durable_failures += 1
+        for op in batch.ops:
+            room.pending.remove(op)
+            if op.done is not None and not op.done.done():
+                error = DurabilityError(
+                    f"room {room.room_id}: write not confirmed by Redis within "
+                    f"{self.settings.durable_timeout}s ({describe_error(cause)})",
+                    room_id=room.room_id,
+                    idempotency_key=op.token,
+                )
+                error.__cause__ = cause
+                op.done.set_exception(error)
+        if room.inflight is batch:
+            room.inflight = None
+        self.rebuild_view(room)
+
+    def rebuild_view(self, room: Room) -> None:
+        room.view_stale = False
+        limit = self.settings.max_history
+        view = room.synced.copy()
+        landed = room.inflight.ops if room.inflight is not None and room.inflight.landed else []
+        # Runs of appends are pushed at once and trimmed once: the same window as
+        # one trim per append (trimming keeps a suffix), at a fraction of the
+        # cost when a long outage has queued many thousands of writes.
+        run: list[Row] = []
+        for op in room.pending:
+            if any(op is done for done in landed):
+                continue  # already in synced: it landed before its reply was lost
+            rows = op.appended_rows()
+            if rows is not None:
+                run.extend(rows)
+                continue
+            if run:
+                _push_trimmed(view, run, limit)
+                run = []
+            # An op that no longer applies (its entry left the window) will be
+            # settled by its own persist; the view simply lacks its effect.
+            try:
+                op.apply(view, limit)
+            except InvalidMessage:
+                pass
+            except Exception:  # a bug must not leave the room's queue unsettled
+                logger.exception("room %s: could not re-apply a pending write", room.room_id)
+        if run:
+            _push_trimmed(view, run, limit)
+        room.view = view
+
+    # ------------------------------------------------------------ catching up
+
+    async def refresh(self, room: Room) -> None:
+        """Bring the room to what Redis holds, in one round trip."""
+        async with room.lock:
+            batch = room.inflight
+            reply = await self.store.sync(room.keys, room.synced, batch.tokens() if batch else ())
+            landed = False
+            if batch is not None and reply.status == 2 and not batch.landed:
+                batch.landed = landed = True
+            if reply.kind == 0 and reply.version == room.synced.version and not landed:
+                return
+            self.absorb(room, reply)
+            if reply.kind == 2:
+                self.stats.reloads += 1
+            else:
+                self.stats.catch_ups += 1
+            self.rebuild_view(room)
+
+    async def ensure_fresh(self, room: Room) -> None:
+        """Wait for this worker's writes to the room, then match Redis exactly."""
+        if room.pending:
+            await self._wait_for(room, room.pending[-1])
+        for attempt in range(_SYNC_ATTEMPTS):
+            try:
+                await self.refresh(room)
+                return
+            except TRANSIENT_ERRORS as exc:
+                # A pooled connection that a restart, failover or CLIENT KILL closed
+                # fails at once; the next attempt takes another (or a new) one. A
+                # timeout is not retried: the caller asked to know, not to wait.
+                stale = isinstance(exc, _LOST_CONNECTION)
+                if stale and attempt + 1 < _SYNC_ATTEMPTS:
+                    continue
+                raise RedisUnavailable(
+                    f"room {room.room_id}: cannot sync with Redis: {describe_error(exc)}",
+                    room_id=room.room_id,
+                ) from exc
+
+    async def _wait_for(self, room: Room, op: Op) -> None:
+        if op.done is None:
+            return
+        timeout = self.settings.sync_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(op.done)
+        except TimeoutError as exc:
+            raise RedisUnavailable(
+                f"room {room.room_id}: writes still unconfirmed after {timeout}s",
+                room_id=room.room_id,
+            ) from exc
+        except DurabilityError:
+            pass  # the writer was told; the room is in a consistent state again
+
+
+_SYNC_ATTEMPTS = 3
+_LOST_CONNECTION = (RedisConnectionError, ConnectionError)
+
+
+def _push_trimmed(state: RoomState, rows: list[Row], default_limit: int) -> None:
+    limit = state.limit or default_limit
+    # A window keeps at most ``limit`` rows, so older rows of the run cannot survive.
+    state.window.extend(rows[-limit:])
+    state.window.trim(limit)
+
+
+def consume_exception(future: asyncio.Future[Any]) -> None:
+    # A sync-form write has nobody awaiting its future; reading the exception
+    # keeps asyncio from reporting it as never retrieved.
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,106 @@
+"""One room's state in this process, and the table of rooms the process holds."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .._redis.keys import KeySpace, RoomKeys, validate_room_id
+from .ops import AppendOp, Op
+from .window import RoomState
+
+
+@dataclass(eq=False, slots=True)
+class Batch:
+    """Writes sent together, frozen until Redis confirms them."""
+
+    ops: list[Op]
+    token: str
+    durable_deadline: float | None
+    # A sync found the token applied: an attempt that timed out did land, so the
+    # view must not apply these ops on top of a synced state that holds them.
+    landed: bool = False
+
+    def tokens(self) -> list[str]:
+        """The tokens Redis remembers for this batch: each append keeps its own
+        (lua/append.lua); other writes are sent, and remembered, as one."""
+        if isinstance(self.ops[0], AppendOp):
+            return [op.token for op in self.ops]
+        return [self.token]
+
+
+@dataclass(eq=False, slots=True)
+class Room:
+    room_id: str
+    keys: RoomKeys
+    synced: RoomState = field(default_factory=RoomState)
+    view: RoomState = field(default_factory=RoomState)
+    pending: deque[Op] = field(default_factory=deque)
+    inflight: Batch | None = None
+    task: asyncio.Task[None] | None = None
+    # The op an awaiting caller is persisting in its own task (see
+    # Replicator.persist_inline); while set, writes queue behind it and no
+    # persist task is started.
+    inline: Op | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_used: float = field(default_factory=time.monotonic)
+    # Whether synced took in a change the view has not seen (another worker's
+    # write, a replay, a reload): only then is the view rebuilt from synced plus
+    # the queue. A reply that holds nothing but our own effect leaves the view
+    # exact, which keeps draining a long queue linear.
+    view_stale: bool = False
+
+    def idle(self) -> bool:
+        """Nothing queued and nothing being persisted: forgetting it loses nothing."""
+        return not self.pending and (self.task is None or self.task.done())
+
+
+class RoomTable:
+    """The rooms this process holds in memory, by id."""
+
+    def __init__(self, keyspace: KeySpace) -> None:
+        self.keyspace = keyspace
+        self._rooms: dict[str, Room] = {}
+
+    def __len__(self) -> int:
+        return len(self._rooms)
+
+    def __iter__(self) -> Iterator[Room]:
+        return iter(list(self._rooms.values()))
+
+    def ids(self) -> list[str]:
+        return list(self._rooms)
+
+    def get(self, room_id: str) -> Room | None:
+        return self._rooms.get(room_id)
+
+    def open(self, room_id: str, *, touch: bool = True) -> Room:
+        """The room, created empty (and its id validated) on first use."""
+        room = self._rooms.get(room_id)
+        if room is None:
+            validate_room_id(room_id)
+            room = Room(room_id, self.keyspace.room(room_id))
+            self._rooms[room_id] = room
+        if touch:
+            room.last_used = time.monotonic()
+        return room
+
+    def forget(self, room_id: str) -> None:
+        self._rooms.pop(room_id, None)
+
+    def reap(self, max_idle_seconds: float) -> int:
+        """Forget the idle rooms unused for that long; how many went."""
+        cutoff = time.monotonic() - max_idle_seconds
+        stale = [r.room_id for r in self._rooms.values() if r.last_used < cutoff and r.idle()]
+        for room_id in stale:
+            del self._rooms[room_id]
+        return len(stale)
+
+    def pending_writes(self) -> int:
+        return sum(len(room.pending) for room in self._rooms.values())
+
+    def unflushed(self) -> dict[str, int]:
+        return {room.room_id: len(room.pending) for room in self._rooms.values() if room.pending}

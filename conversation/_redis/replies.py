@@ -1,0 +1,78 @@
+"""Script replies: the Lua contract, parsed (see ``lua/_lib.lua``).
+
+Every room script answers in one shape: a status, what kind of catch-up it
+carries, and the rows and replaced positions that bring the caller's synced
+state to the room's current version. The caller says where it stands with a
+``SyncedState``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class SyncedState(Protocol):
+    """Where a caller's mirror of a room stands: what every script is told."""
+
+    @property
+    def epoch(self) -> str: ...
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def head(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+@dataclass(slots=True)
+class SyncReply:
+    """A parsed reply of any script (see ``lua/_lib.lua``)."""
+
+    status: int
+    kind: int  # 0 nothing changed, 1 incremental, 2 snapshot
+    version: int
+    epoch: str = ""
+    head: int = 0
+    limit: int = 0
+    rebackfill: bool = False
+    own_kept: int = 0
+    replaced: list[tuple[int, bytes]] = field(default_factory=list)
+    rows: list[bytes] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, raw: list[Any]) -> SyncReply:
+        status, kind = int(raw[0]), int(raw[1])
+        if kind == 0:
+            return cls(status, kind, int(raw[2]))
+        if kind == 2:
+            epoch = raw[2]
+            return cls(
+                status,
+                kind,
+                int(raw[3]),
+                epoch=epoch.decode() if isinstance(epoch, bytes) else str(epoch),
+                head=int(raw[4]),
+                limit=int(raw[5]),
+                rebackfill=bool(int(raw[6])),
+                rows=raw[7:],
+            )
+        count = int(raw[7])
+        pairs = raw[8 : 8 + 2 * count]
+        return cls(
+            status,
+            kind,
+            int(raw[2]),
+            head=int(raw[3]),
+            limit=int(raw[4]),
+            rebackfill=bool(int(raw[5])),
+            own_kept=int(raw[6]),
+            replaced=[(int(pairs[i]), pairs[i + 1]) for i in range(0, len(pairs), 2)],
+            rows=raw[8 + 2 * count :],
+        )
+
+    def payload_bytes(self) -> int:
+        return sum(len(row) for row in self.rows) + sum(len(row) for _, row in self.replaced)

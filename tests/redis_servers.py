@@ -7,7 +7,7 @@ import time
 
 import redis
 
-from conversation._redis_server import RedisServerProcess, free_port
+from conversation._tools.redis_server import RedisServerProcess, free_port
 
 __all__ = ["REDIS_SERVER", "RedisServer", "free_port", "wait_until"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conversation._bench import ROW_KEYS, main
+from conversation._tools.bench import ROW_KEYS, main
 
 # The nine measurements of issue 4, by the key prefix of their rows.
 ISSUE_ROWS = (

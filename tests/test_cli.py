@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from redis_servers import RedisServer, free_port
 
 from conversation import ConversationManager
-from conversation._cli import main
+from conversation._tools.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 ALPHA, BETA = "cli:alpha", "cli:beta"
@@ -259,26 +259,18 @@ def test_bench_gets_the_remaining_arguments(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     seen: list[list[str]] = []
-    fake = types.ModuleType("conversation._bench")
+    fake = types.ModuleType("conversation._tools.bench")
 
     def bench_main(argv: list[str]) -> int:
         seen.append(argv)
         return 5
 
     fake.main = bench_main  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "conversation._bench", fake)
+    monkeypatch.setitem(sys.modules, "conversation._tools.bench", fake)
     assert main(["--redis-url", "redis://h:1/0", "bench", "--quick", "--json", "x.json"]) == 5
     assert seen == [["--redis-url", "redis://h:1/0", "--quick", "--json", "x.json"]]
     assert main(["bench", "--redis-url", "redis://o:2/0", "--help", "-v"]) == 5
     assert seen[-1] == ["--redis-url", "redis://o:2/0", "--help", "-v"]
-
-
-def test_bench_missing_is_a_clear_error(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setitem(sys.modules, "conversation._bench", None)
-    assert main(["bench"]) == 2
-    assert "the benchmark is not available" in capsys.readouterr().err
 
 
 def test_python_dash_m_and_the_console_script() -> None:

@@ -14,8 +14,7 @@ import orjson
 import pytest
 from redis_servers import RedisServer
 
-from conversation._cli import Palette
-from conversation._demo import (
+from conversation._tools.demo import (
     ROOM_CATALOGUE,
     WEATHER_TOOL,
     FakeModel,
@@ -24,6 +23,7 @@ from conversation._demo import (
     fake_weather,
     script_summary,
 )
+from conversation._tools.terminal import Palette
 
 ROOT = Path(__file__).resolve().parent.parent
 ROOMS = [room for room, *_ in ROOM_CATALOGUE[:3]]
@@ -75,6 +75,8 @@ def test_demo_converges_on_a_private_redis_server(redis_server: RedisServer) -> 
         assert row[2] == "60", row  # events
         assert row[-1] == "0", row  # errors
     assert "agents: tool calls: 2" in out
+    # The consolidation worker folded the long rooms: a summary heads their windows.
+    assert "consolidation: rooms folded" in out
 
     # An independent look at Redis after the demo: every consumer group read and
     # acknowledged every event, and each room's window is the one the demo printed.
@@ -98,6 +100,11 @@ def test_demo_converges_on_a_private_redis_server(redis_server: RedisServer) -> 
                     assert rows[index + 1]["role"] == "tool"
                     assert rows[index + 1]["tool_call_id"] == row["tool_calls"][0]["id"]
         assert calls >= 1, "the agents worker's tool call is in the window"
+        summaries = [
+            orjson.loads(client.lindex(f"sg:conversation:{{{room}}}", 0) or b"{}")
+            for room in ROOMS[:2]
+        ]
+        assert any(str(row.get("message_id", "")).startswith("summary:") for row in summaries)
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")

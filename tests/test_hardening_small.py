@@ -15,7 +15,8 @@ from support import window_key
 
 from conversation import ConsolidationConfig, ConsolidationWorker, ConversationManager, SessionStore
 from conversation._budget import estimate_tokens, fit_to_budget
-from conversation._cli import RedisTarget, list_rooms
+from conversation._tools.reading import list_rooms
+from conversation._tools.targets import RedisTarget
 
 MakeManager = Callable[..., ConversationManager]
 CALL = [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]

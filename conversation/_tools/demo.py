@@ -38,7 +38,6 @@ import contextlib
 import datetime as dt
 import hashlib
 import importlib
-import inspect
 import logging
 import multiprocessing
 import os
@@ -61,7 +60,14 @@ from typing import IO, Any, Protocol
 
 import orjson
 
-from ._cli import (
+from .._consolidation import ConsolidationConfig, ConsolidationWorker
+from .._manager import ConversationManager, Renderer
+from .._redis.keys import KeySpace
+from .._renderer import PromptRenderer
+from .reading import RoomReader
+from .redis_server import RedisServerProcess
+from .targets import RedisTarget, connect, make_client, redact_url
+from .terminal import (
     EXIT_INTERRUPTED,
     EXIT_NOT_FOUND,
     EXIT_OK,
@@ -69,18 +75,10 @@ from ._cli import (
     CliError,
     Palette,
     Progress,
-    RedisTarget,
-    RoomReader,
-    connect,
     content_width,
     entry_rows,
     format_table,
-    make_client,
-    redact_url,
 )
-from ._manager import ConversationManager, Renderer
-from ._redis.keys import KeySpace
-from ._redis_server import RedisServerProcess
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +87,8 @@ TEMPLATES = {"inference": "inference", "agents": "agents", "consolidation": "con
 BOT_NAME = "Sage"
 DEMO_TTL_SECONDS = 24 * 3600
 MAX_HISTORY = 100
+# Folds early, so that even a short run shows the consolidation worker at work.
+DEMO_CONSOLIDATION = ConsolidationConfig(max_turns=30, keep_recent=20)
 # Events per batch: a worker acknowledges a batch once its writes are in Redis,
 # so small batches keep the workers close behind each other.
 _READ_COUNT = 16
@@ -614,8 +614,7 @@ class FallbackRenderer:
 def make_renderer(template: str) -> Renderer:
     """The package's ``PromptRenderer`` for ``template``, or a labelled fallback."""
     try:
-        module = importlib.import_module("conversation._renderer")
-        renderer: Renderer = module.PromptRenderer(template)
+        renderer: Renderer = PromptRenderer(template)
         renderer.render(room_context(ROOM_CATALOGUE[0][0], template))
     except Exception as exc:
         logger.warning("prompt template %r unavailable, using a fallback: %s", template, exc)
@@ -689,6 +688,7 @@ class _Worker:
             redis=self.client,
             key_prefix=config.prefix,
             ttl_seconds=DEMO_TTL_SECONDS,
+            consolidation=DEMO_CONSOLIDATION,
         )
 
     async def run(self) -> None:
@@ -968,48 +968,30 @@ async def demo_summarize(prompt: str, turns: Sequence[Mapping[str, Any]]) -> str
 
 
 class _ConsolidationWorker(_Worker):
-    """Follows the rooms and folds long ones once the engine can (SPEC §21)."""
+    """Folds long rooms (SPEC §21): the engine's own ``ConsolidationWorker``, one pass
+    over the rooms the event stream touched, each time the inference worker has
+    recorded them up to that event."""
 
     role = "consolidation"
 
     def __init__(self, config: DemoConfig, report: Report) -> None:
         super().__init__(config, report)
         self.touched: set[str] = set()
+        self.worker = ConsolidationWorker(
+            self.manager, demo_summarize, rooms=lambda: sorted(self.touched), name="demo"
+        )
 
     async def handle(self, event: Event, entry_id: bytes) -> None:
         self.touched.add(event.room)
         if len(self.touched) < len(self.config.rooms) and event.kind != "command":
             return
-        # Look at the rooms as the inference worker has recorded them up to here.
         if not await self.wait_for_inference(entry_id):
             return
-        for room in sorted(self.touched):
-            await self.manager.ensure_fresh_from_redis(room)
-            await self.consolidate(room)
+        for result in await self.worker.run_once():
+            if result.outcome == "folded":
+                self.notes["rooms folded"] += 1
+                logger.info("room %s: consolidated", result.room_id)
         self.touched.clear()
-
-    async def consolidate(self, room: str) -> None:
-        # ----------------------------------------------------------------------
-        # CONSOLIDATION HOOK (SPEC §21, issue 7). When the engine grows
-        # ``should_consolidate(room)`` and ``consolidate(room, summarize)``, this
-        # worker calls them; until then it only keeps its windows fresh. Either
-        # method may be sync or async.
-        # ----------------------------------------------------------------------
-        should = getattr(self.manager, "should_consolidate", None)
-        fold = getattr(self.manager, "consolidate", None)
-        if not callable(should) or not callable(fold):
-            self.notes["consolidation API not in the engine yet (hook idle)"] = 1
-            return
-        if await _maybe_await(should(room)):
-            await _maybe_await(fold(room, demo_summarize))
-            self.notes["rooms folded"] += 1
-            logger.info("room %s: consolidated", room)
-
-
-async def _maybe_await(value: Any) -> Any:
-    if inspect.isawaitable(value):
-        return await value
-    return value
 
 
 _WORKERS: dict[str, type[_Worker]] = {

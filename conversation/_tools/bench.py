@@ -49,13 +49,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import jinja2
 import orjson
 import redis
 import redis.asyncio as aioredis
 
-from ._manager import ConversationManager
-from ._redis.keys import KeySpace, RoomKeys
-from ._redis_server import RedisServerProcess
+from .._manager import ConversationManager
+from .._redis.keys import KeySpace, RoomKeys
+from .._renderer import PromptRenderer, describe_time, now_in
+from .._resources import data_dir
+from .redis_server import RedisServerProcess
 
 __all__ = ["ROW_KEYS", "main"]
 
@@ -678,12 +681,7 @@ async def bench_append(bench: Bench) -> list[Row]:
     return rows
 
 
-async def load_renderer(template: str) -> Any:
-    """The other helper's ``PromptRenderer``, or None while it does not exist yet."""
-    try:
-        from ._renderer import PromptRenderer  # noqa: PLC0415  (optional at this stage)
-    except ImportError:
-        return None
+async def load_renderer(template: str) -> PromptRenderer:
     return PromptRenderer(template=template)
 
 
@@ -766,9 +764,6 @@ async def bench_warm_read(bench: Bench) -> list[Row]:
             )
         )
 
-    if renderer is None:
-        rows.append(_skipped("warm_read_vs_get_render", "conversation._renderer is missing"))
-        return rows
     rendering = bench.manager(client, renderer=renderer)
     async with closing(rendering):
         room_id = bench.room("warm")
@@ -1425,9 +1420,6 @@ async def bench_render(bench: Bench) -> list[Row]:
     for template in TEMPLATES:
         key = f"render_{template}"
         renderer = await load_renderer(template)
-        if renderer is None:
-            rows.append(_skipped(key, "conversation._renderer is missing"))
-            continue
         progress(f"render {template}")
         context = {"room_id": "discord:1234", **ROOM_CONTEXT}
         plain = _plain_jinja(template)
@@ -1440,11 +1432,8 @@ async def bench_render(bench: Bench) -> list[Row]:
             return (time.perf_counter() - start) / calls * 1e6
 
         async def baseline(
-            plain: Callable[[dict[str, Any]], str] | None = plain,
-            context: dict[str, Any] = context,
+            plain: Callable[[dict[str, Any]], str] = plain, context: dict[str, Any] = context
         ) -> float:
-            if plain is None:
-                return 0.0
             start = time.perf_counter()
             for _ in range(calls):
                 plain(context)
@@ -1464,27 +1453,18 @@ async def bench_render(bench: Bench) -> list[Row]:
     return rows
 
 
-def _plain_jinja(template: str) -> Callable[[dict[str, Any]], str] | None:
+def _plain_jinja(template: str) -> Callable[[dict[str, Any]], str]:
     """The same template in a plain ``jinja2.Environment``: what sandboxing costs."""
-    try:
-        import jinja2  # noqa: PLC0415
-
-        from . import _renderer  # noqa: PLC0415
-        from ._resources import data_dir  # noqa: PLC0415
-
-        env = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(data_dir("prompt_templates")),
-            autoescape=False,
-            trim_blocks=True,
-            lstrip_blocks=True,
-        )
-        env.globals["now_in"] = _renderer.now_in
-        env.filters["describe_time"] = _renderer.describe_time
-        compiled = env.get_template(f"{template}.j2")
-        compiled.render({})
-    except Exception as exc:  # the renderer module is another helper's moving target
-        logger.warning("no plain-Jinja baseline for %s: %r", template, exc)
-        return None
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(data_dir("prompt_templates")),
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.globals["now_in"] = now_in
+    env.filters["describe_time"] = describe_time
+    compiled = env.get_template(f"{template}.j2")
+    compiled.render({})
     return compiled.render
 
 

@@ -20,6 +20,8 @@ from redis_servers import RedisServer, free_port
 from conversation import ConversationManager
 from conversation._cli import main
 
+pytestmark = pytest.mark.real_server
+
 ROOT = Path(__file__).resolve().parent.parent
 ALPHA, BETA = "cli:alpha", "cli:beta"
 IMAGE = "https://images.example.com/cat.jpg"

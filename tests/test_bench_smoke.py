@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
+from redis_servers import REDIS_SERVER
 
 from conversation._tools.bench import ROW_KEYS, main
 
@@ -29,7 +29,7 @@ ISSUE_ROWS = (
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs a redis-server binary")
+@pytest.mark.skipif(REDIS_SERVER is None, reason="needs a redis-server binary")
 def test_quick_bench_reports_every_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = tmp_path / "bench.json"
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import redis.asyncio as aioredis
 
 from conversation import ConversationManager
 from conversation._budget import estimate_tokens, fit_to_budget
+
+pytestmark = pytest.mark.real_server
 
 CALL = [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]
 

@@ -29,6 +29,8 @@ from redis_servers import RedisServer
 
 from conversation import ConversationManager, DrainTimeout, DurabilityError, PersistError
 
+pytestmark = pytest.mark.real_server
+
 QUICK_SEEDS = range(1, 21)
 QUICK = ChaosOptions()  # 3 processes x 3 rooms x 40 operations per round
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,9 @@ from redis_servers import RedisServer, free_port
 
 from conversation import ConversationManager
 from conversation._tools.cli import main
+from conversation._tools.redis_server import server_identity
+
+pytestmark = pytest.mark.real_server
 
 ROOT = Path(__file__).resolve().parent.parent
 ALPHA, BETA = "cli:alpha", "cli:beta"
@@ -177,7 +181,9 @@ def test_inspect_rejects_an_invalid_room_id(url: str, capsys: pytest.CaptureFixt
 # ------------------------------------------------------------------ stats
 
 
-def test_stats_shows_server_scripts_and_rooms(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_stats_shows_server_scripts_and_rooms(
+    url: str, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["--redis-url", url, "stats"]) == 0
     out = capsys.readouterr().out
     assert "ENGINE SCRIPTS" in out
@@ -185,6 +191,11 @@ def test_stats_shows_server_scripts_and_rooms(url: str, capsys: pytest.CaptureFi
     alpha = next(line for line in out.splitlines() if line.strip().startswith(ALPHA)).split()
     assert alpha[1] == "4"  # entries
     assert alpha[4] == "3"  # the edit log: the edit, the reactions, the deletion
+    # The server's own version, Valkey's named: not the redis_version 7.2.4 it also reports.
+    with redis_server.sync_client() as client:
+        name, version = server_identity(client.info("server"))
+    shown = version if name == "redis" else f"{name} {version}"
+    assert re.search(rf"^\s*127\.0\.0\.1:{redis_server.port}\s+{re.escape(shown)}\s", out, re.M)
 
 
 def test_stats_json_for_chosen_rooms(url: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -32,6 +32,8 @@ from redis.crc import key_slot
 
 from conversation import ConversationManager, DurabilityError
 
+pytestmark = pytest.mark.real_server
+
 Make = Callable[..., ConversationManager]
 MakeClient = Callable[[], RedisCluster]
 

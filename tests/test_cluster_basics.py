@@ -19,6 +19,8 @@ from redis.crc import key_slot
 from conversation import ConversationManager
 from conversation._redis.keys import KeySpace
 
+pytestmark = pytest.mark.real_server
+
 ROOMS = [f"discord:{i}" for i in range(12)]
 
 

@@ -28,6 +28,8 @@ from conversation import (
     format_transcript,
 )
 
+pytestmark = pytest.mark.real_server
+
 Make = Callable[..., ConversationManager]
 Turn = dict[str, Any]
 MARKER = re.compile(r"\[Message ID: ([^\]]+)\]")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from redis_servers import RedisServer
+from redis_servers import REDIS_SERVER, RedisServer
 
 from conversation._tools.demo import (
     ROOM_CATALOGUE,
@@ -23,16 +22,19 @@ from conversation._tools.demo import (
     fake_weather,
     script_summary,
 )
+from conversation._tools.redis_server import SERVER_ENV
 from conversation._tools.terminal import Palette
 
 ROOT = Path(__file__).resolve().parent.parent
 ROOMS = [room for room, *_ in ROOM_CATALOGUE[:3]]
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.real_server]
 
 
-def _demo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+def _demo(
+    *args: str, env: dict[str, str] | None = None, drop: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", *drop)}
     environment.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "conversation", "demo", *args],
@@ -107,11 +109,13 @@ def test_demo_converges_on_a_private_redis_server(redis_server: RedisServer) -> 
         assert any(str(row.get("message_id", "")).startswith("summary:") for row in summaries)
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+@pytest.mark.skipif(REDIS_SERVER is None, reason="needs redis-server on PATH")
 def test_demo_embeds_a_private_redis_server_by_default() -> None:
     result = _demo("--rooms", "1", "--events", "40")
     _assert_converged(result, rooms=1)
-    match = re.search(r"private redis-server \S+ on 127\.0\.0\.1:(\d+) \(pid (\d+);", result.stdout)
+    match = re.search(
+        r"private (?:redis|valkey)-server \S+ on 127\.0\.0\.1:(\d+) \(pid (\d+);", result.stdout
+    )
     assert match, result.stdout
     port, pid = int(match.group(1)), int(match.group(2))
     assert port != 6379
@@ -127,13 +131,15 @@ def test_demo_falls_back_to_fakeredis_tcp_server() -> None:
 
 
 def test_demo_without_any_redis_is_a_clear_error(tmp_path: Path) -> None:
-    # A PATH without redis-server and fakeredis hidden: nothing to run on.
+    # A PATH without redis-server, no $CONVERSATION_TEST_SERVER, fakeredis hidden:
+    # nothing to run on.
     blocker = tmp_path / "fakeredis.py"
     blocker.write_text("raise ImportError('hidden for this test')\n")
     result = _demo(
         "--embedded",
         "auto",
         env={"PATH": str(tmp_path), "PYTHONPATH": str(tmp_path)},
+        drop=(SERVER_ENV,),
     )
     assert result.returncode == 3
     assert "no Redis to run on: pass --redis-url" in result.stderr

@@ -19,6 +19,8 @@ from conversation import (
     PersistError,
 )
 
+pytestmark = pytest.mark.real_server
+
 Make = Callable[..., ConversationManager]
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
 

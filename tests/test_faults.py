@@ -16,6 +16,8 @@ from support import wait_for, window_key
 
 from conversation import ConversationManager, DurabilityError, RedisUnavailable
 
+pytestmark = pytest.mark.real_server
+
 Make = Callable[..., ConversationManager]
 AOF = ("--appendonly", "yes", "--appendfsync", "always")
 

@@ -25,6 +25,8 @@ from conversation import (
     PersistError,
 )
 
+pytestmark = pytest.mark.real_server
+
 Make = Callable[..., ConversationManager]
 
 

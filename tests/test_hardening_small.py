@@ -18,6 +18,8 @@ from conversation._budget import estimate_tokens, fit_to_budget
 from conversation._tools.reading import list_rooms
 from conversation._tools.targets import RedisTarget
 
+pytestmark = pytest.mark.real_server
+
 MakeManager = Callable[..., ConversationManager]
 CALL = [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]
 FOLD_SMALL = ConsolidationConfig(max_turns=4, keep_recent=2, min_fold=1)

@@ -62,6 +62,8 @@ from conversation import (
 from conversation.integrations.langchain import EngineChatMessageHistory
 from conversation.integrations.openai_agents import ITEM_PART, POP_PART, EngineSession
 
+pytestmark = pytest.mark.real_server
+
 Make = Callable[..., ConversationManager]
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 from multiproc import run_in_processes
 from redis_servers import RedisServer
 from workers import append_many, append_tight, edit_repeatedly
 
 from conversation import ConversationManager
+
+pytestmark = pytest.mark.real_server
 
 
 async def test_three_processes_append_without_loss_duplication_or_reordering(

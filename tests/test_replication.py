@@ -28,6 +28,8 @@ from conversation import (
 )
 from conversation._redis.keys import KeySpace
 
+pytestmark = pytest.mark.real_server
+
 Make = Callable[..., ConversationManager]
 KEYS = KeySpace("sg")
 

@@ -29,6 +29,8 @@ from redis.asyncio.sentinel import Sentinel
 
 from conversation import ConversationManager
 
+pytestmark = pytest.mark.real_server
+
 Make = Callable[..., ConversationManager]
 MakeClient = Callable[[], aioredis.Redis]
 

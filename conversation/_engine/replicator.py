@@ -18,7 +18,6 @@ import enum
 import logging
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -32,11 +31,12 @@ from .._errors import (
     describe_error,
 )
 from .._redis.replies import SyncReply
-from .._redis.retry import TRANSIENT_ERRORS, Backoff, is_permanent
+from .._redis.retry import TRANSIENT_ERRORS, is_permanent
 from .._redis.rooms import RoomStore
 from .._stats import Stats
 from .ops import Op, Row
 from .rooms import Batch, Room, RoomTable
+from .settings import Settings
 from .window import RoomState, apply_reply
 
 logger = logging.getLogger(__name__)
@@ -44,18 +44,6 @@ logger = logging.getLogger(__name__)
 # A batch that keeps failing with an exception no one expected (a bug here or in
 # the client library) is failed after this many attempts in a row.
 MAX_UNEXPECTED_FAILURES = 5
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """What the engine core needs to know of the manager's configuration."""
-
-    max_history: int
-    max_pending: int
-    durable_timeout: float
-    command_timeout: float | None
-    sync_timeout: float
-    backoff: Backoff
 
 
 class Verdict(enum.Enum):

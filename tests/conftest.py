@@ -11,6 +11,39 @@ from redis_servers import RedisServer
 
 from conversation import ConversationManager
 
+# Every test module's tier (see the markers in pyproject.toml). A new module
+# must be placed here: collection fails until it is.
+TIERS = {
+    "unit": (
+        "test_entries",
+        "test_budget",
+        "test_renderer",
+        "test_layering",
+        "test_failure_ladder",
+    ),
+    "scripts": ("test_scripts",),
+    "engine": (
+        "test_engine",
+        "test_hardening",
+        "test_hardening_small",
+        "test_consolidation",
+        "test_sessions",
+        "test_integrations",
+    ),
+    "faults": ("test_faults", "test_chaos", "test_replication", "test_sentinel"),
+    "scale": ("test_cluster", "test_cluster_basics", "test_multiprocess"),
+    "tools": ("test_cli", "test_demo", "test_bench_smoke", "test_wheel", "test_servers"),
+}
+_TIER_OF = {module: tier for tier, modules in TIERS.items() for module in modules}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        if module not in _TIER_OF:
+            raise pytest.UsageError(f"{module} has no tier: add it to TIERS in tests/conftest.py")
+        item.add_marker(_TIER_OF[module])
+
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:

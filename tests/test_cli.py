@@ -444,7 +444,7 @@ def cluster(tmp_path: Path) -> Iterator[object]:
 def test_rooms_inspect_and_stats_on_a_cluster_scan_every_primary(
     cluster: object, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from redis.cluster import key_slot
+    from redis.cluster import key_slot  # type: ignore[attr-defined]
 
     port = cluster.startup_nodes[0][1]  # type: ignore[attr-defined]
     url = f"redis://127.0.0.1:{port}/0"

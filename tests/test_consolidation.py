@@ -39,10 +39,10 @@ CONFIG = ConsolidationConfig(max_turns=20, keep_recent=5, min_fold=2)
 
 async def redis_state(client: aioredis.Redis, room: str) -> tuple[list[bytes], Any, list[bytes]]:
     base = window_key(room)
-    rows = await client.lrange(base, 0, -1)  # type: ignore[misc]
-    meta = await client.hgetall(base + ":meta")  # type: ignore[misc]
-    archive = await client.lrange(base + ":archive", 0, -1)  # type: ignore[misc]
-    return list(rows), meta, list(archive)
+    rows = await client.lrange(base, 0, -1)
+    meta = await client.hgetall(base + ":meta")
+    archive = await client.lrange(base + ":archive", 0, -1)
+    return list(rows), meta, list(archive)  # type: ignore[arg-type]
 
 
 async def fill(manager: ConversationManager, room: str, ids: range) -> None:
@@ -361,7 +361,7 @@ async def test_a_room_that_keeps_changing_is_given_up_without_writing(
     result = await manager.consolidate(room, Recorder(edit))
     assert (result.outcome, result.attempts, result.summarizer_calls) == ("conflict", 3, 3)
     assert await manager.list_archives(room) == []
-    assert len(await redis_client.lrange(window_key(room), 0, -1)) == 24  # type: ignore[misc]
+    assert len(await redis_client.lrange(window_key(room), 0, -1)) == 24
 
 
 # ------------------------------------------------------------ many workers at once
@@ -419,10 +419,10 @@ async def _fold_while_another_process_writes(
 
     async def turns_arrive(count: int) -> None:
         """Wait until the other process appended ``count`` more turns (or exited)."""
-        length = await client.llen(window_key(room))  # type: ignore[misc]
+        length = await client.llen(window_key(room))
 
         async def grown() -> bool:
-            now = await client.llen(window_key(room))  # type: ignore[misc]
+            now = await client.llen(window_key(room))
             return now >= length + count or not process.is_alive()
 
         await until(grown, "turns from the other process")
@@ -678,7 +678,7 @@ async def test_forged_summary_identity_is_an_ordinary_turn(
 async def test_extractive_default_is_deterministic_rolling_and_bounded() -> None:
     call = {"id": "c", "type": "function", "function": {"name": "search", "arguments": "{}"}}
     image = {"type": "image_url", "image_url": {"url": "u"}}
-    turns = [
+    turns: list[dict[str, Any]] = [
         {
             "role": "user",
             "name": "ann",

@@ -72,8 +72,8 @@ async def test_sync_append_while_redis_is_down_lands_exactly_once(
     assert manager.stats()["stale_reads"] >= 1
     aof_server.start()
     await manager.drain(timeout=20)
-    rows = await client.lrange(window_key(room), 0, -1)  # type: ignore[misc]
-    assert [r.count(b"while down") for r in rows] == [0, 1]
+    rows = await client.lrange(window_key(room), 0, -1)
+    assert [r.count(b"while down") for r in rows] == [0, 1]  # type: ignore[arg-type]
     assert manager.stats()["persist_retries"] >= 1
     await client.aclose()
 
@@ -98,7 +98,7 @@ class _LoseFirstReplies:
         self.remaining = n
 
     async def evalsha(self, *args: Any) -> Any:
-        result = await self._client.evalsha(*args)  # type: ignore[misc]
+        result = await self._client.evalsha(*args)
         if self.remaining > 0:
             self.remaining -= 1
             raise RedisTimeoutError("reply lost (injected)")
@@ -121,7 +121,7 @@ async def test_retry_after_an_ambiguous_timeout_never_duplicates(
     lossy.remaining = 1
     await manager.clear_async(room)
     await manager.append_async(room, "user", "[Message ID: 2] after clear")
-    rows = await any_client.lrange(window_key(room), 0, -1)  # type: ignore[misc]
+    rows = await any_client.lrange(window_key(room), 0, -1)
     assert rows == [b'{"message_id":"2","role":"user","content":"[Message ID: 2] after clear"}']
     assert manager.stats()["persist_retries"] >= 4
 
@@ -134,7 +134,7 @@ async def test_idempotent_append_lands_once_after_lost_reply(
     await manager.append_async(room, "user", "[Message ID: 0] warm")
     lossy.remaining = 3
     await manager.append_async(room, "user", "[Message ID: 1] once")
-    rows = await any_client.lrange(window_key(room), 0, -1)  # type: ignore[misc]
+    rows = await any_client.lrange(window_key(room), 0, -1)
     assert len(rows) == 2
     assert [m["content"] for m in manager.get_messages(room)] == [
         "[Message ID: 0] warm",
@@ -163,8 +163,8 @@ async def test_durable_append_raises_and_retry_with_key_lands_once(
     await manager.append_async(
         room, "user", "[Message ID: 2] important", durable=True, idempotency_key=key
     )
-    rows = await client.lrange(window_key(room), 0, -1)  # type: ignore[misc]
-    assert [r.count(b"important") for r in rows] == [0, 1]
+    rows = await client.lrange(window_key(room), 0, -1)
+    assert [r.count(b"important") for r in rows] == [0, 1]  # type: ignore[arg-type]
     await client.aclose()
 
 
@@ -174,7 +174,7 @@ async def test_aclose_flushes_pending_writes(redis_server: RedisServer, room: st
     for i in range(300):
         manager.append(room, "user", f"m{i}")
     await manager.aclose(timeout=20)
-    assert await client.llen(window_key(room)) == 100  # type: ignore[misc]
+    assert await client.llen(window_key(room)) == 100
     await client.aclose()
 
 
@@ -195,7 +195,7 @@ async def test_pipelined_calls_reload_scripts_after_flush(
     assert after["script_reloads"] == before["script_reloads"] + 1
     assert after["round_trips"] - before["round_trips"] == 2  # the pipeline, then its resend
     for name in rooms:
-        assert await client.lrange(window_key(name), 0, -1) == [  # type: ignore[misc]
+        assert await client.lrange(window_key(name), 0, -1) == [
             b'{"message_id":null,"role":"user","content":"warm"}',
             b'{"message_id":null,"role":"user","content":"after flush"}',
         ]

@@ -329,7 +329,7 @@ def test_a_manager_outlives_its_loop_with_the_same_client(redis_server: RedisSer
 
     async def third() -> list[bytes]:
         await manager.drain()
-        rows: list[bytes] = await client.lrange(window_key(room), 0, -1)
+        rows: list[bytes] = await client.lrange(window_key(room), 0, -1)  # type: ignore[assignment]
         await manager.aclose()
         await client.aclose()
         return rows
@@ -389,7 +389,7 @@ async def test_a_read_behind_a_stalled_persist_waits_one_command_timeout(
     manager = ConversationManager(None, redis=client, command_timeout=2.0)
     try:
         await manager.append_async(room, "user", "[Message ID: 1] before")
-        await control.execute_command("CLIENT", "PAUSE", 20_000, "ALL")
+        await control.execute_command("CLIENT", "PAUSE", 20_000, "ALL")  # type: ignore[no-untyped-call]
         manager.append(room, "user", "[Message ID: 2] during")
         state = manager._room(room)
         await wait_for(state.lock.locked, "the persist to hold the room")
@@ -403,7 +403,7 @@ async def test_a_read_behind_a_stalled_persist_waits_one_command_timeout(
         assert waited < 3.0, waited
         assert manager.stats()["stale_reads"] == 1
     finally:
-        await control.execute_command("CLIENT", "UNPAUSE")
+        await control.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
         await manager.aclose(timeout=30)
         await client.aclose()
         await control.aclose()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -134,7 +135,7 @@ async def test_a_tool_calling_turn_without_content_round_trips_through_a_session
 ) -> None:
     store = SessionStore(any_client)
     session = await store.create_session("alice")
-    turns = [
+    turns: list[dict[str, Any]] = [
         {"role": "user", "content": "look it up"},
         {"role": "assistant", "content": None, "tool_calls": CALL},
         {"role": "tool", "content": "42", "tool_call_id": "c1"},

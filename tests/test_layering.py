@@ -107,7 +107,7 @@ def imports_of(module: str, path: Path) -> Iterator[tuple[str, int]]:
                     targets.append(alias.name.partition(".")[2] or "__init__")
         for target in targets:
             if target in known and target != module:
-                yield target, node.lineno
+                yield target, getattr(node, "lineno", 0)
 
 
 def graph() -> dict[str, set[str]]:

@@ -21,7 +21,7 @@ async def test_three_processes_append_without_loss_duplication_or_reordering(
     windows = run_in_processes(append_many, [(redis_server.port, room, 200)] * 3)
     client = aioredis.Redis(port=redis_server.port)
     try:
-        stored = [row.decode() for row in await client.lrange(f"sg:conversation:{{{room}}}", 0, -1)]  # type: ignore[misc]
+        stored = [row.decode() for row in await client.lrange(f"sg:conversation:{{{room}}}", 0, -1)]  # type: ignore[union-attr]
     finally:
         await client.aclose()
     assert len(stored) == 600

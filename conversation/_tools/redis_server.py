@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import redis
 
@@ -164,7 +164,7 @@ class RedisServerProcess:
                 raise RuntimeError(f"redis-server on port {self.port} did not answer in {timeout}s")
             time.sleep(0.01)
 
-    def start(self, timeout: float = 10.0) -> RedisServerProcess:
+    def start(self, timeout: float = 10.0) -> Self:
         for _attempt in range(_PORT_ATTEMPTS if self._auto_port else 1):
             self.launch()
             try:

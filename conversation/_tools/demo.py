@@ -87,7 +87,7 @@ BOT_NAME = "Sage"
 DEMO_TTL_SECONDS = 24 * 3600
 MAX_HISTORY = 100
 # Folds early, so that even a short run shows the consolidation worker at work.
-DEMO_CONSOLIDATION = ConsolidationConfig(max_turns=30, keep_recent=20)
+DEMO_CONSOLIDATION = ConsolidationConfig(max_turns=24, keep_recent=18)
 # Events per batch: a worker acknowledges a batch once its writes are in Redis,
 # so small batches keep the workers close behind each other.
 _READ_COUNT = 16

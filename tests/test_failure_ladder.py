@@ -51,3 +51,9 @@ def test_the_backoff_doubles_up_to_its_longest_delay_with_jitter_in_half_to_whol
     assert backoff.delay(30, jitter=0.999999) == pytest.approx(2.0, rel=1e-5)
     assert backoff.delay(1, jitter=0.0) == pytest.approx(0.025)
     assert all(0.025 <= backoff.delay(1) <= 0.05 for _ in range(100))
+
+
+def test_the_backoff_never_overflows_in_a_long_outage() -> None:
+    backoff = Backoff(0.0, 0.0)  # a caller that wants no pause at all
+    assert backoff.delay(100_000) == 0.0
+    assert Backoff(0.05, 2.0).delay(100_000, jitter=0.5) == pytest.approx(1.5)

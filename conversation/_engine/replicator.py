@@ -127,6 +127,8 @@ class MemoryBackend:
         return None
 
     def moved(self, loop: asyncio.AbstractEventLoop) -> int:
+        for room in self.rooms:
+            room.lock = asyncio.Lock()  # consolidation may hold it; it was the old loop's
         return 0
 
     def fail_waiters(self, why: str) -> None:

@@ -59,5 +59,7 @@ class Backoff:
         ``jitter`` in [0, 1) scales it to between half and all of the nominal
         delay, so workers failing together do not retry in lockstep.
         """
-        nominal: float = min(self.longest, self.first * 2.0 ** (attempt - 1))
+        # The exponent is capped: after ~1000 failures in a row (a long outage with
+        # a tiny backoff) 2.0 ** n would overflow and kill the persist task.
+        nominal: float = min(self.longest, self.first * 2.0 ** min(attempt - 1, 64))
         return nominal * (0.5 + (random.random() if jitter is None else jitter) / 2)

@@ -1801,7 +1801,8 @@ def _ping_loop(url: str, conn: Any) -> None:
     A process of its own, so neither the folding worker's loop nor its GIL is in
     the measurement: only the time the server took to answer.
     """
-    client = redis.Redis.from_url(url)
+    # A PING may wait seconds behind one slow script: that is what is measured.
+    client = redis.Redis.from_url(url, socket_timeout=600)
     client.ping()
     conn.send("ready")
     latencies: list[float] = []

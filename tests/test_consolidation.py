@@ -114,7 +114,10 @@ async def test_fold_replaces_the_head_by_one_summary_and_archives_exactly_those_
     }
     assert int(meta[b"version"]) == int(meta_before[b"version"]) + 1
     assert int(meta[b"base"]) == int(meta[b"version"])  # every other worker reloads
-    assert len(archive) == 1
+    # The archive: its header (lua/_lib.lua), the folded rows as the window held them,
+    # then the fold's commit record, which counts them.
+    assert archive[0].startswith(b"~a2|") and archive[1:-1] == rows_before[:19]
+    assert orjson.loads(archive[-1])["rows"] == 19
     [batch] = await manager.list_archives(room)
     assert [orjson.dumps(turn) for turn in batch.turns] == rows_before[:19]
     assert (batch.seq, batch.summary_id, batch.replaces) == (1, "summary:1", None)
@@ -226,7 +229,8 @@ async def test_fold_script_refuses_a_stale_plan_and_changes_nothing(
     assert await fold(head=state.head, n=3, keep=1) == 1
     after, _, records = await redis_state(any_client, room)
     assert after == [after[0], rows[1], *rows[3:]]
-    assert records == [b'{"seq":1}']
+    # After the header: the folded rows (not the kept one), then the commit record.
+    assert records[1:] == [rows[0], rows[2], b'{"seq":1,"rows":2}']
 
 
 async def test_archive_is_capped_expires_and_summaries_carry_no_markers(

@@ -112,8 +112,10 @@ _ARCHIVE_READ_BYTES = 1024 * 1024
 #: Above this many bytes a plan's digest is computed in a thread (hashlib lets go of
 #: the GIL), so a window of images never stalls the loop while it is hashed.
 _INLINE_DIGEST_BYTES = 256 * 1024
-#: The default summariser yields to the loop after this long.
-_SUMMARY_SLICE_SECONDS = 0.004
+#: The default summariser yields to the loop after this long. Another task waiting
+#: on a timer resumes about three slices later (the timer, its future and the task's
+#: step each take a turn of the loop behind the summariser's next slice).
+_SUMMARY_SLICE_SECONDS = 0.002
 #: Token estimates of this many bytes of rows are computed between two yields.
 _TOKEN_SLICE_BYTES = 256 * 1024
 
@@ -625,6 +627,11 @@ class Consolidator:
             )
         return _clean_summary(text, config.max_summary_chars)
 
+    def prepare_renderer(self) -> None:
+        """Build the prompt renderer now (blocking: Jinja is imported, templates compiled)."""
+        if self._renderer is None:
+            self._renderer = _make_renderer(self.config)
+
     async def _prompt_renderer(self) -> PromptSource:
         if self._renderer is None:
             # Importing Jinja and compiling the templates takes tens of milliseconds:
@@ -1104,6 +1111,9 @@ class ConsolidationWorker:
         self._room_context = room_context
         self.name = name or f"consolidator-{uuid.uuid4().hex[:8]}"
         self.stats = WorkerStats()
+        # A worker compiles its prompt template now, at startup: a broken template
+        # of yours fails here, and the first fold does not compile it mid-pass.
+        self._consolidator.prepare_renderer()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Pass over the rooms every ``interval`` seconds until ``stop`` is set."""
@@ -1278,16 +1288,18 @@ class ExtractiveSummarizer:
         every few milliseconds: a fold of a thousand turns with images never holds
         the loop (nor keeps every parsed turn alive) for the whole summary."""
         lines = _previous_lines(previous_summary)
+        words = [_words(line) for _, line in lines]
         loop = asyncio.get_running_loop()
         started = loop.time()
         for row in rows:
             line = self._line(orjson.loads(row))  # its message_id is not read
             if line is not None:
                 lines.append(line)
+                words.append(_words(line[1]))  # counted here, in the slices
             if loop.time() - started > _SUMMARY_SLICE_SECONDS:
                 await asyncio.sleep(0)
                 started = loop.time()
-        return _joined(lines, self.max_words or max_words)
+        return _joined(lines, self.max_words or max_words, words)
 
     def _line(self, turn: Entry) -> tuple[int, str] | None:
         role = turn.get("role")
@@ -1349,10 +1361,14 @@ def _previous_lines(previous_summary: str | None) -> list[tuple[int, str]]:
     ]
 
 
-def _joined(lines: list[tuple[int, str]], budget: int) -> str:
+def _joined(lines: list[tuple[int, str]], budget: int, words: list[int] | None = None) -> str:
     if not lines:
         return "- Nothing worth keeping was said."
-    return "\n".join(_fit(lines, budget))
+    return "\n".join(_fit(lines, budget, words))
+
+
+def _words(line: str) -> int:
+    return len(_WORD.findall(line))
 
 
 def _importance(text: str) -> int:
@@ -1363,9 +1379,13 @@ def _importance(text: str) -> int:
     return 2 if _FACT.search(text) else 1
 
 
-def _fit(lines: list[tuple[int, str]], budget: int) -> list[str]:
-    """Drop the oldest least important lines until the words fit (keeping the newest)."""
-    words = [len(_WORD.findall(line)) for _, line in lines]
+def _fit(lines: list[tuple[int, str]], budget: int, words: list[int] | None = None) -> list[str]:
+    """Drop the oldest least important lines until the words fit (keeping the newest).
+
+    ``words``: each line's word count, if the caller counted them already.
+    """
+    if words is None:
+        words = [_words(line) for _, line in lines]
     total = sum(words)
     dropped: set[int] = set()
     order = sorted(range(len(lines) - 1), key=lambda i: (lines[i][0], i))

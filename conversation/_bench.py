@@ -1796,7 +1796,8 @@ async def bench_outage(bench: Bench) -> list[Row]:
 
 
 def _ping_loop(url: str, conn: Any) -> None:
-    """Another process: PING in a loop until told to stop, then send every latency (ms).
+    """Another process: PING every half millisecond until told to stop, then send every
+    latency (ms).
 
     A process of its own, so neither the folding worker's loop nor its GIL is in
     the measurement: only the time the server took to answer.
@@ -1810,6 +1811,9 @@ def _ping_loop(url: str, conn: Any) -> None:
         start = time.perf_counter()
         client.ping()
         latencies.append((time.perf_counter() - start) * 1e3)
+        # Paced, not a busy loop: on a small machine a PING storm would take the CPU
+        # the server and the worker need, and show up in both as stalls.
+        time.sleep(0.0005)
     conn.recv()
     conn.send(latencies)
     client.close()

@@ -245,46 +245,38 @@ def _row_tokens(row: bytes) -> int:
     return estimate_tokens(orjson.loads(row))
 
 
-class _TokenCounts:
-    """Token estimates per row object, so checking a room costs O(rows), not O(bytes).
+def _window_tokens(room: _Room, rows: Sequence[bytes]) -> int:
+    """The rows' token estimates, each row parsed once while it is in the window.
 
     Rows are immutable ``bytes`` that a window keeps as long as they are current
     (an edit puts a new object in), so an estimate stays right for as long as its
-    object is in the window. Each room remembers the rows of its last check only
-    (the entry holds the row, so its id cannot be reused meanwhile).
+    object is there; the room remembers the rows of its last check only.
     """
+    known = room.token_estimates
+    counts: dict[int, tuple[bytes, int]] = {}
+    total = 0
+    for row in rows:
+        hit = known.get(id(row))
+        count = hit[1] if hit is not None and hit[0] is row else _row_tokens(row)
+        counts[id(row)] = (row, count)
+        total += count
+    room.token_estimates = counts
+    return total
 
-    def __init__(self) -> None:
-        self._rooms: dict[str, dict[int, tuple[bytes, int]]] = {}
 
-    def total(self, room_id: str, rows: Sequence[bytes]) -> int:
-        known = self._rooms.get(room_id, {})
-        counts: dict[int, tuple[bytes, int]] = {}
-        total = 0
-        for row in rows:
-            hit = known.get(id(row))
-            count = hit[1] if hit is not None and hit[0] is row else _row_tokens(row)
-            counts[id(row)] = (row, count)
-            total += count
-        self._rooms[room_id] = counts
-        return total
-
-    async def warm(self, room_id: str, rows: Sequence[bytes]) -> None:
-        """Estimate the rows not seen yet, yielding to the loop between slices."""
-        known = self._rooms.setdefault(room_id, {})
-        done = 0
-        for row in rows:
-            hit = known.get(id(row))
-            if hit is not None and hit[0] is row:
-                continue
-            known[id(row)] = (row, _row_tokens(row))
-            done += len(row)
-            if done >= _TOKEN_SLICE_BYTES:
-                done = 0
-                await asyncio.sleep(0)
-
-    def forget(self, room_id: str) -> None:
-        self._rooms.pop(room_id, None)
+async def _estimate_tokens(room: _Room, rows: Sequence[bytes]) -> None:
+    """Estimate the rows not seen yet, yielding to the loop between slices."""
+    known = room.token_estimates
+    done = 0
+    for row in rows:
+        hit = known.get(id(row))
+        if hit is not None and hit[0] is row:
+            continue
+        known[id(row)] = (row, _row_tokens(row))
+        done += len(row)
+        if done >= _TOKEN_SLICE_BYTES:
+            done = 0
+            await asyncio.sleep(0)
 
 
 # ---------------------------------------------------------------------- the plan
@@ -501,7 +493,6 @@ class Consolidator:
         self._renderer = renderer
         self._default = ExtractiveSummarizer()
         self._locks = _KeyedLocks()
-        self._tokens = _TokenCounts()
         # Memory-only managers keep archives here (one process, no Redis).
         self._memory_archive: dict[str, list[_MemoryFold]] = {}
 
@@ -515,19 +506,19 @@ class Consolidator:
         """O(rows) once the rows' token estimates are known (``prepare`` makes them
         without stalling the loop); a row is parsed for its estimate only once."""
         config = self.config
-        state = self._engine.room(room_id).view
-        window = state.window
+        room = self._engine.room(room_id)
+        state = room.view
         if not self._past_turns(state) and (
-            self._tokens.total(room_id, window.healthy_rows()) <= config.max_tokens
+            _window_tokens(room, state.window.healthy_rows()) <= config.max_tokens
         ):
             return False
         return _plan(state, config, config.keep_recent) is not None
 
     async def prepare(self, room_id: str) -> None:
         """Estimate the tokens of rows ``should_consolidate`` has not seen, in slices."""
-        state = self._engine.room(room_id).view
-        if not self._past_turns(state):
-            await self._tokens.warm(room_id, state.window.healthy_rows())
+        room = self._engine.room(room_id)
+        if not self._past_turns(room.view):
+            await _estimate_tokens(room, room.view.window.healthy_rows())
 
     def _past_turns(self, state: RoomState) -> bool:
         config = self.config
@@ -575,7 +566,7 @@ class Consolidator:
                     calls += 1
                 attempts += 1
                 if await self._fold(room, plan, text):
-                    self._tokens.forget(room_id)
+                    room.token_estimates = {}  # the folded rows must not stay referenced
                     engine.count("folds")
                     logger.info(
                         "room %s: folded %d turn(s) into summary %d (attempt %d)",
@@ -809,10 +800,12 @@ class Consolidator:
                 size = 0
                 await asyncio.sleep(0)
         assembler.finish()
-        for index, nbytes in enumerate(assembler.corrupt):
+        for nbytes in assembler.corrupt:
             self._engine.count("corrupt_rows")
             logger.warning(
-                "room %s: skipping corrupt archive record %d (%d bytes)", room_id, index, nbytes
+                "room %s: skipping archive records that do not make a fold (%d bytes)",
+                room_id,
+                nbytes,
             )
         return assembler.batches
 

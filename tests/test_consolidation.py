@@ -799,6 +799,20 @@ async def test_staged_rows_of_an_abandoned_fold_never_count_and_the_next_fold_dr
     assert (await redis_state(any_client, room))[2] == archive
 
 
+async def test_a_damaged_fold_in_the_archive_is_skipped_and_counted(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    manager = make_manager(any_client, consolidation=CONFIG)
+    for batch in range(3):
+        await fill(manager, room, range(batch * 20, batch * 20 + 20))
+        await manager.consolidate(room, Recorder())
+    # Element 0 is the header; 1 is the first row of the first fold.
+    await any_client.lset(window_key(room) + ":archive", 1, b"not json")  # type: ignore[misc]
+    before = manager.stats()["corrupt_rows"]
+    assert [b.seq for b in await manager.list_archives(room)] == [2, 3]
+    assert manager.stats()["corrupt_rows"] == before + 1
+
+
 async def test_the_archive_is_capped_in_bytes_oldest_folds_first(
     any_client: aioredis.Redis, make_manager: Make, room: str
 ) -> None:

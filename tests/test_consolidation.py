@@ -807,7 +807,7 @@ async def test_a_damaged_fold_in_the_archive_is_skipped_and_counted(
         await fill(manager, room, range(batch * 20, batch * 20 + 20))
         await manager.consolidate(room, Recorder())
     # Element 0 is the header; 1 is the first row of the first fold.
-    await any_client.lset(window_key(room) + ":archive", 1, b"not json")  # type: ignore[misc]
+    await any_client.lset(window_key(room) + ":archive", 1, b"not json")  # type: ignore[arg-type]
     before = manager.stats()["corrupt_rows"]
     assert [b.seq for b in await manager.list_archives(room)] == [2, 3]
     assert manager.stats()["corrupt_rows"] == before + 1
@@ -856,7 +856,7 @@ async def test_archives_of_the_previous_engine_stay_readable_and_count_towards_t
     old_turn = {"message_id": "old", "role": "user", "content": "[Message ID: old] hello"}
     old = {"seq": 7, "summary_id": "summary:7", "summary": "before", "replaces": None,
            "folded_at": "2026-01-01T00:00", "corrupt_rows": 0, "turns": [old_turn]}  # fmt: skip
-    await any_client.rpush(window_key(room) + ":archive", orjson.dumps(old))  # type: ignore[misc]
+    await any_client.rpush(window_key(room) + ":archive", orjson.dumps(old))
     config = ConsolidationConfig(max_turns=20, keep_recent=2, min_fold=2, archive_max_batches=2)
     manager = make_manager(any_client, consolidation=config)
     await fill(manager, room, range(10))
@@ -865,7 +865,7 @@ async def test_archives_of_the_previous_engine_stay_readable_and_count_towards_t
     assert (batches[0].seq, batches[0].summary) == (7, "before")
     assert batches[0].turns == [old_turn] and batches[1].seq == 1
     # Another engine's record pushed after ours is adopted as a fold, not discarded.
-    await any_client.rpush(window_key(room) + ":archive", orjson.dumps({**old, "seq": 8}))  # type: ignore[misc]
+    await any_client.rpush(window_key(room) + ":archive", orjson.dumps({**old, "seq": 8}))
     assert [b.seq for b in await manager.list_archives(room)] == [7, 1]  # not committed here
     await fill(manager, room, range(10, 20))
     await manager.consolidate(room, Recorder())

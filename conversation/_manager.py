@@ -42,6 +42,7 @@ from ._entries import (
     normalise_message_id,
     reactions_transform,
     to_messages,
+    to_messages_yielding,
 )
 from ._errors import (
     BacklogFull,
@@ -68,9 +69,6 @@ MIN_CHANNEL_LIMIT, MAX_CHANNEL_LIMIT = 50, 1000
 _MAX_BATCH_ROWS = 512
 _MAX_EDIT_CONFLICTS = 32
 _SYNC_ATTEMPTS = 3
-# Above this many bytes a window is decoded in slices, yielding to the loop between
-# them, so one huge window never stalls every other coroutine of the worker.
-_ASYNC_DECODE_SLICE = 256 * 1024
 
 # A batch that keeps failing with an exception no one expected (a bug here or in
 # the client library) is failed after this many attempts in a row.
@@ -119,6 +117,10 @@ class _Room:
     # the queue. A reply that holds nothing but our own effect leaves the view
     # exact, which keeps draining a long queue linear.
     view_stale: bool = False
+    # Consolidation's token estimate of each row object in the window, by id (the
+    # entry holds the row, so the id is not reused while it is here): kept with the
+    # room so it goes when the room does.
+    token_estimates: dict[int, tuple[bytes, int]] = field(default_factory=dict)
 
     def idle(self) -> bool:
         """Nothing queued and nothing being persisted: forgetting it loses nothing."""
@@ -384,7 +386,7 @@ class ConversationManager:
                 logger.warning(
                     "room %s: serving memory, Redis unreachable: %s", room_id, describe_error(exc)
                 )
-        messages = await _decode_yielding(room.view.window.healthy_rows())
+        messages = await to_messages_yielding(room.view.window.healthy_rows())
         if self._renderer is not None:
             system = await self._renderer.render_async(_context(room_id, room_context))
             messages = [_system(system), *messages]
@@ -1074,22 +1076,6 @@ def _consume_exception(future: asyncio.Future[Any]) -> None:
     # keeps asyncio from reporting it as never retrieved.
     if not future.cancelled():
         future.exception()
-
-
-async def _decode_yielding(rows: list[bytes]) -> list[Entry]:
-    total = sum(map(len, rows))
-    if total <= _ASYNC_DECODE_SLICE:
-        return to_messages(rows)
-    messages: list[Entry] = []
-    start, size = 0, 0
-    for index, row in enumerate(rows):
-        size += len(row)
-        if size >= _ASYNC_DECODE_SLICE:
-            messages.extend(to_messages(rows[start : index + 1]))
-            start, size = index + 1, 0
-            await asyncio.sleep(0)
-    messages.extend(to_messages(rows[start:]))
-    return messages
 
 
 def _archive_ttl_ms(config: ConsolidationConfig | None) -> int | None:

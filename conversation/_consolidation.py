@@ -16,13 +16,23 @@ right after the system prompt. The next fold feeds its text to the summariser
 entry away with the turns, so there is always at most one, at the head.
 
 The fold is planned on this worker's exact mirror of Redis and sent with the
-head position it was planned at and a digest of the rows it removes: if
-anything changed there meanwhile (an edit of a folded turn, a clear, a trim,
-another consolidator's fold) nothing is written, the reply brings the worker
-up to date, and the fold is planned again on the fresh window (the summariser
-runs again only if the turns to fold changed), up to ``max_attempts`` times.
-Turns appended meanwhile by any worker are never touched. A summariser that
-raises or is cancelled changes nothing: nothing is written before it returns.
+epoch, head position and version it was planned at: the script reads the
+room's log of replaced rows to see whether any folded row changed since that
+version, so no call ever hashes (or even reads) every folded row. If anything
+changed there meanwhile (an edit of a folded turn, a clear, a trim, another
+consolidator's fold) nothing is written, the reply brings the worker up to
+date, and the fold is planned again on the fresh window (the summariser runs
+again only if the turns to fold changed), up to ``max_attempts`` times. Turns
+appended meanwhile by any worker are never touched. A summariser that raises
+or is cancelled changes nothing: nothing is written before it returns.
+
+The archived rows go to the archive one element each (so every archive record
+is bounded by the size of a row), about ``ARCHIVE_CALL_BYTES`` of them per
+script call: a big fold stages its first rows with ``lua/archive_stage.lua``
+(which copies them from the window inside Redis), and the fold script itself
+copies the last ones, adds the commit record (the summary) and makes them all
+part of the archive at once. The archive is capped in folds and in bytes,
+oldest folds first.
 
 Consolidation reaches the engine through ``_engine.core.Core`` only (rooms,
 their lock and synced state, the store, the key space); the manager's public
@@ -34,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import inspect
 import logging
@@ -48,13 +59,13 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import orjson
 from redis.exceptions import RedisError
 
 from ._budget import estimate_tokens
-from ._engine.window import RoomState, Window
+from ._engine.window import RoomState
 from ._entries import (
     MARKER_RE,
     SUMMARY_ID_PREFIX,
@@ -63,7 +74,7 @@ from ._entries import (
     build_entry,
     first_text,
     is_summary,
-    to_messages,
+    to_messages_yielding,
 )
 from ._errors import (
     ConfigurationError,
@@ -74,7 +85,9 @@ from ._errors import (
     require_positive_int,
 )
 from ._redis.keys import validate_room_id
+from ._redis.replies import SyncReply
 from ._redis.retry import TRANSIENT_ERRORS, is_permanent
+from ._redis.rooms import index_ranges
 
 if TYPE_CHECKING:
     from ._engine.core import Core
@@ -94,10 +107,26 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 _FOLD_SEND_ATTEMPTS = 3
 _FOLD_SEND_BACKOFF = 0.05
 _LLEN_CHUNK = 500
 DEFAULT_SUMMARY_WORDS = 350
+#: Bytes of rows one script call of a fold copies to the archive (about: a single
+#: bigger row gets a call alone). Every row is its own archive element.
+ARCHIVE_CALL_BYTES = 1024 * 1024
+#: Bytes of archive elements read back per LRANGE (about; at least one element).
+_ARCHIVE_READ_BYTES = 1024 * 1024
+#: Above this many bytes a plan's digest is computed in a thread (hashlib lets go of
+#: the GIL), so a window of images never stalls the loop while it is hashed.
+_INLINE_DIGEST_BYTES = 256 * 1024
+#: The default summariser yields to the loop after this long. Another task waiting
+#: on a timer resumes about three slices later (the timer, its future and the task's
+#: step each take a turn of the loop behind the summariser's next slice).
+_SUMMARY_SLICE_SECONDS = 0.002
+#: Token estimates of this many bytes of rows are computed between two yields.
+_TOKEN_SLICE_BYTES = 256 * 1024
 
 
 # ------------------------------------------------------------------ configuration
@@ -131,8 +160,11 @@ class ConsolidationConfig:
     max_summary_chars: int = 16_000
     #: Text put before the summary in the entry the model sees.
     summary_prefix: str = "Summary of the earlier conversation:\n"
-    #: Fold records kept per room (oldest dropped first); 0 keeps all.
+    #: Folds kept in a room's archive (oldest dropped first); 0 keeps all.
     archive_max_batches: int = 1000
+    #: Bytes of archive records kept per room (oldest folds dropped first; the newest
+    #: fold always stays, even alone over the cap); 0 = no byte cap.
+    archive_max_bytes: int = 64 * 1024 * 1024
     #: Archive retention; ``None`` gives it the room's ``ttl_seconds``.
     archive_ttl_seconds: float | None = None
     #: Fold attempts (each on a fresh window) before giving up on a busy room.
@@ -143,7 +175,7 @@ class ConsolidationConfig:
     def __post_init__(self) -> None:
         for name in ("max_turns", "max_tokens", "min_fold", "max_summary_words", "max_attempts"):
             require_positive_int(name, getattr(self, name))
-        for name in ("keep_recent", "archive_max_batches"):
+        for name in ("keep_recent", "archive_max_batches", "archive_max_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigurationError(f"{name} must be an int >= 0, got {value!r}")
@@ -213,8 +245,42 @@ class ArchiveBatch:
 # ------------------------------------------------------------------------ tokens
 
 
-def _window_tokens(window: Window) -> int:
-    return sum(estimate_tokens(message) for message in to_messages(window.healthy_rows()))
+def _row_tokens(row: bytes) -> int:
+    return estimate_tokens(orjson.loads(row))
+
+
+def _window_tokens(room: Room, rows: Sequence[bytes]) -> int:
+    """The rows' token estimates, each row parsed once while it is in the window.
+
+    Rows are immutable ``bytes`` that a window keeps as long as they are current
+    (an edit puts a new object in), so an estimate stays right for as long as its
+    object is there; the room remembers the rows of its last check only.
+    """
+    known = room.token_estimates
+    counts: dict[int, tuple[bytes, int]] = {}
+    total = 0
+    for row in rows:
+        hit = known.get(id(row))
+        count = hit[1] if hit is not None and hit[0] is row else _row_tokens(row)
+        counts[id(row)] = (row, count)
+        total += count
+    room.token_estimates = counts
+    return total
+
+
+async def _estimate_tokens(room: Room, rows: Sequence[bytes]) -> None:
+    """Estimate the rows not seen yet, yielding to the loop between slices."""
+    known = room.token_estimates
+    done = 0
+    for row in rows:
+        hit = known.get(id(row))
+        if hit is not None and hit[0] is row:
+            continue
+        known[id(row)] = (row, _row_tokens(row))
+        done += len(row)
+        if done >= _TOKEN_SLICE_BYTES:
+            done = 0
+            await asyncio.sleep(0)
 
 
 # ---------------------------------------------------------------------- the plan
@@ -226,18 +292,45 @@ class _Plan:
 
     epoch: str
     head: int
+    version: int  # the synced version the plan was made on (the fold checks the log since)
     rows: list[bytes]  # window[0:n]: the previous summary, folded turns, the pinned turn
     keep: int  # index in rows of the pinned turn kept after the summary, or -1
     keep_meta: tuple[str | None, str | None]
-    folded: list[bytes]  # healthy rows leaving the window (summarised and archived)
+    archived: list[int]  # indexes in rows of the healthy turns leaving the window
+    folded: list[bytes]  # those rows (summarised and archived)
     corrupt: int
     previous_id: str | None
     previous_text: str | None
     seq: int
 
     def digest(self) -> bytes:
-        framed = b"".join(b"%d:%s" % (len(row), row) for row in self.rows)
-        return hashlib.sha1(b"%d|" % self.keep + framed).digest()
+        """SHA1 of ``keep`` and the framed rows ("<length>:<row>"), hashed row by row."""
+        hasher = hashlib.sha1(b"%d|" % self.keep)
+        for row in self.rows:
+            hasher.update(b"%d:" % len(row))
+            hasher.update(row)
+        return hasher.digest()
+
+    async def digest_async(self) -> bytes:
+        if sum(map(len, self.rows)) <= _INLINE_DIGEST_BYTES:
+            return self.digest()
+        return await asyncio.to_thread(self.digest)
+
+    def calls(self) -> list[list[int]]:
+        """The archived rows' indexes, about ``ARCHIVE_CALL_BYTES`` of them per script call.
+
+        The last call is the fold script itself; the others stage rows before it.
+        """
+        calls: list[list[int]] = [[]]
+        size = 0
+        for index in self.archived:
+            cost = len(self.rows[index])
+            if calls[-1] and size + cost > ARCHIVE_CALL_BYTES:
+                calls.append([])
+                size = 0
+            calls[-1].append(index)
+            size += cost
+        return calls
 
 
 def _plan(state: RoomState, config: ConsolidationConfig, keep_recent: int) -> _Plan | None:
@@ -260,17 +353,19 @@ def _plan(state: RoomState, config: ConsolidationConfig, keep_recent: int) -> _P
     keep = -1
     if config.pin_first_user:
         keep = next((i for i in range(start, end) if roles[i] == "user"), -1)
-    folded = [rows[i] for i in range(start, end) if i != keep and roles[i] is not None]
-    corrupt = sum(1 for i in range(start, end) if i != keep and roles[i] is None)
-    if len(folded) < config.min_fold:
+    archived = [i for i in range(start, end) if i != keep and roles[i] is not None]
+    corrupt = end - start - len(archived) - (1 if keep >= 0 else 0)
+    if len(archived) < config.min_fold:
         return None
     return _Plan(
         epoch=state.epoch,
         head=state.head,
+        version=state.version,
         rows=rows[:end],
         keep=keep,
         keep_meta=(ids[keep], roles[keep]) if keep >= 0 else (None, None),
-        folded=folded,
+        archived=archived,
+        folded=[rows[i] for i in archived],
         corrupt=corrupt,
         previous_id=previous_id,
         previous_text=previous_text,
@@ -279,6 +374,8 @@ def _plan(state: RoomState, config: ConsolidationConfig, keep_recent: int) -> _P
 
 
 def _has_tool_calls(row: bytes) -> bool:
+    if b'"tool_calls"' not in row:  # a byte scan spares parsing a row of images
+        return False
     try:
         entry = orjson.loads(row)
     except orjson.JSONDecodeError:
@@ -366,7 +463,7 @@ class Consolidator:
         self._default = ExtractiveSummarizer()
         self._locks = _KeyedLocks()
         # Memory-only managers keep archives here (one process, no Redis).
-        self._memory_archive: dict[str, list[bytes]] = {}
+        self._memory_archive: dict[str, list[_MemoryFold]] = {}
 
     def rebind(self) -> None:
         """The manager moved to a new event loop: locks of the old one are dropped."""
@@ -375,14 +472,28 @@ class Consolidator:
     # ------------------------------------------------------------------ checks
 
     def should_consolidate(self, room_id: str) -> bool:
+        """O(rows) once the rows' token estimates are known (``prepare`` makes them
+        without stalling the loop); a row is parsed for its estimate only once."""
         config = self.config
-        state = self._engine.room(room_id).view
-        window = state.window
-        turns = len(window) - window.corrupt
-        turn_limit = min(config.max_turns, max(1, int(self._engine.limit(state) * config.max_fill)))
-        if turns <= turn_limit and _window_tokens(window) <= config.max_tokens:
+        room = self._engine.room(room_id)
+        state = room.view
+        if not self._past_turns(state) and (
+            _window_tokens(room, state.window.healthy_rows()) <= config.max_tokens
+        ):
             return False
         return _plan(state, config, config.keep_recent) is not None
+
+    async def prepare(self, room_id: str) -> None:
+        """Estimate the tokens of rows ``should_consolidate`` has not seen, in slices."""
+        room = self._engine.room(room_id)
+        if not self._past_turns(room.view):
+            await _estimate_tokens(room, room.view.window.healthy_rows())
+
+    def _past_turns(self, state: RoomState) -> bool:
+        config = self.config
+        turns = len(state.window) - state.window.corrupt
+        limit = min(config.max_turns, max(1, int(self._engine.limit(state) * config.max_fill)))
+        return turns > limit
 
     # ----------------------------------------------------------------- folding
 
@@ -403,7 +514,7 @@ class Consolidator:
             if engine.store is not None:
                 await engine.ensure_fresh(room_id)
             room = engine.room(room_id)
-            summaries: dict[bytes, str] = {}
+            summaries: list[_Summarised] = []
             attempts = calls = 0
             while True:
                 state = room.synced if engine.store is not None else room.view
@@ -417,14 +528,14 @@ class Consolidator:
                         attempts,
                     )
                     return ConsolidationResult(room_id, "conflict", 0, None, attempts, calls)
-                digest = plan.digest()
-                text = summaries.get(digest)
+                text = await _known_summary(summaries, plan)
                 if text is None:
                     text = await self._summarize(room_id, plan, summarize, room_context)
-                    summaries[digest] = text
+                    summaries.append(_Summarised(plan, None, text))
                     calls += 1
                 attempts += 1
                 if await self._fold(room, plan, text):
+                    room.token_estimates = {}  # the folded rows must not stay referenced
                     engine.count("folds")
                     logger.info(
                         "room %s: folded %d turn(s) into summary %d (attempt %d)",
@@ -455,13 +566,14 @@ class Consolidator:
             "summary": plan.previous_text,
             "max_summary_words": config.max_summary_words,
         }
-        prompt = await self._prompt_renderer().render_async(context)
-        turns = to_messages(plan.folded)
+        prompt = await (await self._prompt_renderer()).render_async(context)
         try:
             if summarize is None:  # the default is given the previous summary directly
-                text = self._default.summarize(turns, plan.previous_text, config.max_summary_words)
+                text = await self._default.summarize_rows(
+                    plan.folded, plan.previous_text, config.max_summary_words
+                )
             else:
-                text = await summarize(prompt, turns)
+                text = await summarize(prompt, await to_messages_yielding(plan.folded))
         except Exception as exc:  # CancelledError is not an Exception: it propagates
             raise ConsolidationError(
                 f"room {room_id}: the summariser failed ({type(exc).__name__}); "
@@ -475,65 +587,108 @@ class Consolidator:
             )
         return _clean_summary(text, config.max_summary_chars)
 
-    def _prompt_renderer(self) -> PromptSource:
+    def prepare_renderer(self) -> None:
+        """Build the prompt renderer now (blocking: Jinja is imported, templates compiled)."""
         if self._renderer is None:
-            from ._renderer import PromptRenderer  # noqa: PLC0415 - Jinja only when used
+            self._renderer = _make_renderer(self.config)
 
-            self._renderer = PromptRenderer(
-                template=self.config.template, template_dirs=self.config.template_dirs
-            )
+    async def _prompt_renderer(self) -> PromptSource:
+        if self._renderer is None:
+            # Importing Jinja and compiling the templates takes tens of milliseconds:
+            # done once, in a thread, so the first fold does not stall the loop.
+            renderer = await asyncio.to_thread(_make_renderer, self.config)
+            if self._renderer is None:
+                self._renderer = renderer
         return self._renderer
 
-    def _rows(self, plan: _Plan, text: str) -> tuple[bytes, bytes]:
-        """The summary row and the archive record of a fold."""
+    def _summary_row(self, plan: _Plan, text: str) -> bytes:
         summary_id = f"{SUMMARY_ID_PREFIX}{plan.seq}"
-        summary_row = self._engine.encode(
+        return self._engine.encode(
             build_entry(SUMMARY_ROLE, self.config.summary_prefix + text, message_id=summary_id)
         )
-        record = orjson.dumps(
-            {
-                "seq": plan.seq,
-                "summary_id": summary_id,
-                "summary": text,
-                "replaces": plan.previous_id,
-                "folded_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                "corrupt_rows": plan.corrupt,
-                "turns": [orjson.Fragment(row) for row in plan.folded],
-            }
-        )
-        return summary_row, record
+
+    def _record_meta(self, plan: _Plan, text: str) -> dict[str, Any]:
+        """What the fold's commit record says besides its turns."""
+        return {
+            "seq": plan.seq,
+            "summary_id": f"{SUMMARY_ID_PREFIX}{plan.seq}",
+            "summary": text,
+            "replaces": plan.previous_id,
+            "folded_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "corrupt_rows": plan.corrupt,
+        }
 
     async def _fold(self, room: Room, plan: _Plan, text: str) -> bool:
-        summary_row, record = self._rows(plan, text)
         if self._engine.store is None:
-            return self._fold_in_memory(room, plan, summary_row, record)
+            return self._fold_in_memory(room, plan, text)
         # Once sent, a fold is seen through even if our caller is cancelled, so
         # the synced mirror never misses a change it made.
-        task = asyncio.ensure_future(self._send_fold(room, plan, summary_row, record))
+        task = asyncio.ensure_future(self._send_fold(room, plan, text))
         task.add_done_callback(_consume_exception)
         return await asyncio.shield(task)
 
-    async def _send_fold(self, room: Room, plan: _Plan, summary_row: bytes, record: bytes) -> bool:
+    async def _send_fold(self, room: Room, plan: _Plan, text: str) -> bool:
         store = self._engine.store
         assert store is not None
-        token = uuid.uuid4().hex  # a retry after a timeout must not fold twice
+        # The fold's idempotency token (a resend after a timeout must not fold twice)
+        # also names the rows it stages in the archive.
+        token = uuid.uuid4().hex
+        calls = plan.calls()
+        staged = 0
+        for indexes in calls[:-1]:
+            accepted = await self._confirmed(
+                room,
+                functools.partial(
+                    store.stage,
+                    room.keys,
+                    room.synced,
+                    epoch=plan.epoch,
+                    head=plan.head,
+                    version=plan.version,
+                    n=len(plan.rows),
+                    fold_id=token,
+                    before=staged,
+                    ranges=index_ranges(indexes),
+                ),
+            )
+            if not accepted:
+                # The folded rows changed (or another fold took the archive over):
+                # nothing counts yet. Catch up, so the next plan sees the change.
+                await self._engine.ensure_fresh(room.room_id)
+                return False
+            staged += len(indexes)
+        record = orjson.dumps({**self._record_meta(plan, text), "fold": token})
+        summary_row = self._summary_row(plan, text)
+
+        async def commit() -> SyncReply:
+            async with room.lock:
+                reply = await store.fold(
+                    room.keys,
+                    room.synced,
+                    token,
+                    epoch=plan.epoch,
+                    head=plan.head,
+                    version=plan.version,
+                    rows=plan.rows,
+                    keep=plan.keep,
+                    summary_row=summary_row,
+                    record=record,
+                    archive_cap=self.config.archive_max_batches,
+                    archive_max_bytes=self.config.archive_max_bytes,
+                    fold_id=token,
+                    staged=staged,
+                    archived=index_ranges(calls[-1]),
+                )
+                self._engine.absorb(room, reply)
+                return reply
+
+        return (await self._confirmed(room, commit)).status != 0
+
+    async def _confirmed(self, room: Room, call: Callable[[], Awaitable[_T]]) -> _T:
+        """One script call of a fold, resent after a transient error (each is idempotent)."""
         for attempt in range(_FOLD_SEND_ATTEMPTS):
             try:
-                async with room.lock:
-                    reply = await store.fold(
-                        room.keys,
-                        room.synced,
-                        token,
-                        epoch=plan.epoch,
-                        head=plan.head,
-                        rows=plan.rows,
-                        keep=plan.keep,
-                        summary_row=summary_row,
-                        record=record,
-                        archive_cap=self.config.archive_max_batches,
-                    )
-                    self._engine.absorb(room, reply)
-                return reply.status != 0
+                return await call()
             except TRANSIENT_ERRORS as exc:
                 if is_permanent(exc):
                     raise
@@ -551,23 +706,29 @@ class Consolidator:
                 await asyncio.sleep(_FOLD_SEND_BACKOFF * 2**attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _fold_in_memory(self, room: Room, plan: _Plan, summary_row: bytes, record: bytes) -> bool:
+    def _fold_in_memory(self, room: Room, plan: _Plan, text: str) -> bool:
         window = room.view.window
         n = len(plan.rows)
         if window.rows[:n] != plan.rows or (len(window) > n and window.roles[n] == "tool"):
             return False
         kept = list(zip(window.rows[n:], window.ids[n:], window.roles[n:], strict=True))
         window.clear()
-        window.push(summary_row, f"{SUMMARY_ID_PREFIX}{plan.seq}", SUMMARY_ROLE)
+        window.push(self._summary_row(plan, text), f"{SUMMARY_ID_PREFIX}{plan.seq}", SUMMARY_ROLE)
         if plan.keep >= 0:
             window.push(plan.rows[plan.keep], *plan.keep_meta)
         for row, identity, role in kept:
             window.push(row, identity, role)
+        # The rows are kept as they are (no record is serialised): the same caps apply.
+        meta = self._record_meta(plan, text)
+        size = len(orjson.dumps(meta)) + sum(len(row) + 1 for row in plan.folded)
         archive = self._memory_archive.setdefault(room.room_id, [])
-        archive.append(record)
-        cap = self.config.archive_max_batches
-        if cap and len(archive) > cap:
-            del archive[: len(archive) - cap]
+        archive.append(_MemoryFold(meta, plan.folded, size))
+        cap, cap_bytes = self.config.archive_max_batches, self.config.archive_max_bytes
+        total = sum(fold.size for fold in archive)
+        while len(archive) > 1 and (
+            (cap and len(archive) > cap) or (cap_bytes and total > cap_bytes)
+        ):
+            total -= archive.pop(0).size
         return True
 
     # ---------------------------------------------------------------- archives
@@ -576,29 +737,46 @@ class Consolidator:
         validate_room_id(room_id)
         store = self._engine.store
         if store is None:
-            raw = list(self._memory_archive.get(room_id, ()))
-        else:
+            folds = list(self._memory_archive.get(room_id, ()))
+            batches = []
+            for fold in folds:
+                batch = _batch(fold.meta, await _load_rows(fold.rows))
+                assert batch is not None  # made here from a well-formed record
+                batches.append(batch)
+            return batches
+        key = self._engine.archive_key(room_id)
+        for _attempt in range(_FOLD_SEND_ATTEMPTS):
             try:
-                raw = list(await store.redis.lrange(self._engine.archive_key(room_id), 0, -1))
+                records = await _read_archive(store.redis, key)
+            except _ArchiveMoved:
+                continue  # folds were dropped from its front while we read: read again
             except TRANSIENT_ERRORS as exc:
                 raise RedisUnavailable(
                     f"room {room_id}: cannot read the archive: {describe_error(exc)}",
                     room_id=room_id,
                 ) from exc
-        batches = []
-        for index, record in enumerate(raw):
-            batch = _parse_record(record)
-            if batch is None:
-                self._engine.count("corrupt_rows")
-                logger.warning(
-                    "room %s: skipping corrupt archive record %d (%d bytes)",
-                    room_id,
-                    index,
-                    len(record),
-                )
-            else:
-                batches.append(batch)
-        return batches
+            break
+        else:
+            raise RedisUnavailable(
+                f"room {room_id}: the archive kept changing while it was read", room_id=room_id
+            )
+        assembler = _Assembler()
+        size = 0
+        for raw in records:
+            assembler.add(raw)
+            size += len(raw)
+            if size >= _TOKEN_SLICE_BYTES:  # a record is parsed in one step of the loop
+                size = 0
+                await asyncio.sleep(0)
+        assembler.finish()
+        for nbytes in assembler.corrupt:
+            self._engine.count("corrupt_rows")
+            logger.warning(
+                "room %s: skipping archive records that do not make a fold (%d bytes)",
+                room_id,
+                nbytes,
+            )
+        return assembler.batches
 
     # ------------------------------------------------------------------ leases
 
@@ -652,12 +830,160 @@ class Consolidator:
                 return
 
 
-def _parse_record(record: bytes) -> ArchiveBatch | None:
-    try:
-        data = orjson.loads(record)
-        turns = data["turns"]
-        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+@dataclass(slots=True)
+class _Summarised:
+    """A summary written during one ``consolidate`` call, and the plan it was written on."""
+
+    plan: _Plan
+    digest: bytes | None  # computed only when another plan is compared with it
+    text: str
+
+
+async def _known_summary(summaries: list[_Summarised], plan: _Plan) -> str | None:
+    """The summary already written for the same turns, if any (hashing only when asked)."""
+    if not summaries:
+        return None
+    digest = await plan.digest_async()
+    for done in summaries:
+        if done.digest is None:
+            done.digest = await done.plan.digest_async()
+        if done.digest == digest:
+            return done.text
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _MemoryFold:
+    """One fold in a memory-only manager's archive: its record's fields and its rows."""
+
+    meta: dict[str, Any]
+    rows: list[bytes]
+    size: int
+
+
+class _ArchiveMoved(Exception):
+    """Folds were dropped from the archive's front while it was being read."""
+
+
+#: The first element of an archive written by this engine (see lua/_lib.lua).
+_ARCHIVE_MAGIC = b"~a2|"
+
+
+@dataclass(frozen=True, slots=True)
+class _ArchiveHeader:
+    dropped: int
+    committed: int
+    ledger: tuple[int, ...]  # elements of each committed fold, oldest first
+
+    @classmethod
+    def parse(cls, raw: bytes | None) -> _ArchiveHeader | None:
+        if raw is None or not raw.startswith(_ARCHIVE_MAGIC):
             return None
+        fields = raw[len(_ARCHIVE_MAGIC) :].split(b"|", 7)
+        try:
+            ledger = tuple(int(entry.split(b":")[0]) for entry in fields[7].split(b",") if entry)
+            return cls(int(fields[0]), int(fields[1]), ledger)
+        except (IndexError, ValueError):
+            return None
+
+
+async def _read_archive(redis: Any, key: str) -> list[bytes]:
+    """The elements of the archive's committed folds, oldest first.
+
+    Read in slices of about ``_ARCHIVE_READ_BYTES`` (the slice length adapts to the
+    sizes seen), so no single command makes Redis copy much of the archive. Rows
+    staged by a fold still in progress (or abandoned) lie after the committed folds
+    and are not read. Elements only ever leave from the front (whole folds, counted
+    in the header), so a header that counts the same drops after the last slice
+    proves every slice saw the same positions.
+    """
+    first = await redis.lindex(key, 0)
+    header = _ArchiveHeader.parse(first)
+    if header is None:
+        if first is None:
+            return []
+        # An archive of the previous engine: each record is one whole fold.
+        return list(await redis.lrange(key, 0, -1))
+    elements: list[bytes] = []
+    start, count = 1, 16
+    while start <= header.committed:
+        stop = min(start + count - 1, header.committed)
+        chunk: list[bytes] = await redis.lrange(key, start, stop)
+        if not chunk:
+            break
+        elements.extend(chunk)
+        start += len(chunk)
+        size = sum(map(len, chunk))
+        if size > _ARCHIVE_READ_BYTES:
+            count = max(1, count // 2)
+        elif size < _ARCHIVE_READ_BYTES // 4:
+            count = min(1024, count * 2)
+    after = _ArchiveHeader.parse(await redis.lindex(key, 0))
+    if (
+        after is None
+        or after.dropped != header.dropped
+        or after.ledger[: len(header.ledger)] != header.ledger
+        or len(elements) != header.committed
+    ):
+        raise _ArchiveMoved
+    return elements
+
+
+@dataclass(slots=True)
+class _Assembler:
+    """Folds from archive elements, each checked against what its commit record says.
+
+    A fold is its archived rows, one element each, then its commit record (an object
+    with a ``seq`` and no ``role``, unlike any row), which counts the rows before it;
+    a record of the previous engine is a commit record with its turns inline. Elements that
+    do not add up to a fold are skipped (their sizes are in ``corrupt``). Each
+    ``add`` parses one element, so a caller can yield between them.
+    """
+
+    batches: list[ArchiveBatch] = field(default_factory=list)
+    corrupt: list[int] = field(default_factory=list)
+    _turns: list[Any] = field(default_factory=list)
+    _bytes: int = 0
+    _broken: bool = False
+
+    def add(self, raw: bytes) -> None:
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict) or "seq" not in data or "role" in data:
+            self._bytes += len(raw)
+            if isinstance(data, dict):
+                self._turns.append(data)
+            else:
+                self._broken = True
+            return
+        turns, size, broken = self._turns, self._bytes + len(raw), self._broken
+        self._turns, self._bytes, self._broken = [], 0, False
+        if "rows" not in data and isinstance(data.get("turns"), list):  # the previous engine
+            if turns:
+                self.corrupt.append(size - len(raw))
+                size = len(raw)
+            turns, broken = data["turns"], False
+        elif data.get("rows") != len(turns):
+            broken = True
+        batch = None if broken else _batch(data, turns)
+        if batch is None:
+            self.corrupt.append(size)
+        else:
+            self.batches.append(batch)
+
+    def finish(self) -> None:
+        """Rows left over belong to no complete fold."""
+        if self._turns or self._broken:
+            self.corrupt.append(self._bytes)
+        self._turns, self._bytes, self._broken = [], 0, False
+
+
+def _batch(data: Mapping[str, Any], turns: list[Any]) -> ArchiveBatch | None:
+    if not all(isinstance(turn, dict) for turn in turns):
+        return None
+    try:
         return ArchiveBatch(
             seq=int(data["seq"]),
             summary_id=str(data["summary_id"]),
@@ -667,8 +993,27 @@ def _parse_record(record: bytes) -> ArchiveBatch | None:
             turns=turns,
             corrupt_rows=int(data.get("corrupt_rows", 0)),
         )
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError):
         return None
+
+
+async def _load_rows(rows: Sequence[bytes]) -> list[Entry]:
+    """Stored rows as entries (``message_id`` kept), yielding between slices."""
+    entries: list[Entry] = []
+    size = 0
+    for row in rows:
+        entries.append(orjson.loads(row))
+        size += len(row)
+        if size >= _TOKEN_SLICE_BYTES:
+            size = 0
+            await asyncio.sleep(0)
+    return entries
+
+
+def _make_renderer(config: ConsolidationConfig) -> PromptSource:
+    from ._renderer import PromptRenderer  # noqa: PLC0415 - Jinja only when used
+
+    return PromptRenderer(template=config.template, template_dirs=config.template_dirs)
 
 
 def _consume_exception(task: asyncio.Future[Any]) -> None:
@@ -727,6 +1072,9 @@ class ConsolidationWorker:
         self._room_context = room_context
         self.name = name or f"consolidator-{uuid.uuid4().hex[:8]}"
         self.stats = WorkerStats()
+        # A worker compiles its prompt template now, at startup: a broken template
+        # of yours fails here, and the first fold does not compile it mid-pass.
+        self._consolidator.prepare_renderer()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Pass over the rooms every ``interval`` seconds until ``stop`` is set."""
@@ -761,6 +1109,7 @@ class ConsolidationWorker:
         consolidator, engine = self._consolidator, self._engine
         try:
             await engine.ensure_fresh(room_id)
+            await consolidator.prepare(room_id)
             if not consolidator.should_consolidate(room_id):
                 return None
             async with consolidator.lease(room_id, self.name) as held:
@@ -769,6 +1118,7 @@ class ConsolidationWorker:
                     return None
                 # Another replica may have folded it just before we got the lease.
                 await engine.ensure_fresh(room_id)
+                await consolidator.prepare(room_id)
                 if not consolidator.should_consolidate(room_id):
                     return None
                 result = await consolidator.consolidate(
@@ -894,19 +1244,35 @@ class ExtractiveSummarizer:
         previous_summary: str | None,
         max_words: int = DEFAULT_SUMMARY_WORDS,
     ) -> str:
-        budget = self.max_words or max_words
-        lines = [
-            (_importance(line), line.strip())
-            for line in (previous_summary or "").splitlines()
-            if line.strip()
-        ]
+        lines = _previous_lines(previous_summary)
         for turn in turns:
             line = self._line(turn)
             if line is not None:
                 lines.append(line)
-        if not lines:
-            return "- Nothing worth keeping was said."
-        return "\n".join(_fit(lines, budget))
+        return _joined(lines, self.max_words or max_words)
+
+    async def summarize_rows(
+        self,
+        rows: Sequence[bytes],
+        previous_summary: str | None,
+        max_words: int = DEFAULT_SUMMARY_WORDS,
+    ) -> str:
+        """``summarize`` of stored rows, parsed one at a time, yielding to the loop
+        every few milliseconds: a fold of a thousand turns with images never holds
+        the loop (nor keeps every parsed turn alive) for the whole summary."""
+        lines = _previous_lines(previous_summary)
+        words = [_words(line) for _, line in lines]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for row in rows:
+            line = self._line(orjson.loads(row))  # its message_id is not read
+            if line is not None:
+                lines.append(line)
+                words.append(_words(line[1]))  # counted here, in the slices
+            if loop.time() - started > _SUMMARY_SLICE_SECONDS:
+                await asyncio.sleep(0)
+                started = loop.time()
+        return _joined(lines, self.max_words or max_words, words)
 
     def _line(self, turn: Entry) -> tuple[int, str] | None:
         role = turn.get("role")
@@ -960,6 +1326,24 @@ class ExtractiveSummarizer:
         return cut.rstrip(",;:") + self.ellipsis
 
 
+def _previous_lines(previous_summary: str | None) -> list[tuple[int, str]]:
+    return [
+        (_importance(line), line.strip())
+        for line in (previous_summary or "").splitlines()
+        if line.strip()
+    ]
+
+
+def _joined(lines: list[tuple[int, str]], budget: int, words: list[int] | None = None) -> str:
+    if not lines:
+        return "- Nothing worth keeping was said."
+    return "\n".join(_fit(lines, budget, words))
+
+
+def _words(line: str) -> int:
+    return len(_WORD.findall(line))
+
+
 def _importance(text: str) -> int:
     if _IMPORTANT.search(text):
         return 3
@@ -968,9 +1352,13 @@ def _importance(text: str) -> int:
     return 2 if _FACT.search(text) else 1
 
 
-def _fit(lines: list[tuple[int, str]], budget: int) -> list[str]:
-    """Drop the oldest least important lines until the words fit (keeping the newest)."""
-    words = [len(_WORD.findall(line)) for _, line in lines]
+def _fit(lines: list[tuple[int, str]], budget: int, words: list[int] | None = None) -> list[str]:
+    """Drop the oldest least important lines until the words fit (keeping the newest).
+
+    ``words``: each line's word count, if the caller counted them already.
+    """
+    if words is None:
+        words = [_words(line) for _, line in lines]
     total = sum(words)
     dropped: set[int] = set()
     order = sorted(range(len(lines) - 1), key=lambda i: (lines[i][0], i))

@@ -12,6 +12,7 @@ with ``LRANGE``. ``message_id`` is stripped from everything handed to callers.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
@@ -201,6 +202,28 @@ def to_messages(rows: Iterable[bytes]) -> list[Entry]:
         messages.extend(orjson.loads(b"[" + b",".join(batch) + b"]"))
     for message in messages:
         del message["message_id"]
+    return messages
+
+
+# Above this many bytes rows are decoded in slices, yielding to the loop between
+# them, so one huge window never stalls every other coroutine of the worker.
+_ASYNC_DECODE_SLICE = 256 * 1024
+
+
+async def to_messages_yielding(rows: list[bytes]) -> list[Entry]:
+    """``to_messages``, a slice of about 256 KB of rows per step of the loop."""
+    total = sum(map(len, rows))
+    if total <= _ASYNC_DECODE_SLICE:
+        return to_messages(rows)
+    messages: list[Entry] = []
+    start, size = 0, 0
+    for index, row in enumerate(rows):
+        size += len(row)
+        if size >= _ASYNC_DECODE_SLICE:
+            messages.extend(to_messages(rows[start : index + 1]))
+            start, size = index + 1, 0
+            await asyncio.sleep(0)
+    messages.extend(to_messages(rows[start:]))
     return messages
 
 

@@ -30,6 +30,7 @@ from ._engine.writes import Writes, limit_write
 from ._entries import (
     Entry,
     to_messages,
+    to_messages_yielding,
 )
 from ._errors import (
     DrainTimeout,
@@ -42,10 +43,6 @@ from ._redis.rooms import RoomStore
 from ._stats import Stats
 
 logger = logging.getLogger(__name__)
-
-# Above this many bytes a window is decoded in slices, yielding to the loop between
-# them, so one huge window never stalls every other coroutine of the worker.
-_ASYNC_DECODE_SLICE = 256 * 1024
 
 
 class Renderer(Protocol):
@@ -306,7 +303,7 @@ class ConversationManager:
             logger.warning(
                 "room %s: serving memory, Redis unreachable: %s", room_id, describe_error(exc)
             )
-        messages = await _decode_yielding(room.view.window.healthy_rows())
+        messages = await to_messages_yielding(room.view.window.healthy_rows())
         if self._renderer is not None:
             system = await self._renderer.render_async(_context(room_id, room_context))
             messages = [_system(system), *messages]
@@ -470,22 +467,6 @@ def _system(text: str) -> Entry:
 
 def _context(room_id: str, room_context: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"room_id": room_id, **(room_context or {})}
-
-
-async def _decode_yielding(rows: list[bytes]) -> list[Entry]:
-    total = sum(map(len, rows))
-    if total <= _ASYNC_DECODE_SLICE:
-        return to_messages(rows)
-    messages: list[Entry] = []
-    start, size = 0, 0
-    for index, row in enumerate(rows):
-        size += len(row)
-        if size >= _ASYNC_DECODE_SLICE:
-            messages.extend(to_messages(rows[start : index + 1]))
-            start, size = index + 1, 0
-            await asyncio.sleep(0)
-    messages.extend(to_messages(rows[start:]))
-    return messages
 
 
 def _archive_ttl_ms(config: ConsolidationConfig | None) -> int | None:

@@ -10,7 +10,8 @@
 --               that lost records (evicted alone) is noticed, never trusted
 --   [4] idem    ZSET of idempotency tokens of applied writes, scored by meta's
 --               iseq counter (the newest IDEM_CAP at least are kept)
---   [5] archive LIST of fold records (see fold.lua); only its TTL is touched here
+--   [5] archive LIST: a header, then fold records (see "The archive" below); only
+--               fold.lua and archive_stage.lua write it, every write refreshes its TTL
 -- ARGV (every script): [1] caller epoch ('' = knows nothing), [2] caller version,
 --   [3] caller head, [4] caller length (the caller's synced window), [5] idempotency
 --   token ('' = none), [6] TTL in ms (0 = keys do not expire), [7] default window
@@ -378,4 +379,173 @@ end
 -- calls. Only the caller's own rows or row changed, and those are not echoed.
 local function own_reply(status, m, own_k)
   return {status, 1, m.version, m.head, m.limit, m.rebackfill, own_k, 0}
+end
+
+-- ------------------------------------------------------------------ consolidation
+
+-- Whether the first n rows of the window are still exactly the rows they were at
+-- version v, when a fold was planned on them at (epoch, head): same epoch and head,
+-- no non-incremental change since v (base), and no row among them replaced since v
+-- according to a log known to hold every record newer than v. This is the test that
+-- lets sync_reply patch a caller at v from the log, so it trusts the log as far as
+-- sync does, and it costs O(log records newer than v), never O(bytes of the rows).
+local function prefix_unchanged(m, epoch, head, v, n)
+  if not m or m.epoch ~= epoch or m.head ~= head or v > m.version or v < m.base
+      or v < m.logfloor then
+    return false
+  end
+  if redis.call('LLEN', WINDOW) < n then
+    return false
+  end
+  if v == m.version then
+    return true
+  end
+  local expected = log_expected(m)
+  if expected and redis.call('LLEN', LOG) ~= expected then
+    return false
+  end
+  -- Each version logs at most one record: those newer than v are among the last.
+  local records = redis.call('LRANGE', LOG, v - m.version, -1)
+  for i = #records, 1, -1 do
+    local record = records[i]
+    local sep = string.find(record, ':', 1, true)
+    if tonumber(string.sub(record, 1, sep - 1)) <= v then
+      break
+    end
+    if tonumber(string.sub(record, sep + 1)) < head + n then
+      return false
+    end
+  end
+  return true
+end
+
+-- A cheap fingerprint of a row: its length and first bytes (identity and role come
+-- first in every row). The log already vouches for content; this catches a window
+-- that is not the one the caller mirrors at all. Must match _store.py's probe().
+local PROBE_BYTES = 256
+local function probe(row)
+  if not row then
+    return ''
+  end
+  return #row .. ':' .. string.sub(row, 1, PROBE_BYTES)
+end
+
+-- The archive (KEYS[5]) is a LIST. Element 0 is a header:
+--   "~a2|dropped|committed|bytes|folds|stage|staged|staged_bytes|ledger"
+-- then the committed folds, oldest first, each as its archived rows (one element per
+-- row, exactly as the window held it) followed by its commit record (a small JSON
+-- object with "seq" and no "role" that says how many rows precede it); then the rows
+-- staged so far by the fold in progress, if any.
+--   dropped       elements ever dropped from the front (a reader sees positions shift)
+--   committed     elements of the committed folds (they are elements 1..committed)
+--   bytes, folds  their bytes and their count
+--   stage         id of the fold whose rows follow ('' none); staged, staged_bytes:
+--                 how many rows it pushed so far, and their bytes
+--   ledger        "<elements>:<bytes>" per committed fold, oldest first, comma-separated
+-- A reader takes only elements 1..committed: rows staged by a fold that has not
+-- committed (or never will) are never part of a complete fold. Every element is
+-- bounded by the size of a row, and no script call copies more than about a
+-- megabyte of rows (the caller splits a big fold into calls).
+-- An archive without a header holds records of the previous engine (each one whole
+-- fold with its turns inline, of unknown size: they count towards the cap in folds,
+-- not in bytes).
+local ARCHIVE_MAGIC = '~a2|'
+
+local function whole_folds(count)
+  if count <= 0 then
+    return ''
+  end
+  return '1:0' .. string.rep(',1:0', count - 1)
+end
+
+local function archive_read()
+  local len = redis.call('LLEN', ARCHIVE)
+  if len > 0 then
+    local first = redis.call('LINDEX', ARCHIVE, 0)
+    if string.sub(first, 1, #ARCHIVE_MAGIC) == ARCHIVE_MAGIC then
+      local d, c, b, f, sid, s, sb, ledger = string.match(first,
+          '^~a2|(%d+)|(%d+)|(%d+)|(%d+)|([^|]*)|(%d+)|(%d+)|(.*)$')
+      if d then
+        local h = {present = true, len = len, dropped = tonumber(d), committed = tonumber(c),
+                   bytes = tonumber(b), folds = tonumber(f), stage = sid, staged = tonumber(s),
+                   staged_bytes = tonumber(sb), ledger = ledger}
+        local extra = len - 1 - h.committed - h.staged
+        if extra > 0 then
+          -- Records no script here accounted for (an older engine's fold, pushed
+          -- after ours): they are folds, adopted whole, of unknown size, with any
+          -- parts staged before them (that fold can no longer commit).
+          local adopt = h.staged + extra
+          h.ledger = h.ledger .. (h.ledger == '' and '' or ',') .. whole_folds(adopt)
+          h.committed = h.committed + adopt
+          h.folds = h.folds + adopt
+          h.stage, h.staged, h.staged_bytes = '', 0, 0
+        elseif extra < 0 then
+          -- Records are missing (the archive was trimmed behind our back): what is
+          -- left counts as whole folds of unknown size.
+          h.committed, h.folds, h.bytes, h.ledger = len - 1, len - 1, 0, whole_folds(len - 1)
+          h.stage, h.staged, h.staged_bytes = '', 0, 0
+        end
+        return h
+      end
+    end
+  end
+  return {present = false, len = len, dropped = 0, committed = len, bytes = 0, folds = len,
+          stage = '', staged = 0, staged_bytes = 0, ledger = whole_folds(len)}
+end
+
+-- Stores h as element 0 (the list holds everything else already).
+local function archive_write(h)
+  local text = ARCHIVE_MAGIC .. h.dropped .. '|' .. h.committed .. '|' .. h.bytes .. '|'
+      .. h.folds .. '|' .. h.stage .. '|' .. h.staged .. '|' .. h.staged_bytes .. '|'
+      .. h.ledger
+  if h.present then
+    redis.call('LSET', ARCHIVE, 0, text)
+  else
+    redis.call('LPUSH', ARCHIVE, text)
+    h.present = true
+  end
+end
+
+-- Drops whatever follows the committed folds: the rows of a fold that will never
+-- commit (refused, abandoned by a crashed worker, or taken over). O(rows dropped).
+local function archive_discard_staged(h)
+  local base = h.present and 1 or 0
+  if h.len > base + h.committed then
+    redis.call('LTRIM', ARCHIVE, 0, base + h.committed - 1)
+    h.len = base + h.committed
+  end
+  h.stage, h.staged, h.staged_bytes = '', 0, 0
+end
+
+-- Whether ARGV[from..] holds 0-based inclusive index ranges (pairs) within the first
+-- n rows of the window, with expect rows in all.
+local function archive_ranges_ok(from, n, expect)
+  local total = 0
+  for i = from, #ARGV, 2 do
+    local first, last = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+    if not first or not last or first < 0 or last < first or last >= n then
+      return false
+    end
+    total = total + last - first + 1
+  end
+  return total == expect
+end
+
+-- Pushes to the archive the window rows of those ranges, in order (check them with
+-- archive_ranges_ok first); returns how many rows and bytes. Each row is its own
+-- element, so no row is ever copied into a bigger string.
+local function archive_push_rows(from)
+  local count, bytes = 0, 0
+  for i = from, #ARGV, 2 do
+    local first, last = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+    for start = first, last, PUSH_CHUNK do
+      local rows = redis.call('LRANGE', WINDOW, start, math.min(start + PUSH_CHUNK - 1, last))
+      for j = 1, #rows do
+        bytes = bytes + #rows[j]
+      end
+      count = count + #rows
+      redis.call('RPUSH', ARCHIVE, unpack(rows))
+    end
+  end
+  return count, bytes
 end

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from redis_servers import RedisServer
 from support import window_key
 
+import conversation._consolidation as consolidation_module
 from conversation import (
     ConfigurationError,
     ConsolidationConfig,
@@ -27,6 +28,7 @@ from conversation import (
     ExtractiveSummarizer,
     format_transcript,
 )
+from conversation._entries import first_text
 
 pytestmark = pytest.mark.real_server
 
@@ -113,7 +115,10 @@ async def test_fold_replaces_the_head_by_one_summary_and_archives_exactly_those_
     }
     assert int(meta[b"version"]) == int(meta_before[b"version"]) + 1
     assert int(meta[b"base"]) == int(meta[b"version"])  # every other worker reloads
-    assert len(archive) == 1
+    # The archive: its header (lua/_lib.lua), the folded rows as the window held them,
+    # then the fold's commit record, which counts them.
+    assert archive[0].startswith(b"~a2|") and archive[1:-1] == rows_before[:19]
+    assert orjson.loads(archive[-1])["rows"] == 19
     [batch] = await manager.list_archives(room)
     assert [orjson.dumps(turn) for turn in batch.turns] == rows_before[:19]
     assert (batch.seq, batch.summary_id, batch.replaces) == (1, "summary:1", None)
@@ -225,7 +230,8 @@ async def test_fold_script_refuses_a_stale_plan_and_changes_nothing(
     assert await fold(head=state.head, n=3, keep=1) == 1
     after, _, records = await redis_state(any_client, room)
     assert after == [after[0], rows[1], *rows[3:]]
-    assert records == [b'{"seq":1}']
+    # After the header: the folded rows (not the kept one), then the commit record.
+    assert records[1:] == [rows[0], rows[2], b'{"seq":1,"rows":2}']
 
 
 async def test_archive_is_capped_expires_and_summaries_carry_no_markers(
@@ -592,6 +598,304 @@ async def test_consolidation_on_a_real_cluster(tmp_path: Path) -> None:
         cluster.stop()
 
 
+# ------------------------------------------- bounded folds of big windows (issue 12)
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 60_000}}
+#: Bytes of rows per archive call in these tests: a 40-turn window of images takes ten.
+CALL_BYTES = 200_000
+
+
+async def fill_images(manager: ConversationManager, room: str, ids: range) -> None:
+    for i in ids:
+        role = "user" if i % 2 == 0 else "assistant"
+        text = f"[Message ID: {i}] picture {i}. We will meet at {i}."
+        await manager.append_async(room, role, [{"type": "text", "text": text}, IMAGE])
+
+
+class FoldCalls:
+    """Records the rows each script call of a fold archives; runs a hook after a stage."""
+
+    def __init__(
+        self, manager: ConversationManager, rows: list[bytes], after_stage: Any = None
+    ) -> None:
+        store = manager._store
+        assert store is not None
+        self.rows = rows
+        self.staged: list[int] = []  # bytes of rows per stage call
+        self.folds: list[tuple[int, int, int]] = []  # (bytes archived, status, reply kind)
+        self.after_stage = after_stage
+        real_stage, real_fold = store.stage, store.fold
+
+        async def stage(*args: Any, **kwargs: Any) -> bool:
+            self.staged.append(self.size(kwargs["ranges"]))
+            accepted = await real_stage(*args, **kwargs)
+            if self.after_stage is not None:
+                await self.after_stage(len(self.staged))
+            return accepted
+
+        async def fold(*args: Any, **kwargs: Any) -> Any:
+            reply = await real_fold(*args, **kwargs)
+            self.folds.append((self.size(kwargs["archived"]), reply.status, reply.kind))
+            return reply
+
+        store.stage = stage  # type: ignore[method-assign]
+        store.fold = fold  # type: ignore[method-assign]
+
+    def size(self, ranges: Any) -> int:
+        return sum(len(self.rows[i]) for first, last in ranges for i in range(first, last + 1))
+
+
+async def test_a_big_image_window_folds_in_bounded_calls_and_archives_every_row_in_order(
+    any_client: aioredis.Redis, make_manager: Make, room: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(consolidation_module, "ARCHIVE_CALL_BYTES", CALL_BYTES)
+    manager = make_manager(any_client, consolidation=CONFIG)
+    await fill_images(manager, room, range(40))
+    rows_before, _, _ = await redis_state(any_client, room)
+    calls = FoldCalls(manager, rows_before)
+    sent = manager.stats()["bytes_sent"]
+
+    result = await manager.consolidate(room, Recorder())
+    assert (result.outcome, result.folded, result.attempts) == ("folded", 35, 1)
+    # Every call archived at most CALL_BYTES of rows (three of these): eleven staged
+    # them before the fold script itself, which archived the last two.
+    assert len(calls.staged) == 11 and len(calls.folds) == 1
+    assert max([*calls.staged, calls.folds[0][0]]) <= CALL_BYTES
+    assert sum(calls.staged) + calls.folds[0][0] == sum(map(len, rows_before[:35]))
+    # The rows never travel back to Redis: the script checks the log, not their bytes.
+    assert manager.stats()["bytes_sent"] - sent < 10_000
+
+    rows, _, archive = await redis_state(any_client, room)
+    assert rows[1:] == rows_before[35:]
+    assert archive[0].startswith(b"~a2|")
+    assert archive[1:-1] == rows_before[:35]  # one element per row, in order
+    assert orjson.loads(archive[-1])["rows"] == 35
+    [batch] = await manager.list_archives(room)
+    assert [orjson.dumps(turn) for turn in batch.turns] == rows_before[:35]
+    assert batch.summary == "summary 1 of " + ",".join(map(str, range(35)))
+    # The folding worker was patched by the fold's reply, not sent the kept window.
+    assert calls.folds[0][1:] == (1, 1)
+    assert manager._room(room).synced.window.rows == rows
+    other = make_manager(any_client)
+    messages = await other.get_messages_async(room)
+    assert messages == manager.get_messages(room)
+    assert messages[0]["content"] == PREFIX + batch.summary
+    assert await all_ids(other, room) == [str(i) for i in range(40)]
+
+
+async def test_writes_during_a_big_fold_are_kept_and_an_edit_of_a_folded_row_restarts_it(
+    any_client: aioredis.Redis, make_manager: Make, room: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(consolidation_module, "ARCHIVE_CALL_BYTES", CALL_BYTES)
+    manager = make_manager(any_client, consolidation=CONFIG)
+    other = make_manager(any_client)
+    await fill_images(manager, room, range(40))
+    rows_before, _, _ = await redis_state(any_client, room)
+
+    async def between_stages(count: int) -> None:
+        if count == 1:  # appends and edits of kept turns never conflict with a fold
+            await fill(other, room, range(40, 43))
+            assert await other.update_message_async(room, 38, "[Message ID: 38] kept, edited")
+            assert await other.patch_reactions_async(room, 41, "👍 2")
+        elif count == 3:  # an edit of a folded turn while its rows are being staged
+            assert await other.update_message_async(room, 3, "[Message ID: 3] folded, edited")
+
+    calls = FoldCalls(manager, rows_before, between_stages)
+    summarize = Recorder()
+    result = await manager.consolidate(room, summarize)
+    assert (result.outcome, result.attempts, result.summarizer_calls) == ("folded", 2, 2)
+    # The first attempt stopped at the stage call after the edit and wrote nothing
+    # that counts; the second summarised the edited turn.
+    assert calls.folds == [(calls.folds[0][0], 1, 1)]
+    assert first_text(summarize.requests[1][1][3]["content"]) == "[Message ID: 3] folded, edited"
+    [batch] = await manager.list_archives(room)
+    assert first_text(batch.turns[3]["content"]) == "[Message ID: 3] folded, edited"
+    _, _, archive = await redis_state(any_client, room)
+    # The second plan folds the 3 turns appended meanwhile too (5 are kept), and no row
+    # staged by the abandoned attempt is left.
+    assert [t["message_id"] for t in batch.turns] == [str(i) for i in range(38)]
+    assert len(archive) == 1 + 38 + 1
+    assert await all_ids(other, room) == [str(i) for i in range(43)]
+    texts = [first_text(m["content"]) or "" for m in await other.get_messages_async(room)]
+    assert "[Message ID: 38] kept, edited" in texts
+    assert any("[Reactions: 👍 2]" in text for text in texts)
+    assert await other.get_messages_async(room) == manager.get_messages(room)
+
+
+async def test_a_worker_behind_when_its_fold_lands_is_patched_to_match_redis(
+    any_client: aioredis.Redis, make_manager: Make, room: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(consolidation_module, "ARCHIVE_CALL_BYTES", CALL_BYTES)
+    manager = make_manager(any_client, consolidation=CONFIG)
+    other = make_manager(any_client)
+    await fill_images(manager, room, range(40))
+    rows_before, _, _ = await redis_state(any_client, room)
+
+    async def write_once(count: int) -> None:
+        if count == 1:  # the folding worker does not see these before its fold lands
+            await fill(other, room, range(40, 42))
+            assert await other.update_message_async(room, 37, "[Message ID: 37] kept, edited")
+
+    calls = FoldCalls(manager, rows_before, write_once)
+    result = await manager.consolidate(room, Recorder())
+    assert (result.outcome, result.attempts) == ("folded", 1)
+    assert calls.folds[0][1:] == (1, 1)  # an incremental reply: the edit and the new rows
+    rows, _, _ = await redis_state(any_client, room)
+    assert manager._room(room).synced.window.rows == rows
+    assert manager.get_messages(room) == await other.get_messages_async(room)
+    assert await all_ids(other, room) == [str(i) for i in range(42)]
+
+
+async def test_an_edit_while_a_big_window_is_summarised_refuses_the_fold_as_before(
+    any_client: aioredis.Redis, make_manager: Make, room: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(consolidation_module, "ARCHIVE_CALL_BYTES", CALL_BYTES)
+    manager = make_manager(any_client, consolidation=CONFIG)
+    editor = make_manager(any_client)
+    await fill_images(manager, room, range(40))
+    rows_before, _, _ = await redis_state(any_client, room)
+    calls = FoldCalls(manager, rows_before)
+
+    async def edit_once(call: int) -> None:
+        if call == 1:
+            assert await editor.update_message_async(room, 0, "[Message ID: 0] edited")
+
+    result = await manager.consolidate(room, Recorder(edit_once))
+    assert (result.outcome, result.attempts, result.summarizer_calls) == ("folded", 2, 2)
+    assert calls.staged[0] > 0 and manager.stats()["conflicts"] == 1
+    [batch] = await manager.list_archives(room)
+    assert first_text(batch.turns[0]["content"]) == "[Message ID: 0] edited"
+    assert [t["message_id"] for t in batch.turns] == [str(i) for i in range(35)]
+
+
+async def test_staged_rows_of_an_abandoned_fold_never_count_and_the_next_fold_drops_them(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    manager = make_manager(any_client, consolidation=CONFIG)
+    await fill(manager, room, range(24))
+    store = manager._store
+    assert store is not None
+    state = manager._room(room).synced
+    # A worker that staged rows for its fold and crashed before the fold script.
+    assert await store.stage(
+        manager._room(room).keys, state, epoch=state.epoch, head=state.head,
+        version=state.version, n=19, fold_id="crashed", before=0, ranges=[(0, 9)],
+    )  # fmt: skip
+    _, _, archive = await redis_state(any_client, room)
+    assert len(archive) == 1 + 10
+    assert await manager.list_archives(room) == []  # staged, never committed
+    result = await manager.consolidate(room, Recorder())
+    assert result.outcome == "folded"
+    _, _, archive = await redis_state(any_client, room)
+    assert len(archive) == 1 + 19 + 1
+    [batch] = await manager.list_archives(room)
+    assert [t["message_id"] for t in batch.turns] == [str(i) for i in range(19)]
+    # A stage call planned on a window that has changed since is refused.
+    assert not await store.stage(
+        manager._room(room).keys, state, epoch=state.epoch, head=state.head,
+        version=state.version, n=19, fold_id="late", before=0, ranges=[(0, 9)],
+    )  # fmt: skip
+    assert (await redis_state(any_client, room))[2] == archive
+
+
+async def test_a_damaged_fold_in_the_archive_is_skipped_and_counted(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    manager = make_manager(any_client, consolidation=CONFIG)
+    for batch in range(3):
+        await fill(manager, room, range(batch * 20, batch * 20 + 20))
+        await manager.consolidate(room, Recorder())
+    # Element 0 is the header; 1 is the first row of the first fold.
+    await any_client.lset(window_key(room) + ":archive", 1, b"not json")  # type: ignore[arg-type]
+    before = manager.stats()["corrupt_rows"]
+    assert [b.seq for b in await manager.list_archives(room)] == [2, 3]
+    assert manager.stats()["corrupt_rows"] == before + 1
+
+
+async def test_the_archive_is_capped_in_bytes_oldest_folds_first(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    small = ConsolidationConfig(max_turns=20, keep_recent=2, min_fold=2, archive_max_bytes=2_500)
+    manager = make_manager(any_client, consolidation=small)
+    sizes = []
+    for batch in range(4):
+        await fill(manager, room, range(batch * 10, batch * 10 + 10))
+        assert (await manager.consolidate(room, Recorder())).seq == batch + 1
+        _, _, archive = await redis_state(any_client, room)
+        sizes.append(sum(map(len, archive[1:])))
+    batches = await manager.list_archives(room)
+    assert [b.seq for b in batches] == [3, 4]  # about 1 KB a fold: two fit
+    assert max(sizes) <= 2_500
+    assert await all_ids(manager, room) == [str(i) for i in range(18, 40)]
+    # The newest fold stays even when it alone is over the cap.
+    tiny = ConsolidationConfig(max_turns=20, keep_recent=2, min_fold=2, archive_max_bytes=100)
+    other_room = room + ":tiny"
+    manager = make_manager(any_client, consolidation=tiny)
+    for batch in range(2):
+        await fill(manager, other_room, range(batch * 10, batch * 10 + 10))
+        await manager.consolidate(other_room, Recorder())
+    assert [b.seq for b in await manager.list_archives(other_room)] == [2]
+    _, _, archive = await redis_state(any_client, other_room)
+    assert archive[0].split(b"|")[4] == b"1"  # the header counts one fold
+
+
+async def test_a_memory_only_archive_has_the_same_caps(make_manager: Make, room: str) -> None:
+    config = ConsolidationConfig(max_turns=20, keep_recent=2, min_fold=2, archive_max_bytes=2_500)
+    manager = make_manager(None, consolidation=config)
+    for batch in range(4):
+        await fill(manager, room, range(batch * 10, batch * 10 + 10))
+        await manager.consolidate(room, Recorder())
+    assert [b.seq for b in await manager.list_archives(room)] == [3, 4]
+    assert await all_ids(manager, room) == [str(i) for i in range(18, 40)]
+
+
+async def test_archives_of_the_previous_engine_stay_readable_and_count_towards_the_cap(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    old_turn = {"message_id": "old", "role": "user", "content": "[Message ID: old] hello"}
+    old = {"seq": 7, "summary_id": "summary:7", "summary": "before", "replaces": None,
+           "folded_at": "2026-01-01T00:00", "corrupt_rows": 0, "turns": [old_turn]}  # fmt: skip
+    await any_client.rpush(window_key(room) + ":archive", orjson.dumps(old))
+    config = ConsolidationConfig(max_turns=20, keep_recent=2, min_fold=2, archive_max_batches=2)
+    manager = make_manager(any_client, consolidation=config)
+    await fill(manager, room, range(10))
+    await manager.consolidate(room, Recorder())
+    batches = await manager.list_archives(room)
+    assert (batches[0].seq, batches[0].summary) == (7, "before")
+    assert batches[0].turns == [old_turn] and batches[1].seq == 1
+    # Another engine's record pushed after ours is adopted as a fold, not discarded.
+    await any_client.rpush(window_key(room) + ":archive", orjson.dumps({**old, "seq": 8}))
+    assert [b.seq for b in await manager.list_archives(room)] == [7, 1]  # not committed here
+    await fill(manager, room, range(10, 20))
+    await manager.consolidate(room, Recorder())
+    assert [b.seq for b in await manager.list_archives(room)] == [8, 2]  # the cap: 2 folds
+
+
+async def test_should_consolidate_estimates_each_row_once(
+    make_manager: Make, room: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed: list[int] = []
+    real = consolidation_module._row_tokens
+
+    def counting(row: bytes) -> int:
+        parsed.append(len(row))
+        return real(row)
+
+    monkeypatch.setattr(consolidation_module, "_row_tokens", counting)
+    config = ConsolidationConfig(max_turns=50, keep_recent=2, min_fold=2, max_tokens=100_000)
+    manager = make_manager(None, consolidation=config)
+    await fill_images(manager, room, range(10))
+    assert not manager.should_consolidate(room)
+    assert len(parsed) == 10
+    assert not manager.should_consolidate(room)
+    assert len(parsed) == 10  # nothing parsed again
+    assert await manager.update_message_async(room, 4, "[Message ID: 4] now text only")
+    await manager._consolidation.prepare(room)  # the worker's path: estimated in slices
+    assert len(parsed) == 11
+    assert not manager.should_consolidate(room)
+    assert len(parsed) == 11
+
+
 # ---------------------------------------------------------------- other modes
 
 
@@ -720,6 +1024,12 @@ async def test_extractive_default_is_deterministic_rolling_and_bounded() -> None
 
 
 def test_config_is_validated() -> None:
-    for bad in ({"max_turns": 0}, {"max_fill": 1.5}, {"keep_recent": -1}, {"lease_seconds": 0}):
+    for bad in (
+        {"max_turns": 0},
+        {"max_fill": 1.5},
+        {"keep_recent": -1},
+        {"lease_seconds": 0},
+        {"archive_max_bytes": -1},
+    ):
         with pytest.raises(ConfigurationError):
             ConsolidationConfig(**bad)

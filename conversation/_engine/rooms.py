@@ -52,6 +52,10 @@ class Room:
     # the queue. A reply that holds nothing but our own effect leaves the view
     # exact, which keeps draining a long queue linear.
     view_stale: bool = False
+    # Consolidation's token estimate of each row object in the window, by id (the
+    # entry holds the row, so the id is not reused while it is here): kept with the
+    # room so it goes when the room does.
+    token_estimates: dict[int, tuple[bytes, int]] = field(default_factory=dict)
 
     def idle(self) -> bool:
         """Nothing queued and nothing being persisted: forgetting it loses nothing."""

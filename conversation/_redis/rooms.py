@@ -39,11 +39,25 @@ from .replies import SyncedState, SyncReply
 
 logger = logging.getLogger(__name__)
 
-SCRIPT_NAMES = ("sync", "append", "replace", "clear", "set_limit", "rewrite", "fold")
+SCRIPT_NAMES = (
+    "sync",
+    "append",
+    "replace",
+    "clear",
+    "set_limit",
+    "rewrite",
+    "fold",
+    "archive_stage",
+)
 #: Scripts that run without the ``_lib.lua`` prelude: they touch no room window.
 STANDALONE_SCRIPT_NAMES = ("lease_release", "lease_renew")
-#: Scripts whose replies ``WAIT`` need not vouch for: they write no room state.
-NO_WAIT_SCRIPT_NAMES = frozenset({"sync", "lease_release", "lease_renew"})
+#: Scripts whose replies ``WAIT`` need not vouch for: they write no room state. (A
+#: staged archive part only counts once its fold commits, and the fold's own WAIT
+#: covers every write before it: replication is one ordered stream.)
+NO_WAIT_SCRIPT_NAMES = frozenset({"sync", "lease_release", "lease_renew", "archive_stage"})
+
+#: Bytes of a row that ``probe`` keeps; must match PROBE_BYTES in lua/_lib.lua.
+PROBE_BYTES = 256
 
 Arg = str | bytes | int
 
@@ -420,6 +434,22 @@ def _close_orphan(connection: Any) -> None:
     connection._writer = connection._reader = None
 
 
+def probe(row: bytes) -> bytes:
+    """Length and first bytes of a row, as ``probe`` in ``lua/_lib.lua`` makes them."""
+    return b"%d:%s" % (len(row), row[:PROBE_BYTES])
+
+
+def index_ranges(indexes: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted indexes as inclusive (first, last) runs."""
+    runs: list[tuple[int, int]] = []
+    for index in indexes:
+        if runs and runs[-1][1] == index - 1:
+            runs[-1] = (runs[-1][0], index)
+        else:
+            runs.append((index, index))
+    return runs
+
+
 def _per_call(outcomes: Sequence[Any]) -> list[Any]:
     """Each call's reply or error, from calls sent side by side; raises when they
     were cancelled, or when every call lost its connection (the server, or every
@@ -594,22 +624,71 @@ class RoomStore:
         summary_row: bytes,
         record: bytes,
         archive_cap: int,
+        version: int | None = None,
+        archive_max_bytes: int = 0,
+        fold_id: str = "",
+        staged: int = 0,
+        archived: Sequence[tuple[int, int]] | None = None,
     ) -> SyncReply:
-        """Replace the first ``len(rows)`` rows (planned at ``epoch``/``head``) by a summary.
+        """Replace the first ``len(rows)`` rows (planned at ``epoch``/``head``/``version``,
+        by default ``state.version``) by a summary.
 
         ``keep`` indexes a row of ``rows`` to keep right after the summary (-1:
-        none).
+        none). The script archives the rows of window indexes ``archived``
+        (inclusive ranges; by default every row but ``keep``) after the ``staged``
+        rows that ``stage`` already copied under ``fold_id``, then ``record``, the
+        fold's commit record (a JSON object with ``seq``; the script adds how
+        many rows precede it). The rows themselves are not sent: the
+        script checks the log, not their bytes (see ``lua/fold.lua``).
         """
-        framed = b"".join(b"%d:%s" % (len(row), row) for row in rows)
-        expected = await self._expected(framed)
-        extra = (epoch, head, len(rows), expected, keep, archive_cap, record, summary_row)
+        n = len(rows)
+        if archived is None:
+            archived = index_ranges([i for i in range(n) if i != keep])
+        if not (record.startswith(b"{") and record.endswith(b"}") and record[1:-1].strip()):
+            raise ValueError("a commit record must be a JSON object with fields")
+        extra: list[Arg] = [
+            epoch,
+            head,
+            n,
+            state.version if version is None else version,
+            keep,
+            archive_cap,
+            archive_max_bytes,
+            fold_id,
+            staged,
+            probe(rows[0]) if rows else b"",
+            probe(rows[-1]) if rows else b"",
+            record,
+            summary_row,
+            sum(last - first + 1 for first, last in archived),
+        ]
+        for first, last in archived:
+            extra.extend((first, last))
         return await self._run("fold", keys, state, token, "", extra)
 
-    async def _expected(self, data: bytes) -> bytes | str:
-        """What a script compares stored bytes with: their SHA1, or the bytes themselves."""
-        if self._has_sha1hex is None:
-            self._has_sha1hex = bool(await self.redis.eval("return redis.sha1hex and 1 or 0", 0))
-        return hashlib.sha1(data).hexdigest() if self._has_sha1hex else b"=" + data
+    async def stage(
+        self,
+        keys: RoomKeys,
+        state: SyncedState,
+        *,
+        epoch: str,
+        head: int,
+        version: int,
+        n: int,
+        fold_id: str,
+        before: int,
+        ranges: Sequence[tuple[int, int]],
+    ) -> bool:
+        """Copy the window rows of ``ranges`` to the archive for fold ``fold_id``, after
+        the ``before`` rows earlier calls staged (``lua/archive_stage.lua``). False: the
+        folded rows changed since the plan, or another fold took over the staging."""
+        count = sum(last - first + 1 for first, last in ranges)
+        args = self._common(state, "", "")
+        args.extend((epoch, head, version, n, fold_id, before, count))
+        for first, last in ranges:
+            args.extend((first, last))
+        script = self.scripts["archive_stage"]
+        return bool(await self._pipeliner.run(script, keys.as_list(), args, direct=True))
 
     async def lease_acquire(self, key: str, token: str, ttl_ms: int) -> bool:
         """SET NX PX: the lease is ``token``'s for ``ttl_ms`` unless someone holds it."""

@@ -18,6 +18,10 @@ so the verdicts hold on a noisy, shared machine. Rows (issue 4):
 8. memory per cached entry vs its serialised size;
 9. warm render of every packaged template (vs plain, unsandboxed Jinja).
 
+And (issue 12): folding a window of 1000 entries that each carry a 100 KB image,
+while another process PINGs the server: the worst PING, the slowest command the
+server ran, and the folding worker's worst loop stall.
+
 Bytes come from ``INFO stats`` deltas (so they need a server nobody else uses:
 the default private ``redis-server``), round trips from ``stats()``. ``--quick``
 is a smoke run with small sizes; its numbers are not meant to be read.
@@ -104,6 +108,9 @@ ROW_KEYS: tuple[str, ...] = (
     "append_async_wait_1",
     "outage_drain",
     "outage_drain_loop_max",
+    "fold_ping_max",
+    "fold_call_max",
+    "fold_loop_max",
 )
 
 TEMPLATES = ("inference", "agents", "consolidation")
@@ -139,6 +146,8 @@ class Sizes:
     scale_events_per_room: int
     wait_appends: int
     outage_writes: int
+    fold_window: int
+    fold_repeats: int
 
 
 FULL = Sizes(
@@ -167,6 +176,8 @@ FULL = Sizes(
     scale_events_per_room=30,
     wait_appends=500,
     outage_writes=100_000,
+    fold_window=1000,
+    fold_repeats=3,
 )
 
 QUICK = Sizes(
@@ -195,6 +206,8 @@ QUICK = Sizes(
     scale_events_per_room=5,
     wait_appends=20,
     outage_writes=3000,
+    fold_window=60,
+    fold_repeats=1,
 )
 
 
@@ -1763,6 +1776,237 @@ async def bench_outage(bench: Bench) -> list[Row]:
     ]
 
 
+def _ping_loop(url: str, conn: Any) -> None:
+    """Another process: PING every half millisecond until told to stop, then send every
+    latency (ms).
+
+    A process of its own, so neither the folding worker's loop nor its GIL is in
+    the measurement: only the time the server took to answer.
+    """
+    # A PING may wait seconds behind one slow script: that is what is measured.
+    client = redis.Redis.from_url(url, socket_timeout=600)
+    client.ping()
+    conn.send("ready")
+    latencies: list[float] = []
+    while not conn.poll():
+        start = time.perf_counter()
+        client.ping()
+        latencies.append((time.perf_counter() - start) * 1e3)
+        # Paced, not a busy loop: on a small machine a PING storm would take the CPU
+        # the server and the worker need, and show up in both as stalls.
+        time.sleep(0.0005)
+    conn.recv()
+    conn.send(latencies)
+    client.close()
+
+
+class Pinger:
+    """Runs ``_ping_loop`` in a spawned process around a measured stretch."""
+
+    def __init__(self, url: str) -> None:
+        import multiprocessing  # noqa: PLC0415 - only this section starts processes
+
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_ping_loop, args=(url, child), daemon=True)
+
+    async def start(self) -> None:
+        self._process.start()
+        ready = await asyncio.to_thread(self._conn.recv)
+        if ready != "ready":
+            raise RuntimeError(f"pinger did not start: {ready!r}")
+
+    async def stop(self) -> list[float]:
+        self._conn.send("stop")
+        latencies: list[float] = await asyncio.to_thread(self._conn.recv)
+        await asyncio.to_thread(self._process.join, 30)
+        return latencies
+
+
+class SlowestCall:
+    """The slowest command the server ran during a stretch, from SLOWLOG (private server)."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self._saved: dict[str, Any] = {}
+
+    async def __aenter__(self) -> SlowestCall:
+        saved: dict[Any, Any] = await self.client.config_get("slowlog-*")
+        self._saved = {k.decode() if isinstance(k, bytes) else str(k): v for k, v in saved.items()}
+        # Every command is logged (PINGs included), so even an idle stretch has a max.
+        await self.client.config_set("slowlog-max-len", 1_000_000)
+        await self.client.config_set("slowlog-log-slower-than", 0)
+        return self
+
+    async def reset(self) -> None:
+        await self.client.slowlog_reset()
+
+    async def slowest(self) -> tuple[float, str]:
+        entries: list[dict[str, Any]] = await self.client.slowlog_get(-1)
+        ours = [e for e in entries if not _is_slowlog_command(e)]
+        if not ours:
+            return 0.0, ""
+        worst = max(ours, key=lambda e: int(e["duration"]))
+        command = worst.get("command", b"")
+        text = command.decode("utf-8", "replace") if isinstance(command, bytes) else str(command)
+        return int(worst["duration"]) / 1e3, text[:40]
+
+    async def __aexit__(self, *exc: object) -> None:
+        for name in ("slowlog-log-slower-than", "slowlog-max-len"):
+            if name in self._saved:
+                await self.client.config_set(name, self._saved[name])
+        await self.client.slowlog_reset()
+
+
+def _is_slowlog_command(entry: dict[str, Any]) -> bool:
+    command = entry.get("command", b"")
+    text = command.decode("utf-8", "replace") if isinstance(command, bytes) else str(command)
+    return text.upper().startswith(("SLOWLOG", "CONFIG"))
+
+
+async def bench_fold(bench: Bench) -> list[Row]:
+    """Issue 12: fold a window of entries with 100 KB images while another process PINGs.
+
+    Each repeat fills a fresh room (every entry carries an image), lets a
+    consolidation worker hydrate it, then times one ``ConsolidationWorker`` pass
+    (sync, threshold check, lease, summary with the default summariser, the fold)
+    under a 1 ms loop-lag monitor, with a PING loop in another process and every
+    server command logged. The baseline is the same PING loop and monitor over an
+    idle stretch as long as the fold took.
+    """
+    from .._consolidation import ConsolidationConfig, ConsolidationWorker  # noqa: PLC0415
+
+    sizes, rng = bench.sizes, random.Random(12)
+    size = sizes.fold_window
+    image = image_part(rng)
+    writer_client, worker_client, control = bench.client(), bench.client(), bench.client()
+    ping_max: list[float] = []
+    ping_idle: list[float] = []
+    call_max: list[float] = []
+    call_idle: list[float] = []
+    loop_max: list[float] = []
+    loop_idle: list[float] = []
+    details: dict[str, Any] = {"window": size, "image_bytes": IMAGE_BYTES, "runs": []}
+    slow = SlowestCall(control) if bench.private else None
+    idle_seconds = 1.0 if size >= 500 else 0.3
+
+    async def idle_stretch(seconds: float) -> None:
+        pinger = Pinger(bench.url)
+        await pinger.start()
+        if slow is not None:
+            await slow.reset()
+        monitor = LagMonitor()
+        monitor.start()
+        await asyncio.sleep(seconds)
+        await monitor.stop()
+        ping_idle.append(max(await pinger.stop(), default=0.0))
+        loop_idle.append(max(monitor.lags, default=0.0))
+        if slow is not None:
+            call_idle.append((await slow.slowest())[0])
+
+    async def fold_stretch(manager: ConversationManager, room_id: str) -> float:
+        worker = ConsolidationWorker(manager, rooms=[room_id])
+        gc.collect()
+        pinger = Pinger(bench.url)
+        await pinger.start()
+        if slow is not None:
+            await slow.reset()
+        monitor = LagMonitor()
+        monitor.start()
+        await asyncio.sleep(0.005)
+        start = time.perf_counter()
+        results = await worker.run_once()
+        elapsed = time.perf_counter() - start
+        await monitor.stop()
+        latencies = await pinger.stop()
+        if [r.outcome for r in results] != ["folded"]:
+            raise AssertionError(f"the fold did not happen: {results!r}")
+        worst_call, command = (await slow.slowest()) if slow is not None else (0.0, "")
+        ping_max.append(max(latencies, default=0.0))
+        loop_max.append(max(monitor.lags, default=0.0))
+        call_max.append(worst_call)
+        archive = bench.keys(room_id).archive
+        records = await control.llen(archive)
+        details["runs"].append(
+            {
+                "fold_s": round(elapsed, 3),
+                "folded": results[0].folded,
+                "ping_max_ms": round(ping_max[-1], 3),
+                "ping_p99_ms": round(percentile(latencies, 0.99), 3),
+                "pings": len(latencies),
+                "slowest_call_ms": round(worst_call, 3),
+                "slowest_command": command,
+                "loop_max_ms": round(loop_max[-1], 3),
+                "archive_elements": records,
+            }
+        )
+        return elapsed
+
+    async with contextlib.AsyncExitStack() as stack:
+        if slow is not None:
+            await stack.enter_async_context(slow)
+        last = idle_seconds
+        for repeat in range(sizes.fold_repeats):
+            room_id = bench.room("fold")
+            progress(f"fold: filling {size} entries with 100 KB images ({repeat + 1})")
+            writer = bench.manager(writer_client, max_history=size)
+            async with closing(writer):
+                await fill(writer, room_id, size, rng, image_every=1, image=image, tag="f")
+            manager = ConversationManager(
+                None,
+                max_history=size,
+                redis=worker_client,
+                key_prefix=bench.prefix,
+                ttl_seconds=3600,
+                consolidation=ConsolidationConfig(),
+            )
+            async with closing(manager):
+                await manager.ensure_fresh_from_redis(room_id)  # hydrated before timing
+                if repeat % 2 == 0:
+                    await idle_stretch(last)
+                progress("fold: one consolidation pass")
+                last = max(0.3, await fold_stretch(manager, room_id))
+                if repeat % 2 == 1:
+                    await idle_stretch(last)
+            keys = bench.keys(room_id)
+            await control.unlink(*keys.as_list(), KeySpace(bench.prefix).lease(room_id))
+    rows = [
+        value_row(
+            "fold_ping_max",
+            f"worst PING from another process while folding {size} image entries (ms; "
+            "raw: idle server)",
+            "ms",
+            median(ping_max),
+            median(ping_idle),
+            at_most=50,
+            details=details,
+        ),
+        value_row(
+            "fold_loop_max",
+            "the folding worker's worst loop stall during the same pass (ms; raw: idle loop)",
+            "ms",
+            median(loop_max),
+            median(loop_idle),
+            at_most=20,
+        ),
+    ]
+    if slow is None:
+        rows.insert(1, _skipped("fold_call_max", "needs the private server (SLOWLOG)"))
+    else:
+        rows.insert(
+            1,
+            value_row(
+                "fold_call_max",
+                "slowest server command during the same pass (ms, SLOWLOG; raw: idle server)",
+                "ms",
+                median(call_max),
+                max(median(call_idle), 1e-3),
+                at_most=50,
+            ),
+        )
+    return rows
+
+
 SECTIONS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "append": bench_append,
     "warm": bench_warm_read,
@@ -1775,6 +2019,7 @@ SECTIONS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "render": bench_render,
     "scaling": bench_scaling,
     "outage": bench_outage,
+    "fold": bench_fold,
 }
 
 

@@ -585,7 +585,12 @@ async def _archive_sizes(
     replies: Sequence[Any],
     per_room: int,
 ) -> list[int | None]:
-    """Entries in each room's archive (its type depends on the consolidation feature)."""
+    """Records in each room's archive (its type depends on the consolidation feature).
+
+    For the LIST archive: every element (a header, each archived turn, a commit
+    record per fold). Counting folds would mean reading an element, and an archive
+    of the previous engine may start with a record of many megabytes.
+    """
     counters = {b"list": "LLEN", b"zset": "ZCARD", b"stream": "XLEN", b"hash": "HLEN"}
     pipe = target.client.pipeline(transaction=False)
     queued: list[int] = []

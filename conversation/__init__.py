@@ -35,7 +35,7 @@ from ._errors import (
 )
 from ._manager import ConversationManager
 from ._renderer import PromptRenderer
-from ._sessions import Session, SessionInfo, SessionStore
+from ._sessions.store import Session, SessionInfo, SessionStore
 
 __all__ = [
     "ArchiveBatch",

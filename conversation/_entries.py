@@ -347,3 +347,23 @@ def check_new_content(new_content: object) -> str | list[Any]:
     _check_content(new_content)
     assert isinstance(new_content, (str, list))
     return new_content
+
+
+def rows_to_drop(
+    size: int, limit: int, is_tool: Callable[[int], bool], *, keep_first: bool = False
+) -> int:
+    """How many of the oldest rows a trim to ``limit`` removes: the rule the Lua
+    scripts keep (``trim`` in lua/_lib.lua and lua/session_lib.lua).
+
+    Down to ``limit`` rows, then on past any tool results that would be left at
+    the front without their assistant call. ``keep_first``: row 0 (a
+    consolidation summary) stays, and the count is of the rows after it.
+    """
+    if size <= limit:
+        return 0
+    drop = size - limit
+    next_kept = drop + 1 if keep_first else drop
+    while next_kept < size and is_tool(next_kept):
+        drop += 1
+        next_kept += 1
+    return drop

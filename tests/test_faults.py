@@ -208,7 +208,8 @@ async def test_on_a_cluster_a_dead_node_fails_only_its_own_rooms_calls() -> None
     nothing, and any awaited write there would wait for a dead node's backoff)."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from conversation._redis.rooms import Script, _Call, _Pipeliner
+    from conversation._redis.pipeliner import Pipeliner, _Call
+    from conversation._redis.scripts import Script, ScriptSet
     from conversation._stats import Stats
 
     class TwoNodes:
@@ -222,7 +223,10 @@ async def test_on_a_cluster_a_dead_node_fails_only_its_own_rooms_calls() -> None
         async def eval(self, script: str, numkeys: int) -> int:
             return 1
 
-    pipeliner = _Pipeliner(TwoNodes(), {}, Stats(), 1.0)
+        async def initialize(self) -> None:
+            return None
+
+    pipeliner = Pipeliner(TwoNodes(), ScriptSet({}, probes_info=True), Stats(), 1.0)
     pipeliner._cluster = True
     script = Script("append", "", "0" * 40)
     calls = [_Call(script, [key], [], None) for key in ("dead", "alive", "alive")]

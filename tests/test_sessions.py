@@ -37,8 +37,8 @@ from conversation import (
     SessionNotFound,
     SessionStore,
 )
+from conversation._redis.scripts import SESSION_SCRIPT_NAMES as SESSION_SCRIPTS
 from conversation._resources import data_dir
-from conversation._sessions import SESSION_SCRIPTS
 
 pytestmark = pytest.mark.real_server
 

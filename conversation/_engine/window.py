@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .._entries import decode_row, is_summary
+from .._entries import decode_row, is_summary, rows_to_drop
 from .._redis.replies import SyncReply
 
 logger = logging.getLogger(__name__)
@@ -92,13 +92,10 @@ class Window:
         size = len(self.rows)
         if size <= limit:
             return 0
-        drop = size - limit
         keep_summary = limit > 1 and is_summary(self.ids[0], self.roles[0])
         summary = (self.rows[0], self.ids[0], self.roles[0])
-        next_kept = drop + 1 if keep_summary else drop
-        while next_kept < size and self.roles[next_kept] == "tool":
-            drop += 1
-            next_kept += 1
+        roles = self.roles
+        drop = rows_to_drop(size, limit, lambda i: roles[i] == "tool", keep_first=keep_summary)
         self.drop_front(drop)
         if keep_summary and self.rows:
             self.set(0, *summary)

@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError
 from .._engine.window import RoomState
 from .._redis.keys import KeySpace, validate_room_id
 from .._redis.replies import SyncReply
-from .._redis.rooms import load_scripts
+from .._redis.scripts import load_scripts
 from .reading import (
     RoomReader,
     Snapshot,

@@ -37,22 +37,19 @@ confirm, ``RedisUnavailable`` for a read, each raised ``from`` the redis-py erro
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import secrets
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
-from ._entries import ROLES, build_entry, content_may_be_null, encode
-from ._errors import (
+from .._entries import ROLES, build_entry, content_may_be_null, encode
+from .._errors import (
     ConfigurationError,
     InvalidMessage,
     InvalidRoomId,
@@ -63,34 +60,19 @@ from ._errors import (
     SessionNotFound,
     describe_error,
 )
-from ._redis.keys import KeySpace, validate_room_id
-from ._redis.rooms import Arg, Script, _Pipeliner
-from ._resources import data_dir
-from ._stats import Stats
-
-__all__ = ["Session", "SessionInfo", "SessionStore"]
+from .._redis.keys import validate_room_id
+from .._redis.sessions import Forged, RedisSessions, SessionKeySpace
+from .memory import MemorySessions
 
 logger = logging.getLogger(__name__)
 
 MAX_USER_ID_BYTES: Final = 512
 MAX_SESSION_ID_BYTES: Final = 256
-#: Sessions described per ``session_list`` call (each one is a key of that call).
-LIST_CHUNK: Final = 256
-SESSION_SCRIPTS: Final = (
-    "session_create",
-    "session_get",
-    "session_append",
-    "session_delete",
-    "session_list",
-)
 MESSAGE_FIELDS: Final = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
-#: Append ids remembered per session (the scripts' IDEM_CAP).
-IDEM_CAP: Final = 64
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 128
 _BACKEND_ERRORS: Final = (RedisError, OSError, TimeoutError)
 
 Message = dict[str, Any]
-
 
 # ---------------------------------------------------------------- public data
 
@@ -191,395 +173,6 @@ def message_row(message: object, max_bytes: int) -> bytes:
     return encode(entry, max_bytes)
 
 
-# --------------------------------------------------------------------- keys
-
-
-@dataclass(frozen=True, slots=True)
-class SessionKeys:
-    """The keys one session script takes as KEYS, in order."""
-
-    index: str
-    seq: str
-    meta: str
-    messages: str
-    idem: str
-
-    def as_list(self) -> list[str]:
-        return [self.index, self.seq, self.meta, self.messages, self.idem]
-
-
-class SessionKeySpace:
-    """Key names of the sessions service: every key carries the user's hash tag.
-
-    The session id is always the last component after a fixed ``:meta:``,
-    ``:msgs:`` or ``:idem:``, and the user id sits inside braces it cannot contain, so no two
-    (user, session) pairs can map to the same key.
-    """
-
-    def __init__(self, prefix: str = "sg") -> None:
-        self.prefix = KeySpace(prefix).prefix  # same prefix rules as the engine
-
-    def user_base(self, user_id: str) -> str:
-        return f"{self.prefix}:session:{{{user_id}}}"
-
-    def index(self, user_id: str) -> str:
-        return self.user_base(user_id) + ":index"
-
-    def seq(self, user_id: str) -> str:
-        return self.user_base(user_id) + ":seq"
-
-    def meta(self, user_id: str, session_id: str) -> str:
-        return f"{self.user_base(user_id)}:meta:{session_id}"
-
-    def messages(self, user_id: str, session_id: str) -> str:
-        return f"{self.user_base(user_id)}:msgs:{session_id}"
-
-    def idem(self, user_id: str, session_id: str) -> str:
-        return f"{self.user_base(user_id)}:idem:{session_id}"
-
-    def session(self, user_id: str, session_id: str) -> SessionKeys:
-        return SessionKeys(
-            self.index(user_id),
-            self.seq(user_id),
-            self.meta(user_id, session_id),
-            self.messages(user_id, session_id),
-            self.idem(user_id, session_id),
-        )
-
-
-# ----------------------------------------------------------- backend records
-
-
-@dataclass(frozen=True, slots=True)
-class _Created:
-    seq: int
-    created_ms: int
-    deadline_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Loaded:
-    token: str
-    seq: int
-    created_ms: int
-    updated_ms: int
-    deadline_ms: int
-    rows: list[bytes]
-
-
-@dataclass(frozen=True, slots=True)
-class _Appended:
-    count: int
-    created_ms: int
-    updated_ms: int
-    deadline_ms: int
-    dropped: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Listed:
-    session_id: str
-    seq: int
-    created_ms: int
-    updated_ms: int
-    deadline_ms: int
-    count: int
-
-
-class _Forged:
-    """The append script found the session but not the handle's token."""
-
-
-_FORGED: Final = _Forged()
-
-
-def _text(value: object) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _rows(values: Sequence[object]) -> list[bytes]:
-    return [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in values]
-
-
-# ----------------------------------------------------------- Redis backend
-
-
-def load_session_scripts() -> dict[str, Script]:
-    prelude = (data_dir("lua") / "session_lib.lua").read_text(encoding="utf-8")
-    return {name: Script.load(name, prelude) for name in SESSION_SCRIPTS}
-
-
-class _RedisSessions:
-    """One typed method per ``lua/session_*.lua`` script; calls of a tick share a pipeline."""
-
-    def __init__(
-        self,
-        redis: Any,
-        keys: SessionKeySpace,
-        *,
-        ttl_ms: int,
-        cap: int,
-        command_timeout: float | None,
-    ) -> None:
-        self.redis = redis
-        self.scripts = load_session_scripts()
-        self.stats = Stats()
-        self._keys = keys
-        self._ttl_ms = ttl_ms
-        self._cap = cap
-        self._timeout = command_timeout
-        self._reload_lock = asyncio.Lock()
-        self._loads = 0
-        # redis-py refuses EVALSHA in a RedisCluster pipeline: there each call goes
-        # alone (a session call is one user's, one slot, one round trip anyway).
-        self._pipeliner = (
-            None
-            if isinstance(redis, RedisCluster)
-            else _Pipeliner(redis, self.scripts, self.stats, command_timeout)
-        )
-
-    async def _call(self, name: str, keys: list[str], args: list[Arg]) -> Any:
-        script = self.scripts[name]
-        if self._pipeliner is not None:
-            return await self._pipeliner.call(script, keys, args)
-        return await asyncio.wait_for(self._evalsha(script, keys, args), self._timeout)
-
-    async def _evalsha(self, script: Script, keys: list[str], args: list[Arg]) -> Any:
-        if self._loads == 0:
-            await self._load_scripts(0)  # once, before the first call: no NOSCRIPT storm
-        for _attempt in range(2):
-            generation = self._loads
-            self.stats.round_trips += 1
-            try:
-                return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                # SCRIPT FLUSH, a restart or a failover emptied a script cache.
-                await self._load_scripts(generation)
-        self.stats.round_trips += 1
-        return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
-
-    async def _load_scripts(self, generation: int) -> None:
-        """Load every script on every primary; calls failing together share one load."""
-        async with self._reload_lock:
-            if self._loads != generation:
-                return  # another call reloaded meanwhile
-            for each in self.scripts.values():
-                await self.redis.script_load(each.source)
-            if generation:
-                self.stats.script_reloads += 1
-            self._loads += 1
-
-    def _common(self, user_id: str) -> list[Arg]:
-        return [user_id, self._ttl_ms]
-
-    async def create(self, user_id: str, session_id: str, token: str) -> _Created | None:
-        keys = self._keys.session(user_id, session_id)
-        reply = await self._call(
-            "session_create", keys.as_list(), [*self._common(user_id), session_id, token]
-        )
-        if int(reply[0]) != 1:
-            return None
-        return _Created(int(reply[1]), int(reply[2]), int(reply[3]))
-
-    async def get(self, user_id: str, session_id: str) -> _Loaded | None:
-        keys = self._keys.session(user_id, session_id)
-        reply = await self._call(
-            "session_get", keys.as_list(), [*self._common(user_id), session_id]
-        )
-        if int(reply[0]) != 1:
-            return None
-        return _Loaded(
-            _text(reply[1]),
-            int(reply[2]),
-            int(reply[3]),
-            int(reply[4]),
-            int(reply[5]),
-            _rows(reply[6:]),
-        )
-
-    async def append(
-        self,
-        user_id: str,
-        session_id: str,
-        token: str | None,
-        write_id: str,
-        rows: Sequence[bytes],
-    ) -> _Appended | _Forged | None:
-        keys = self._keys.session(user_id, session_id)
-        args: list[Arg] = [
-            *self._common(user_id),
-            session_id,
-            "0" if token is None else "1",
-            token or "",
-            self._cap,
-            write_id,
-            *rows,
-        ]
-        reply = await self._call("session_append", keys.as_list(), args)
-        status = int(reply[0])
-        if status == 2:
-            return _FORGED
-        if status != 1:
-            return None
-        return _Appended(*(int(v) for v in reply[1:6]))
-
-    async def delete(self, user_id: str, session_id: str) -> bool:
-        keys = self._keys.session(user_id, session_id)
-        reply = await self._call(
-            "session_delete", keys.as_list(), [*self._common(user_id), session_id]
-        )
-        return int(reply) == 1
-
-    async def list(self, user_id: str) -> list[_Listed]:
-        index = self._keys.index(user_id)
-        members = await asyncio.wait_for(self.redis.zrange(index, 0, -1), self._timeout)
-        session_ids = [_text(m) for m in members]
-        listed: list[_Listed] = []
-        for start in range(0, len(session_ids), LIST_CHUNK):
-            chunk = session_ids[start : start + LIST_CHUNK]
-            keys = [index, self._keys.seq(user_id)]
-            keys.extend(self._keys.meta(user_id, sid) for sid in chunk)
-            reply = await self._call("session_list", keys, [*self._common(user_id), *chunk])
-            for at in range(0, len(reply), 6):
-                sid, seq, created, updated, deadline, count = reply[at : at + 6]
-                listed.append(
-                    _Listed(
-                        _text(sid), int(seq), int(created), int(updated), int(deadline), int(count)
-                    )
-                )
-        return listed
-
-
-# ---------------------------------------------------------- memory backend
-
-
-@dataclass(slots=True)
-class _MemSession:
-    token: str
-    seq: int
-    created_ms: int
-    updated_ms: int
-    deadline: float  # time.monotonic()
-    deadline_ms: int  # the same moment on the wall clock, for callers
-    rows: list[bytes]
-    write_ids: dict[str, None] = field(default_factory=dict)  # insertion-ordered
-
-
-def _is_tool_row(row: bytes) -> bool:
-    return row.startswith(b'{"role":"tool"')
-
-
-def _trim(rows: list[bytes], cap: int) -> int:
-    """The scripts' trim: oldest first down to cap, then no leading orphan tool result."""
-    if len(rows) <= cap:
-        return 0
-    drop = len(rows) - cap
-    while drop < len(rows) and _is_tool_row(rows[drop]):
-        drop += 1
-    del rows[:drop]
-    return drop
-
-
-class _MemorySessions:
-    """The same operations on this process's memory (single process, no Redis)."""
-
-    SWEEP_EVERY = 1024
-
-    def __init__(self, *, ttl_ms: int, cap: int) -> None:
-        self._ttl_ms = ttl_ms
-        self._cap = cap
-        self._users: dict[str, dict[str, _MemSession]] = {}
-        self._seq = 0
-        self._ops = 0
-
-    def _sessions(self, user_id: str) -> dict[str, _MemSession]:
-        """The user's live sessions (expired ones dropped on the way); {} for none."""
-        self._ops += 1
-        now = time.monotonic()
-        if self._ops % self.SWEEP_EVERY == 0:
-            for uid in list(self._users):
-                self._prune(uid, now)
-        return self._prune(user_id, now) or {}
-
-    def _prune(self, user_id: str, now: float) -> dict[str, _MemSession] | None:
-        sessions = self._users.get(user_id)
-        if sessions is None:
-            return None
-        for sid in [sid for sid, s in sessions.items() if s.deadline <= now]:
-            del sessions[sid]
-        if not sessions:
-            del self._users[user_id]
-            return None
-        return sessions
-
-    def _touch(self, session: _MemSession) -> None:
-        session.deadline = time.monotonic() + self._ttl_ms / 1000
-        session.deadline_ms = _now_ms() + self._ttl_ms
-
-    async def create(self, user_id: str, session_id: str, token: str) -> _Created | None:
-        if session_id in self._sessions(user_id):
-            return None
-        self._seq += 1
-        now = _now_ms()
-        session = _MemSession(token, self._seq, now, now, 0.0, 0, [])
-        self._touch(session)
-        self._users.setdefault(user_id, {})[session_id] = session
-        return _Created(session.seq, now, session.deadline_ms)
-
-    async def get(self, user_id: str, session_id: str) -> _Loaded | None:
-        session = self._sessions(user_id).get(session_id)
-        if session is None:
-            return None
-        self._touch(session)
-        return _Loaded(
-            session.token,
-            session.seq,
-            session.created_ms,
-            session.updated_ms,
-            session.deadline_ms,
-            list(session.rows),
-        )
-
-    async def append(
-        self,
-        user_id: str,
-        session_id: str,
-        token: str | None,
-        write_id: str,
-        rows: Sequence[bytes],
-    ) -> _Appended | _Forged | None:
-        session = self._sessions(user_id).get(session_id)
-        if session is None:
-            return None
-        if token is not None and not secrets.compare_digest(token, session.token):
-            return _FORGED
-        dropped = 0
-        if write_id not in session.write_ids:
-            session.rows.extend(rows)
-            dropped = _trim(session.rows, self._cap)
-            session.updated_ms = _now_ms()
-            session.write_ids[write_id] = None
-            if len(session.write_ids) > IDEM_CAP:
-                del session.write_ids[next(iter(session.write_ids))]
-        self._touch(session)
-        return _Appended(
-            len(session.rows), session.created_ms, session.updated_ms, session.deadline_ms, dropped
-        )
-
-    async def delete(self, user_id: str, session_id: str) -> bool:
-        return self._sessions(user_id).pop(session_id, None) is not None
-
-    async def list(self, user_id: str) -> list[_Listed]:
-        return [
-            _Listed(sid, s.seq, s.created_ms, s.updated_ms, s.deadline_ms, len(s.rows))
-            for sid, s in self._sessions(user_id).items()
-        ]
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 # ------------------------------------------------------------------ the store
 
 
@@ -623,12 +216,12 @@ class SessionStore:
         self.keys = SessionKeySpace(key_prefix)
         self._max_message_bytes = max_message_bytes
         ttl_ms = max(1, round(idle_ttl_seconds * 1000))
-        self._backend: _RedisSessions | _MemorySessions = (
-            _RedisSessions(
+        self._backend: RedisSessions | MemorySessions = (
+            RedisSessions(
                 redis, self.keys, ttl_ms=ttl_ms, cap=max_messages, command_timeout=command_timeout
             )
             if redis is not None
-            else _MemorySessions(ttl_ms=ttl_ms, cap=max_messages)
+            else MemorySessions(ttl_ms=ttl_ms, cap=max_messages)
         )
 
     # ------------------------------------------------------------- lifecycle
@@ -821,7 +414,7 @@ class SessionStore:
                 f"user {user_id}: appending {len(rows)} message(s) to session {session_id} "
                 f"was not confirmed: {describe_error(exc)}"
             ) from exc
-        if isinstance(result, _Forged):
+        if isinstance(result, Forged):
             logger.warning(
                 "user %s: refused a write to session %s through a Session handle the store "
                 "did not issue for it (forged, or kept across a delete and re-create)",

@@ -1,0 +1,249 @@
+"""The Redis side of sessions (SPEC §4.19): keys, backend records, and one typed
+method per ``lua/session_*.lua`` script. ``conversation._sessions`` is the store.
+
+    {prefix}:session:{<user_id>}:index            ZSET session id -> expiry deadline (ms)
+    {prefix}:session:{<user_id>}:seq              STRING creation counter
+    {prefix}:session:{<user_id>}:meta:<session>   HASH user, sid, token, seq, created, ...
+    {prefix}:session:{<user_id>}:msgs:<session>   LIST orjson rows, oldest first
+    {prefix}:session:{<user_id>}:idem:<session>   ZSET ids of the last 64 appends applied
+
+Every key is built from the user id and shares its hash tag, so one user's
+index and sessions live in one cluster slot and each script touches one slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from .._stats import Stats
+from .keys import KeySpace
+from .pipeliner import Pipeliner
+from .scripts import Arg, load_session_scripts
+
+#: Sessions described per ``session_list`` call (each one is a key of that call).
+LIST_CHUNK: Final = 256
+#: Append ids remembered per session (the scripts' IDEM_CAP).
+IDEM_CAP: Final = 64
+
+# --------------------------------------------------------------------- keys
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKeys:
+    """The keys one session script takes as KEYS, in order."""
+
+    index: str
+    seq: str
+    meta: str
+    messages: str
+    idem: str
+
+    def as_list(self) -> list[str]:
+        return [self.index, self.seq, self.meta, self.messages, self.idem]
+
+
+class SessionKeySpace:
+    """Key names of the sessions service: every key carries the user's hash tag.
+
+    The session id is always the last component after a fixed ``:meta:``,
+    ``:msgs:`` or ``:idem:``, and the user id sits inside braces it cannot contain, so no two
+    (user, session) pairs can map to the same key.
+    """
+
+    def __init__(self, prefix: str = "sg") -> None:
+        self.prefix = KeySpace(prefix).prefix  # same prefix rules as the engine
+
+    def user_base(self, user_id: str) -> str:
+        return f"{self.prefix}:session:{{{user_id}}}"
+
+    def index(self, user_id: str) -> str:
+        return self.user_base(user_id) + ":index"
+
+    def seq(self, user_id: str) -> str:
+        return self.user_base(user_id) + ":seq"
+
+    def meta(self, user_id: str, session_id: str) -> str:
+        return f"{self.user_base(user_id)}:meta:{session_id}"
+
+    def messages(self, user_id: str, session_id: str) -> str:
+        return f"{self.user_base(user_id)}:msgs:{session_id}"
+
+    def idem(self, user_id: str, session_id: str) -> str:
+        return f"{self.user_base(user_id)}:idem:{session_id}"
+
+    def session(self, user_id: str, session_id: str) -> SessionKeys:
+        return SessionKeys(
+            self.index(user_id),
+            self.seq(user_id),
+            self.meta(user_id, session_id),
+            self.messages(user_id, session_id),
+            self.idem(user_id, session_id),
+        )
+
+
+# ----------------------------------------------------------- backend records
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    seq: int
+    created_ms: int
+    deadline_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    token: str
+    seq: int
+    created_ms: int
+    updated_ms: int
+    deadline_ms: int
+    rows: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    count: int
+    created_ms: int
+    updated_ms: int
+    deadline_ms: int
+    dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    session_id: str
+    seq: int
+    created_ms: int
+    updated_ms: int
+    deadline_ms: int
+    count: int
+
+
+class Forged:
+    """The append script found the session but not the handle's token."""
+
+
+FORGED: Final = Forged()
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _rows(values: Sequence[object]) -> list[bytes]:
+    return [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in values]
+
+
+# ----------------------------------------------------------- Redis backend
+
+
+class RedisSessions:
+    """One typed method per ``lua/session_*.lua`` script; calls of a tick share a pipeline."""
+
+    def __init__(
+        self,
+        redis: Any,
+        keys: SessionKeySpace,
+        *,
+        ttl_ms: int,
+        cap: int,
+        command_timeout: float | None,
+    ) -> None:
+        self.redis = redis
+        self.scripts = load_session_scripts()
+        self.stats = Stats()
+        self._keys = keys
+        self._ttl_ms = ttl_ms
+        self._cap = cap
+        self._timeout = command_timeout
+        # One pipeline per loop tick (side by side on a Cluster), and the one
+        # NOSCRIPT reload path: the room engine's own.
+        self._pipeliner = Pipeliner(redis, self.scripts, self.stats, command_timeout)
+
+    async def _call(self, name: str, keys: list[str], args: list[Arg]) -> Any:
+        return await self._pipeliner.call(self.scripts[name], keys, args)
+
+    def _common(self, user_id: str) -> list[Arg]:
+        return [user_id, self._ttl_ms]
+
+    async def create(self, user_id: str, session_id: str, token: str) -> Created | None:
+        keys = self._keys.session(user_id, session_id)
+        reply = await self._call(
+            "session_create", keys.as_list(), [*self._common(user_id), session_id, token]
+        )
+        if int(reply[0]) != 1:
+            return None
+        return Created(int(reply[1]), int(reply[2]), int(reply[3]))
+
+    async def get(self, user_id: str, session_id: str) -> Loaded | None:
+        keys = self._keys.session(user_id, session_id)
+        reply = await self._call(
+            "session_get", keys.as_list(), [*self._common(user_id), session_id]
+        )
+        if int(reply[0]) != 1:
+            return None
+        return Loaded(
+            _text(reply[1]),
+            int(reply[2]),
+            int(reply[3]),
+            int(reply[4]),
+            int(reply[5]),
+            _rows(reply[6:]),
+        )
+
+    async def append(
+        self,
+        user_id: str,
+        session_id: str,
+        token: str | None,
+        write_id: str,
+        rows: Sequence[bytes],
+    ) -> Appended | Forged | None:
+        keys = self._keys.session(user_id, session_id)
+        args: list[Arg] = [
+            *self._common(user_id),
+            session_id,
+            "0" if token is None else "1",
+            token or "",
+            self._cap,
+            write_id,
+            *rows,
+        ]
+        reply = await self._call("session_append", keys.as_list(), args)
+        status = int(reply[0])
+        if status == 2:
+            return FORGED
+        if status != 1:
+            return None
+        return Appended(*(int(v) for v in reply[1:6]))
+
+    async def delete(self, user_id: str, session_id: str) -> bool:
+        keys = self._keys.session(user_id, session_id)
+        reply = await self._call(
+            "session_delete", keys.as_list(), [*self._common(user_id), session_id]
+        )
+        return int(reply) == 1
+
+    async def list(self, user_id: str) -> list[Listed]:
+        index = self._keys.index(user_id)
+        async with asyncio.timeout(self._timeout):
+            members = await self.redis.zrange(index, 0, -1)
+        session_ids = [_text(m) for m in members]
+        listed: list[Listed] = []
+        for start in range(0, len(session_ids), LIST_CHUNK):
+            chunk = session_ids[start : start + LIST_CHUNK]
+            keys = [index, self._keys.seq(user_id)]
+            keys.extend(self._keys.meta(user_id, sid) for sid in chunk)
+            reply = await self._call("session_list", keys, [*self._common(user_id), *chunk])
+            for at in range(0, len(reply), 6):
+                sid, seq, created, updated, deadline, count = reply[at : at + 6]
+                listed.append(
+                    Listed(
+                        _text(sid), int(seq), int(created), int(updated), int(deadline), int(count)
+                    )
+                )
+        return listed

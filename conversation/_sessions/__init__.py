@@ -1,0 +1,1 @@
+"""Per-user chat sessions with idle expiry (SPEC §4.19): ``store.SessionStore``."""

@@ -1,0 +1,136 @@
+"""Sessions kept in this process's memory: the same operations as the scripts, no Redis."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .._entries import rows_to_drop
+from .._redis.sessions import FORGED, IDEM_CAP, Appended, Created, Forged, Listed, Loaded
+
+# ---------------------------------------------------------- memory backend
+
+
+@dataclass(slots=True)
+class _MemSession:
+    token: str
+    seq: int
+    created_ms: int
+    updated_ms: int
+    deadline: float  # time.monotonic()
+    deadline_ms: int  # the same moment on the wall clock, for callers
+    rows: list[bytes]
+    write_ids: dict[str, None] = field(default_factory=dict)  # insertion-ordered
+
+
+def _is_tool_row(row: bytes) -> bool:
+    return row.startswith(b'{"role":"tool"')
+
+
+def _trim(rows: list[bytes], cap: int) -> int:
+    """The scripts' trim: oldest first down to cap, then no leading orphan tool result."""
+    drop = rows_to_drop(len(rows), cap, lambda i: _is_tool_row(rows[i]))
+    del rows[:drop]
+    return drop
+
+
+class MemorySessions:
+    """The same operations on this process's memory (single process, no Redis)."""
+
+    SWEEP_EVERY = 1024
+
+    def __init__(self, *, ttl_ms: int, cap: int) -> None:
+        self._ttl_ms = ttl_ms
+        self._cap = cap
+        self._users: dict[str, dict[str, _MemSession]] = {}
+        self._seq = 0
+        self._ops = 0
+
+    def _sessions(self, user_id: str) -> dict[str, _MemSession]:
+        """The user's live sessions (expired ones dropped on the way); {} for none."""
+        self._ops += 1
+        now = time.monotonic()
+        if self._ops % self.SWEEP_EVERY == 0:
+            for uid in list(self._users):
+                self._prune(uid, now)
+        return self._prune(user_id, now) or {}
+
+    def _prune(self, user_id: str, now: float) -> dict[str, _MemSession] | None:
+        sessions = self._users.get(user_id)
+        if sessions is None:
+            return None
+        for sid in [sid for sid, s in sessions.items() if s.deadline <= now]:
+            del sessions[sid]
+        if not sessions:
+            del self._users[user_id]
+            return None
+        return sessions
+
+    def _touch(self, session: _MemSession) -> None:
+        session.deadline = time.monotonic() + self._ttl_ms / 1000
+        session.deadline_ms = _now_ms() + self._ttl_ms
+
+    async def create(self, user_id: str, session_id: str, token: str) -> Created | None:
+        if session_id in self._sessions(user_id):
+            return None
+        self._seq += 1
+        now = _now_ms()
+        session = _MemSession(token, self._seq, now, now, 0.0, 0, [])
+        self._touch(session)
+        self._users.setdefault(user_id, {})[session_id] = session
+        return Created(session.seq, now, session.deadline_ms)
+
+    async def get(self, user_id: str, session_id: str) -> Loaded | None:
+        session = self._sessions(user_id).get(session_id)
+        if session is None:
+            return None
+        self._touch(session)
+        return Loaded(
+            session.token,
+            session.seq,
+            session.created_ms,
+            session.updated_ms,
+            session.deadline_ms,
+            list(session.rows),
+        )
+
+    async def append(
+        self,
+        user_id: str,
+        session_id: str,
+        token: str | None,
+        write_id: str,
+        rows: Sequence[bytes],
+    ) -> Appended | Forged | None:
+        session = self._sessions(user_id).get(session_id)
+        if session is None:
+            return None
+        if token is not None and not secrets.compare_digest(token, session.token):
+            return FORGED
+        dropped = 0
+        if write_id not in session.write_ids:
+            session.rows.extend(rows)
+            dropped = _trim(session.rows, self._cap)
+            session.updated_ms = _now_ms()
+            session.write_ids[write_id] = None
+            if len(session.write_ids) > IDEM_CAP:
+                del session.write_ids[next(iter(session.write_ids))]
+        self._touch(session)
+        return Appended(
+            len(session.rows), session.created_ms, session.updated_ms, session.deadline_ms, dropped
+        )
+
+    async def delete(self, user_id: str, session_id: str) -> bool:
+        return self._sessions(user_id).pop(session_id, None) is not None
+
+    async def list(self, user_id: str) -> list[Listed]:
+        return [
+            Listed(sid, s.seq, s.created_ms, s.updated_ms, s.deadline_ms, len(s.rows))
+            for sid, s in self._sessions(user_id).items()
+        ]
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000

@@ -6,15 +6,10 @@ are mirrored to Redis by Lua scripts, so every worker converges on one history.
 
 from __future__ import annotations
 
-from ._consolidation import (
-    ArchiveBatch,
-    ConsolidationConfig,
-    ConsolidationResult,
-    ConsolidationWorker,
-    ExtractiveSummarizer,
-    Summarizer,
-    format_transcript,
-)
+from ._consolidation.config import ConsolidationConfig
+from ._consolidation.records import ArchiveBatch, ConsolidationResult, Summarizer, format_transcript
+from ._consolidation.summarizer import ExtractiveSummarizer
+from ._consolidation.worker import ConsolidationWorker
 from ._errors import (
     BacklogFull,
     ConfigurationError,

@@ -13,13 +13,9 @@ from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Protocol
 
 from ._budget import fit_to_budget
-from ._consolidation import (
-    ArchiveBatch,
-    ConsolidationConfig,
-    ConsolidationResult,
-    Consolidator,
-    Summarizer,
-)
+from ._consolidation.config import ConsolidationConfig
+from ._consolidation.consolidator import Consolidator
+from ._consolidation.records import ArchiveBatch, ConsolidationResult, Summarizer
 from ._engine.core import Core
 from ._engine.loop import LoopBinding, running_loop
 from ._engine.ops import BackfillOp, ClearOp, EditOp, LimitOp, Op, Row
@@ -393,6 +389,7 @@ class ConversationManager:
             await self.drain(timeout)
         finally:
             self._loop.closed = True
+            await self._consolidation.wait_idle()
             await self._backend.close()
 
     def stats(self) -> dict[str, int]:

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from redis_servers import RedisServer
 from support import window_key
 
-import conversation._consolidation as consolidation_module
+import conversation._consolidation.plan as consolidation_module
 from conversation import (
     ConfigurationError,
     ConsolidationConfig,
@@ -1033,3 +1033,35 @@ def test_config_is_validated() -> None:
     ):
         with pytest.raises(ConfigurationError):
             ConsolidationConfig(**bad)
+
+
+async def test_aclose_waits_for_a_fold_its_caller_abandoned(
+    any_client: aioredis.Redis, room: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fold, once sent, is seen through even if its caller is cancelled; aclose
+    waits for it, so a worker that shuts down never leaves its mirror behind."""
+    manager = ConversationManager(None, redis=any_client, consolidation=CONFIG)
+    await fill(manager, room, range(24))
+    store = manager._store
+    assert store is not None
+    sent, release = asyncio.Event(), asyncio.Event()
+    real_fold = store.fold
+
+    async def held_fold(*args: Any, **kwargs: Any) -> Any:
+        sent.set()
+        await release.wait()
+        return await real_fold(*args, **kwargs)
+
+    monkeypatch.setattr(store, "fold", held_fold)
+    caller = asyncio.ensure_future(manager.consolidate(room, Recorder()))
+    await sent.wait()
+    caller.cancel()
+    closing = asyncio.ensure_future(manager.aclose())
+    # Without the wait, aclose is done within a few loop turns; with it, it stays
+    # pending for as long as the fold is held.
+    done, _ = await asyncio.wait({closing}, timeout=1.0)
+    assert not done
+    release.set()
+    await closing
+    rows = await any_client.lrange(window_key(room), 0, -1)
+    assert orjson.loads(rows[0])["message_id"].startswith("summary:")

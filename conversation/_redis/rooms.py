@@ -158,7 +158,9 @@ class RoomStore:
         direct: bool = False,
     ) -> SyncReply:
         if self._has_sha1hex is None:
-            self._has_sha1hex = bool(await self.redis.eval("return redis.sha1hex and 1 or 0", 0))
+            async with asyncio.timeout(self._timeout):
+                probe = await self.redis.eval("return redis.sha1hex and 1 or 0", 0)
+            self._has_sha1hex = bool(probe)
         # 64 bits of the row's SHA1 keep an edit's upload at one entry (a stale
         # row colliding at the same position is a 2**-64 event); servers without
         # redis.sha1hex get the whole old row to compare instead. Must match the
@@ -270,9 +272,8 @@ class RoomStore:
 
     async def lease_acquire(self, key: str, token: str, ttl_ms: int) -> bool:
         """SET NX PX: the lease is ``token``'s for ``ttl_ms`` unless someone holds it."""
-        return bool(
-            await asyncio.wait_for(self.redis.set(key, token, nx=True, px=ttl_ms), self._timeout)
-        )
+        async with asyncio.timeout(self._timeout):
+            return bool(await self.redis.set(key, token, nx=True, px=ttl_ms))
 
     async def lease_release(self, key: str, token: str) -> bool:
         return bool(await self._pipeliner.call(self.scripts["lease_release"], [key], [token]))

@@ -58,6 +58,8 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
+from .._consolidation.config import ConsolidationConfig
+from .._consolidation.worker import ConsolidationWorker
 from .._manager import ConversationManager
 from .._redis.keys import KeySpace, RoomKeys
 from .._renderer import PromptRenderer, describe_time, now_in
@@ -1874,7 +1876,6 @@ async def bench_fold(bench: Bench) -> list[Row]:
     server command logged. The baseline is the same PING loop and monitor over an
     idle stretch as long as the fold took.
     """
-    from .._consolidation import ConsolidationConfig, ConsolidationWorker  # noqa: PLC0415
 
     sizes, rng = bench.sizes, random.Random(12)
     size = sizes.fold_window

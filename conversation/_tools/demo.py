@@ -59,7 +59,8 @@ from typing import IO, Any, Protocol
 
 import orjson
 
-from .._consolidation import ConsolidationConfig, ConsolidationWorker
+from .._consolidation.config import ConsolidationConfig
+from .._consolidation.worker import ConsolidationWorker
 from .._manager import ConversationManager, Renderer
 from .._redis.keys import KeySpace
 from .._renderer import PromptRenderer

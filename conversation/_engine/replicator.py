@@ -386,7 +386,16 @@ class Replicator:
         self._finish(room, batch, [error] * len(batch.ops))
 
     def absorb(self, room: Room, reply: SyncReply, own_rows: Sequence[Row] = ()) -> None:
-        if reply.kind == 2 or reply.replaced or reply.rows:
+        synced = room.synced
+        if (
+            reply.kind == 2
+            or reply.replaced
+            or reply.rows
+            # Another worker's limit change (and the trim it made) may come back in
+            # the reply to our own write, with no rows: the view must take it too.
+            or (reply.kind == 1 and reply.limit != synced.limit)
+            or (reply.kind == 1 and reply.rebackfill != synced.rebackfill)
+        ):
             room.view_stale = True
         self.stats.corrupt_rows += apply_reply(room.synced, reply, room.room_id, own_rows)
 

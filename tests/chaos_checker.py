@@ -117,7 +117,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fault_proxy import ThreadedFaultProxy
@@ -385,18 +385,22 @@ def _worker_round(
     phases = 1 + rng.randrange(max(1, options.loop_phases))
     cuts = sorted(rng.sample(range(1, options.ops_per_room), phases - 1))
     bounds = list(itertools.pairwise([0, *cuts, options.ops_per_room]))
+    # Shortly before the parent gives up on the round, every task still running
+    # writes its stack here: a hang names itself.
+    hang = _Watchdog(Path(spec["dir"]) / f"hang-seed-{worker.seed}-worker-{index}.txt",
+                     time.monotonic() + 0.8 * options.round_timeout)  # fmt: skip
     closed = False
     try:
         for start, stop in bounds:
             # Whatever the phase leaves behind (queued or in-flight persists,
             # background callers) dies with its loop; the next loop takes over.
-            asyncio.run(_phase(runs, start, stop))
+            asyncio.run(hang.watch(_phase(runs, start, stop)))
         conn.send(("ops_done", len(worker.records)))
         _recv(conn, "drain")
-        drained_at = asyncio.run(_drain(manager))
+        drained_at = asyncio.run(hang.watch(_drain(manager)))
         conn.send(("drained", drained_at))
         _recv(conn, "sync")
-        views, limits, stats = asyncio.run(_final_sync(worker, rooms, client))
+        views, limits, stats = asyncio.run(hang.watch(_final_sync(worker, rooms, client)))
         closed = True
     finally:
         if not closed:
@@ -417,6 +421,29 @@ def _worker_round(
         "cancelled": worker.cancelled,
         "loop_moves": worker.loop_moves,
     }
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Watchdog:
+    path: Path
+    at: float  # time.monotonic() when to write the stacks
+
+    async def watch(self, coro: Coroutine[Any, Any, T]) -> T:
+        loop = asyncio.get_running_loop()
+        handle = loop.call_later(max(0.0, self.at - time.monotonic()), self._dump)
+        try:
+            return await coro
+        finally:
+            handle.cancel()
+
+    def _dump(self) -> None:
+        with self.path.open("a", encoding="utf-8") as out:
+            out.write(f"--- {time.monotonic():.3f}: tasks still running\n")
+            for task in asyncio.all_tasks():
+                task.print_stack(file=out)
 
 
 async def _phase(runs: Sequence[_RoomRun], start: int, stop: int) -> None:
@@ -888,6 +915,7 @@ class ChaosCluster:
             "rooms": rooms,
             "url": self.proxy.url,
             "prefix": self.prefix,
+            "dir": str(self.directory),
             "options": asdict(self.options),
         }
         losses: list[KeyLoss] = []
@@ -895,10 +923,12 @@ class ChaosCluster:
             results = self._drive(seed, spec, report, losses)
         except Exception as exc:
             self._reset_after_failure()
+            stacks = sorted(self.directory.glob(f"hang-seed-{seed}-worker-*.txt"))
             raise ChaosFailure(
                 seed,
                 f"the round did not complete (faults {dict(report.faults)}, "
-                f"proxy {self.proxy.counters}): {exc}",
+                f"proxy {self.proxy.counters}): {exc}"
+                + "".join(f"\ntask stacks of a hanging worker: {path}" for path in stacks),
                 options=self.options,
             ) from exc
         redis_rows, redis_limits = self._read_redis(rooms)

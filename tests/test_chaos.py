@@ -534,3 +534,35 @@ async def test_aclose_reports_what_it_could_not_flush_within_its_bound(
         assert await contents(client, room) == ["[Message ID: 0] zero"]
     finally:
         await client.aclose()
+
+
+# ------------------------------------------- engine bugs the checker found
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug found by the chaos checker (seed 47): a write's reply that brings "
+    "only another worker's limit change or trim leaves the view as it was",
+)
+async def test_another_workers_limit_change_reaches_the_view_through_a_write(
+    redis_server: RedisServer, room: str
+) -> None:
+    client = aioredis.Redis(port=redis_server.port)
+    a = manager_for(client)
+    b = manager_for(client)
+    try:
+        for i in range(60):
+            await a.append_async(room, "user", f"[Message ID: {i}] turn {i}")
+        await b.ensure_fresh_from_redis(room)
+        await a.set_channel_limit_async(room, 50)  # Redis trims the 10 oldest rows
+        # b's own write brings the change back in its reply (no rows to send).
+        await b.append_async(room, "user", "[Message ID: b] from b")
+        await b.ensure_fresh_from_redis(room)
+        stored = await contents(client, room)
+        assert len(stored) == 50
+        assert b.get_channel_limit(room) == 50
+        assert [m["content"] for m in b.get_messages(room)] == stored
+    finally:
+        await a.aclose(timeout=10)
+        await b.aclose(timeout=10)
+        await client.aclose()

@@ -388,7 +388,7 @@ def _worker_round(
     # Shortly before the parent gives up on the round, every task still running
     # writes its stack here: a hang names itself.
     hang = _Watchdog(Path(spec["dir"]) / f"hang-seed-{worker.seed}-worker-{index}.txt",
-                     time.monotonic() + 0.8 * options.round_timeout)  # fmt: skip
+                     time.monotonic() + 0.8 * options.round_timeout, manager)  # fmt: skip
     closed = False
     try:
         for start, stop in bounds:
@@ -430,6 +430,7 @@ T = TypeVar("T")
 class _Watchdog:
     path: Path
     at: float  # time.monotonic() when to write the stacks
+    manager: Any  # whose rooms' state goes with them
 
     async def watch(self, coro: Coroutine[Any, Any, T]) -> T:
         loop = asyncio.get_running_loop()
@@ -443,7 +444,28 @@ class _Watchdog:
         with self.path.open("a", encoding="utf-8") as out:
             out.write(f"--- {time.monotonic():.3f}: tasks still running\n")
             for task in asyncio.all_tasks():
-                task.print_stack(file=out)
+                out.write(f"{task!r}\n{''.join(_await_chain(task.get_coro()))}\n")
+            # Private state, for diagnosis only: what each room waits on.
+            for room_id, room in getattr(self.manager, "_rooms", {}).items():
+                out.write(
+                    f"room {room_id}: pending {[type(op).__name__ for op in room.pending]} "
+                    f"done {[op.done.done() if op.done else None for op in room.pending]} "
+                    f"inflight {room.inflight!r:.300} task {room.task!r:.200} "
+                    f"inline {room.inline!r:.100} lock {room.lock.locked()}\n"
+                )
+
+
+def _await_chain(awaitable: Any) -> Iterator[str]:
+    """Every frame a suspended coroutine waits through, outermost first."""
+    depth = 0
+    while awaitable is not None and depth < 50:
+        frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "gi_frame", None)
+        if frame is None:
+            yield f"  awaiting {awaitable!r:.300}\n"
+            return
+        yield f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}\n"
+        awaitable = getattr(awaitable, "cr_await", None) or getattr(awaitable, "gi_yieldfrom", None)
+        depth += 1
 
 
 async def _phase(runs: Sequence[_RoomRun], start: int, stop: int) -> None:

@@ -66,13 +66,15 @@ What the model accepts, and why:
   records and sends snapshots; SPEC §29);
 * ``:meta`` lost: the window rows stay (a writer adopts them under a new
   epoch); the room's limit falls back to the default, so the loss counts as a
-  write of the default limit at the moment of the deletion;
+  write of the default limit at the moment of the deletion (and until a write
+  trims, the window may still be as long as an earlier limit allowed);
 * ``:idem`` lost: the tokens of writes that already applied are forgotten, so
   a write re-sent after the loss (an engine retry of an ambiguous attempt, a
   recall) may be stored a second time. Only for an id whose sends span such a
   loss (from its first invocation to the completion of its last send, recalls
-  included) are duplicates accepted, in Redis and in served views; the order
-  and edit checks then skip that id (its copies hold different edits);
+  included, or to the end of a blackhole that held one of its attempts and then
+  delivered it) are duplicates accepted, in Redis and in served views; the
+  order and edit checks then skip that id (its copies hold different edits);
 * ``:archive`` lost: nothing changes (the mix does not fold, so the archive is
   usually absent and its loss must change nothing either).
 
@@ -218,6 +220,24 @@ class KeyLoss:
     start: float
     end: float
     existed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A blackhole of both directions that delivered what it held when it ended:
+    an attempt sent during it may reach Redis at ``end``, after its write was
+    confirmed by a retry (or given up)."""
+
+    start: float
+    end: float
+
+
+@dataclass
+class RoundEvents:
+    """What the parent did to a round, with times, for the model."""
+
+    losses: list[KeyLoss] = field(default_factory=list)
+    holds: list[Held] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -940,9 +960,10 @@ class ChaosCluster:
             "dir": str(self.directory),
             "options": asdict(self.options),
         }
-        losses: list[KeyLoss] = []
+        events = RoundEvents()
+        losses = events.losses
         try:
-            results = self._drive(seed, spec, report, losses)
+            results = self._drive(seed, spec, report, events)
         except Exception as exc:
             self._reset_after_failure()
             stacks = sorted(self.directory.glob(f"hang-seed-{seed}-worker-*.txt"))
@@ -976,6 +997,7 @@ class ChaosCluster:
                 drained_at=[result["drained_at"] for result in results],
                 max_history=self.options.max_history,
                 key_losses=losses,
+                holds=events.holds,
                 view_events=view_events,
                 report=report,
             )
@@ -983,7 +1005,7 @@ class ChaosCluster:
         report.ops = len(records)
         report.seconds = time.monotonic() - started
         if report.violations and raise_on_violation:
-            dump = self._dump(seed, records, redis_rows, redis_limits, results, report, losses)
+            dump = self._dump(seed, records, redis_rows, redis_limits, results, report, events)
             shown = "\n  ".join(report.violations[:25])
             more = len(report.violations) - 25
             raise ChaosFailure(
@@ -997,14 +1019,14 @@ class ChaosCluster:
         return report
 
     def _drive(
-        self, seed: int, spec: dict[str, Any], report: RoundReport, losses: list[KeyLoss]
+        self, seed: int, spec: dict[str, Any], report: RoundReport, events: RoundEvents
     ) -> list[dict[str, Any]]:
         conns = [conn for _process, conn in self._workers]
         for conn in conns:
             conn.send(("round", spec))
         deadline = time.monotonic() + self.options.round_timeout
         injector = (
-            FaultInjector(self, seed, report, spec["rooms"], losses)
+            FaultInjector(self, seed, report, spec["rooms"], events)
             if self.options.faults
             else None
         )
@@ -1084,7 +1106,7 @@ class ChaosCluster:
         redis_limits: dict[str, int],
         results: list[dict[str, Any]],
         report: RoundReport,
-        losses: Sequence[KeyLoss],
+        events: RoundEvents,
     ) -> Path:
         path = self.directory / f"chaos-seed-{seed}.json"
         payload = {
@@ -1092,7 +1114,8 @@ class ChaosCluster:
             "options": asdict(self.options),
             "violations": report.violations,
             "faults": dict(report.faults),
-            "key_losses": [asdict(loss) for loss in losses],
+            "key_losses": [asdict(loss) for loss in events.losses],
+            "holds": [asdict(hold) for hold in events.holds],
             "records": [asdict(r) for r in records],
             "view_events": [e for result in results for e in result["view_events"]],
             "redis": {room: [row.decode() for row in rows] for room, rows in redis_rows.items()},
@@ -1112,12 +1135,12 @@ class FaultInjector:
         seed: int,
         report: RoundReport,
         rooms: Sequence[str],
-        losses: list[KeyLoss],
+        events: RoundEvents,
     ) -> None:
         self.cluster = cluster
         self.report = report
         self.rooms = list(rooms)
-        self.losses = losses
+        self.events = events
         self.rng = random.Random(f"faults:{seed}")
         kinds = list(FAULT_WEIGHTS)
         if cluster.options.restart_every <= 0 or seed % cluster.options.restart_every:
@@ -1132,6 +1155,7 @@ class FaultInjector:
         now = time.monotonic()
         self.next_at = now + self.rng.uniform(0.05, 0.25)
         self.active: str | None = None
+        self.started_at = 0.0
         self.ends_at = 0.0
         self.drop = False
         self.drop_rng = random.Random(f"drops:{seed}")
@@ -1183,7 +1207,8 @@ class FaultInjector:
                 server.stop()
             duration = rng.uniform(0.05, 0.4)  # how long Redis stays down
         self.active = kind if duration > 0 else None
-        self.ends_at = time.monotonic() + duration
+        self.started_at = time.monotonic()
+        self.ends_at = self.started_at + duration
 
     def quiet_drops(self) -> None:
         """Every worker drained and none writes any more: lose one companion key of
@@ -1202,7 +1227,7 @@ class FaultInjector:
             start = time.monotonic()
             existed = bool(client.delete(key))
             end = time.monotonic()
-        self.losses.append(KeyLoss(room, suffix, start, end, existed))
+        self.events.losses.append(KeyLoss(room, suffix, start, end, existed))
         self.report.faults["drop_" + suffix[1:]] += 1
 
     def _end(self) -> None:
@@ -1212,6 +1237,8 @@ class FaultInjector:
             proxy.set_latency(0)
         elif kind and kind.startswith("blackhole"):
             proxy.resume(drop=self.drop)
+            if kind == "blackhole_both" and not self.drop:
+                self.events.holds.append(Held(self.started_at, time.monotonic()))
         elif kind == "restart":
             self.cluster.server.start()
 
@@ -1315,11 +1342,19 @@ def _last_writer(
     return f"shows {final!r}, which no applied write produced"
 
 
+# Latency delivers a chunk this much later at most (FaultInjector: up to 0.08 s).
+_LATE_DELIVERY_SLACK = 0.1
+
+
 def _may_double(
-    timeline: _Timeline, mine: Sequence[OpRecord], losses: Sequence[KeyLoss]
+    timeline: _Timeline,
+    mine: Sequence[OpRecord],
+    losses: Sequence[KeyLoss],
+    holds: Sequence[Held],
 ) -> set[str]:
     """Ids that may legitimately be stored twice: some send of theirs (an engine retry,
-    a recall) came after an ``:idem`` loss that came after their first invocation."""
+    a recall, or an attempt a blackhole held and delivered late) reached Redis after an
+    ``:idem`` loss that came after their first invocation."""
     idem = [loss for loss in losses if loss.suffix == ":idem"]
     if not idem:
         return set()
@@ -1331,11 +1366,13 @@ def _may_double(
                 first, last = spans[record.target]
                 start, end = min(start, first), max(end, last)
             spans[record.target] = (start, end)
-    return {
-        ident
-        for ident, (start, end) in spans.items()
-        if any(loss.end > start and loss.start < end for loss in idem)
-    }
+    doubled = set()
+    for ident, (start, end) in spans.items():
+        late = [hold.end for hold in holds if hold.start < end and hold.end > start]
+        reach = max([end, *late]) + _LATE_DELIVERY_SLACK
+        if any(loss.end > start and loss.start < reach for loss in idem):
+            doubled.add(ident)
+    return doubled
 
 
 def check_round(
@@ -1349,6 +1386,7 @@ def check_round(
     drained_at: Sequence[float],
     max_history: int,
     key_losses: Sequence[KeyLoss] = (),
+    holds: Sequence[Held] = (),
     view_events: Sequence[ViewEvent] = (),
     report: RoundReport | None = None,
 ) -> list[str]:
@@ -1365,7 +1403,7 @@ def check_round(
         losses = [loss for loss in key_losses if loss.room == room]
         appends = {r.target: r for r in mine if r.kind == "append"}
         clears = [r for r in mine if r.kind == "clear"]
-        doubled = _may_double(timeline, mine, losses)
+        doubled = _may_double(timeline, mine, losses, holds)
         report.acknowledged += sum(1 for r in mine if r.result in ("ok", "true"))
         # --- what the workers' reads served during the run
         for event in view_events:

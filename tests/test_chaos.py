@@ -24,7 +24,15 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
-from chaos_checker import ChaosCluster, ChaosOptions, KeyLoss, OpRecord, ViewEvent, check_round
+from chaos_checker import (
+    ChaosCluster,
+    ChaosOptions,
+    Held,
+    KeyLoss,
+    OpRecord,
+    ViewEvent,
+    check_round,
+)
 from fault_proxy import FaultProxy
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -123,6 +131,7 @@ def _problems(
     rows: list[bytes],
     *,
     losses: tuple[KeyLoss, ...] = (),
+    holds: tuple[Held, ...] = (),
     events: tuple[ViewEvent, ...] = (),
     limit: int = 0,
 ) -> list[str]:
@@ -138,6 +147,7 @@ def _problems(
         drained_at=[10.0],
         max_history=50,
         key_losses=losses,
+        holds=holds,
         view_events=events,
     )
 
@@ -173,6 +183,14 @@ def test_checker_model_of_recalls_cancellations_floating_and_key_losses() -> Non
     assert any(p.startswith("duplicated: worker 0") for p in flagged)
     assert any(p.startswith("reordered: worker 0") for p in flagged)
     assert _problems(log, doubled, losses=(lost_idem,), events=(served_twice,)) == []
+
+    # An attempt a blackhole held reaches Redis when it ends, maybe after the loss.
+    plain_log = [_append(0, "p0r0n1", 1.0, 1.1), b]
+    after_done = KeyLoss("r", ":idem", 1.5, 1.6, True)
+    flagged = _problems(plain_log, doubled, losses=(after_done,))
+    assert any(p.startswith("duplicated:") for p in flagged)
+    held = Held(1.05, 1.8)
+    assert _problems(plain_log, doubled, losses=(after_done,), holds=(held,)) == []
 
     # A cancelled plain append_async still lands; a cancelled durable one may not.
     plain = _append(1, "p0r0n3", 2.0, None, cancelled=True)

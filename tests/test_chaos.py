@@ -584,3 +584,42 @@ async def test_another_workers_limit_change_reaches_the_view_through_a_write(
         await a.aclose(timeout=10)
         await b.aclose(timeout=10)
         await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "lost",
+    [
+        pytest.param(
+            ":meta",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="engine bug found by the chaos checker (seed 958): with the room's "
+                "meta lost, lua/sync.lua never reports the caller's tokens as applied",
+            ),
+        ),
+        ":log",
+        ":archive",
+    ],
+)
+async def test_a_read_never_serves_a_landed_write_twice_after_a_key_loss(
+    proxy: FaultProxy, room: str, lost: str
+) -> None:
+    """test_a_read_never_serves_a_landed_write_twice, with one companion key lost
+    (SPEC §29) between the write that landed and the read. (Losing the idempotency
+    set itself forgets that the write landed: its retry may store it twice.)"""
+    client = proxied(proxy)
+    manager = manager_for(client, retry_backoff=(1.0, 1.0))
+    try:
+        await manager.append_async(room, "user", "[Message ID: 1] one")
+        proxy.blackhole("replies")
+        manager.append(room, "user", "[Message ID: 2] two")
+        await wait_for(lambda: manager.stats()["persist_failures"] >= 1, "a timed-out persist")
+        proxy.resume()
+        await client.delete(window_key(room) + lost)
+        served = [m["content"] for m in await manager.get_messages_async(room)]
+        assert served == ["[Message ID: 1] one", "[Message ID: 2] two"]
+        await manager.drain(timeout=10)
+        assert await contents(client, room) == served
+    finally:
+        await manager.aclose(timeout=10)
+        await client.aclose()

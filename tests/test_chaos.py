@@ -623,3 +623,52 @@ async def test_a_read_never_serves_a_landed_write_twice_after_a_key_loss(
     finally:
         await manager.aclose(timeout=10)
         await client.aclose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug found by the chaos checker (seeds 83, 516 hung): a persist task left "
+    "pending by a closed loop is finalized after the rebind and clears room.task, so two "
+    "persist loops run, pop each other's writes and die; an awaiting caller waits forever",
+)
+def test_a_persist_task_the_closed_loop_left_pending_never_strands_the_next_loop(
+    redis_server: RedisServer, room: str
+) -> None:
+    import gc
+
+    from fault_proxy import ThreadedFaultProxy
+
+    with ThreadedFaultProxy(redis_server.port) as proxy:
+        client = aioredis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 0))
+        manager = manager_for(client, command_timeout=0.3)
+
+        async def first() -> None:
+            await manager.append_async(room, "user", "[Message ID: 1] one")
+            proxy.blackhole("both")
+            # A caller persisting its write inline when the loop ends: asyncio.run
+            # cancels it, and the cancellation starts the room's persist task, still
+            # pending (and destroyed) when the loop closes.
+            asyncio.get_running_loop().create_task(
+                manager.append_async(room, "user", "[Message ID: 2] two")
+            )
+            await wait_for(lambda: manager._rooms[room].inline is not None, "an inline persist")
+
+        async def second() -> tuple[list[str], list[str]]:
+            proxy.resume()
+            manager.append(room, "user", "[Message ID: 3] three")  # rebinds the manager
+            gc.collect()  # the destroyed task's coroutine is finalized now, not at random
+            for i in range(4, 7):
+                await asyncio.wait_for(
+                    manager.append_async(room, "user", f"[Message ID: {i}] more"), 3
+                )
+            await manager.ensure_fresh_from_redis(room)
+            view = [str(m["content"]) for m in manager.get_messages(room)]
+            stored = await contents(client, room)
+            await manager.aclose(timeout=10)
+            await client.aclose()
+            return view, stored
+
+        asyncio.run(first())
+        view, stored = asyncio.run(second())
+        assert len(stored) == 6
+        assert view == stored

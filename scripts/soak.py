@@ -7,7 +7,9 @@
 
 Each round is one seed: P worker processes x R rooms of random writes and reads
 through a fault proxy, with latency, cut connections, blackholes, CLIENT KILL,
-SCRIPT FLUSH and redis-server restarts (AOF, appendfsync always); then every
+SCRIPT FLUSH, redis-server restarts (AOF, appendfsync always) and the loss of
+single companion keys of a room, while workers recall writes with their keys,
+cancel awaiting callers and move their manager to new event loops; then every
 worker drains and syncs and ``tests/chaos_checker.py`` checks the logs against
 Redis (see its docstring for the exact checks). The first failing round stops
 the run with its seed, a replay command and a JSON dump of the round.
@@ -51,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rooms", type=int, help="rooms per round")
     parser.add_argument("--ops", type=int, help="operations per worker and room")
     parser.add_argument("--restart-every", type=int, help="a redis-server restart every n rounds")
+    parser.add_argument(
+        "--loop-phases", type=int, help="a worker runs its operations in 1..n event loops"
+    )
     parser.add_argument("--no-faults", action="store_true", help="concurrency only, no faults")
     parser.add_argument("--dir", type=Path, help="where servers and dumps go (default: a tmp dir)")
     parser.add_argument("--json", type=Path, help="also write the totals here")
@@ -66,6 +71,7 @@ def options_for(args: argparse.Namespace) -> ChaosOptions:
         rooms=args.rooms or base.rooms,
         ops_per_room=args.ops or base.ops_per_room,
         restart_every=base.restart_every if args.restart_every is None else args.restart_every,
+        loop_phases=args.loop_phases or base.loop_phases,
         faults=base.faults and not args.no_faults,
     )
 
@@ -80,6 +86,12 @@ class Totals:
         self.edits_checked = 0
         self.durable_errors = 0
         self.sync_retries = 0
+        self.recalls = 0
+        self.mixed_ticks = 0
+        self.cancelled = 0
+        self.loop_moves = 0
+        self.keys_lost = 0
+        self.excused_doubles = 0
         self.faults: Counter[str] = Counter()
         self.engine: Counter[str] = Counter()
         self.violations: Counter[str] = Counter(lost=0, duplicated=0, reordered=0, other=0)
@@ -93,6 +105,12 @@ class Totals:
         self.edits_checked += report.edits_checked
         self.durable_errors += report.durable_errors
         self.sync_retries += report.sync_retries
+        self.recalls += report.recalls
+        self.mixed_ticks += report.mixed_ticks
+        self.cancelled += report.cancelled
+        self.loop_moves += report.loop_moves
+        self.keys_lost += report.keys_lost
+        self.excused_doubles += report.excused_doubles
         self.faults.update(report.faults)
         self.engine.update(report.engine)
         self.violations.update(report.counts())
@@ -105,6 +123,7 @@ class Totals:
                 "rooms": options.rooms,
                 "ops_per_room": options.ops_per_room,
                 "restart_every": options.restart_every,
+                "loop_phases": options.loop_phases,
                 "faults": options.faults,
             },
             "rounds": self.rounds,
@@ -119,6 +138,12 @@ class Totals:
             "persist_retries": self.engine["persist_retries"],
             "durable_errors_recalled_with_key": self.durable_errors,
             "final_sync_retries": self.sync_retries,
+            "recalls_of_acknowledged_keys": self.recalls,
+            "mixed_ticks": self.mixed_ticks,
+            "cancelled_callers": self.cancelled,
+            "loop_moves": self.loop_moves,
+            "companion_keys_lost": self.keys_lost,
+            "doubles_excused_by_idem_loss": self.excused_doubles,
             "script_reloads": self.engine["script_reloads"],
             "catch_ups": self.engine["catch_ups"],
             "reloads": self.engine["reloads"],

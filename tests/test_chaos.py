@@ -1,7 +1,10 @@
 """Issue 5: reliability under faults and concurrency.
 
 * the quick variant of the randomized multi-process checker (``chaos_checker``):
-  20 seeds, each a round of 3 worker processes x 3 rooms under injected faults;
+  20 seeds, each a round of 3 worker processes x 3 rooms under injected faults
+  and companion-key losses, with recalls by idempotency key, sync and awaited
+  writes in one loop tick, cancelled callers and managers moved to new loops;
+* the checker's model on doctored logs (no servers);
 * the fault proxy itself does what the checker relies on;
 * targeted cases through the proxy: an ambiguous write (applied, reply lost)
   served twice by a read, late delivery of a timed-out command, durable writes
@@ -21,7 +24,15 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
-from chaos_checker import ChaosCluster, ChaosOptions, check_round
+from chaos_checker import (
+    ChaosCluster,
+    ChaosOptions,
+    Held,
+    KeyLoss,
+    OpRecord,
+    ViewEvent,
+    check_round,
+)
 from fault_proxy import FaultProxy
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -73,12 +84,15 @@ def test_chaos_round_loses_duplicates_and_reorders_nothing(
     assert report.appends_acknowledged > 0
     assert sum(report.faults.values()) > 0
     assert report.faults["blackhole_replies"] >= 1  # the ambiguous case, every round
+    # One key per room is lost after the drain, before the final sync.
+    drops = sum(n for kind, n in report.faults.items() if kind.startswith("drop_"))
+    assert drops >= QUICK.rooms
+    # Each worker ran at least three event loops: operations, drain, final sync.
+    assert report.loop_moves >= 2 * QUICK.processes
 
 
 def test_checker_flags_loss_duplication_and_reordering() -> None:
     """The checks themselves: doctored Redis contents are caught (no servers needed)."""
-    from chaos_checker import OpRecord
-
     room = "r"
     log = [
         OpRecord(0, room, 0, "append", "async", 1.0, 1.1, target="a", value="a:a", role="user"),
@@ -108,6 +122,97 @@ def test_checker_flags_loss_duplication_and_reordering() -> None:
     assert any(p.startswith("duplicated:") for p in problems([row("a"), row("b"), row("b")]))
     assert any(p.startswith("reordered:") for p in problems([row("b"), row("a"), row("c")]))
     assert any(p.startswith("phantom:") for p in problems([row("a"), row("x")]))
+
+
+def _row(ident: str) -> bytes:
+    return f'{{"message_id":"{ident}","role":"user","content":"a:{ident}"}}'.encode()
+
+
+def _problems(
+    log: list[OpRecord],
+    rows: list[bytes],
+    *,
+    losses: tuple[KeyLoss, ...] = (),
+    holds: tuple[Held, ...] = (),
+    events: tuple[ViewEvent, ...] = (),
+    limit: int = 0,
+) -> list[str]:
+    room = log[0].room
+    expected = [{k: v for k, v in orjson.loads(r).items() if k != "message_id"} for r in rows]
+    return check_round(
+        [room],
+        log,
+        {room: rows},
+        {room: limit},
+        views=[{room: expected}],
+        view_limits=[{room: limit or 50}],
+        drained_at=[10.0],
+        max_history=50,
+        key_losses=losses,
+        holds=holds,
+        view_events=events,
+    )
+
+
+def _append(i: int, ident: str, inv: float, done: float | None, **kwargs: object) -> OpRecord:
+    return OpRecord(
+        0, "r", i, "append", "async", inv, done, target=ident, value=f"a:{ident}", role="user",
+        **kwargs,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_checker_model_of_recalls_cancellations_floating_and_key_losses() -> None:
+    """What the model accepts (chaos_checker's docstring), on doctored logs."""
+    a = _append(0, "p0r0n1", 1.0, 1.1, key="key:p0r0n1")
+    recall = OpRecord(0, "r", 1, "recall", "keyed", 2.0, 2.1, target="p0r0n1", key="key:p0r0n1")
+    b = _append(2, "p0r0n2", 3.0, 3.1)
+    log = [a, recall, b]
+    assert _problems(log, [_row("p0r0n1"), _row("p0r0n2")]) == []
+    # A recall that added a row is a duplicate...
+    assert any(
+        p.startswith("duplicated:") for p in _problems(log, [_row("p0r0n1"), _row("p0r0n1")])
+    )
+    # ...unless the idempotency set was lost while the id could still be re-sent.
+    lost_idem = KeyLoss("r", ":idem", 1.5, 1.6, True)
+    doubled = [_row("p0r0n1"), _row("p0r0n2"), _row("p0r0n1")]
+    assert _problems(log, doubled, losses=(lost_idem,)) == []
+    too_early = KeyLoss("r", ":idem", 0.5, 0.6, True)
+    assert any(p.startswith("duplicated:") for p in _problems(log, doubled, losses=(too_early,)))
+    served_twice = ViewEvent(
+        0, "r", "get_messages_async", 2.05, ["p0r0n1"], ["p0r0n1", "p0r0n2", "p0r0n1"]
+    )
+    flagged = _problems(log, [_row("p0r0n1"), _row("p0r0n2")], events=(served_twice,))
+    assert any(p.startswith("duplicated: worker 0") for p in flagged)
+    assert any(p.startswith("reordered: worker 0") for p in flagged)
+    assert _problems(log, doubled, losses=(lost_idem,), events=(served_twice,)) == []
+
+    # An attempt a blackhole held reaches Redis when it ends, maybe after the loss.
+    plain_log = [_append(0, "p0r0n1", 1.0, 1.1), b]
+    after_done = KeyLoss("r", ":idem", 1.5, 1.6, True)
+    flagged = _problems(plain_log, doubled, losses=(after_done,))
+    assert any(p.startswith("duplicated:") for p in flagged)
+    held = Held(1.05, 1.8)
+    assert _problems(plain_log, doubled, losses=(after_done,), holds=(held,)) == []
+
+    # A cancelled plain append_async still lands; a cancelled durable one may not.
+    plain = _append(1, "p0r0n3", 2.0, None, cancelled=True)
+    durable = _append(1, "p0r0n3", 2.0, None, cancelled=True, floating=True)
+    assert any(p.startswith("lost:") for p in _problems([a, plain], [_row("p0r0n1")]))
+    assert _problems([a, durable], [_row("p0r0n1")]) == []
+    # Floating: no place in the worker's order, only its times.
+    late = _append(0, "p0r0n4", 1.0, None, floating=True, cancelled=True)
+    after = _append(1, "p0r0n5", 2.0, 2.1)
+    assert _problems([late, after], [_row("p0r0n5"), _row("p0r0n4")]) == []
+    fixed = _append(0, "p0r0n4", 1.0, 1.5)
+    flagged = _problems([fixed, after], [_row("p0r0n5"), _row("p0r0n4")])
+    assert any(p.startswith("reordered:") for p in flagged)
+
+    # A lost meta takes the limit back to the default.
+    raised = OpRecord(0, "r", 1, "limit", "async", 2.0, 2.1, value="120")
+    assert any(p.startswith("limit:") for p in _problems([a, raised], [_row("p0r0n1")]))
+    lost_meta = KeyLoss("r", ":meta", 3.0, 3.1, True)
+    assert _problems([a, raised], [_row("p0r0n1")], losses=(lost_meta,)) == []
+    assert _problems([a, raised], [_row("p0r0n1")], limit=120) == []
 
 
 # ----------------------------------------------------------------- the proxy
@@ -208,6 +313,36 @@ async def test_a_read_never_serves_a_landed_write_twice(proxy: FaultProxy, room:
         await manager.drain(timeout=10)
         assert [m["content"] for m in manager.get_messages(room)] == served
         assert await contents(client, room) == served
+    finally:
+        await manager.aclose(timeout=10)
+        await client.aclose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug found by the chaos checker (seeds 16, 20): the view rebuilt after a "
+    "catch-up re-applies a queued write whose token already applied",
+)
+async def test_a_read_never_serves_a_recalled_write_twice(proxy: FaultProxy, room: str) -> None:
+    """A re-call with the key of a write that landed (a redelivered event, or the
+    documented recovery from a DurabilityError whose attempt did land) queued behind
+    another write: a read that catches up meanwhile must show the turn once."""
+    client = proxied(proxy)
+    manager = manager_for(client, retry_backoff=(1.0, 1.0))  # unconfirmed while we read
+    try:
+        await manager.append_async(room, "user", "[Message ID: 1] one", idempotency_key="k1")
+        proxy.blackhole("both")
+        manager.append(room, "user", "[Message ID: 2] two")
+        recall = asyncio.ensure_future(
+            manager.append_async(room, "user", "[Message ID: 1] one", idempotency_key="k1")
+        )
+        await wait_for(lambda: manager.stats()["persist_failures"] >= 1, "a timed-out persist")
+        proxy.resume(drop=True)
+        served = [m["content"] for m in await manager.get_messages_async(room)]
+        await recall
+        await manager.drain(timeout=10)
+        assert await contents(client, room) == ["[Message ID: 1] one", "[Message ID: 2] two"]
+        assert served == ["[Message ID: 1] one", "[Message ID: 2] two"]
     finally:
         await manager.aclose(timeout=10)
         await client.aclose()
@@ -419,3 +554,123 @@ async def test_aclose_reports_what_it_could_not_flush_within_its_bound(
         assert await contents(client, room) == ["[Message ID: 0] zero"]
     finally:
         await client.aclose()
+
+
+# ------------------------------------------- engine bugs the checker found
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug found by the chaos checker (seed 47): a write's reply that brings "
+    "only another worker's limit change or trim leaves the view as it was",
+)
+async def test_another_workers_limit_change_reaches_the_view_through_a_write(
+    redis_server: RedisServer, room: str
+) -> None:
+    client = aioredis.Redis(port=redis_server.port)
+    a = manager_for(client)
+    b = manager_for(client)
+    try:
+        for i in range(60):
+            await a.append_async(room, "user", f"[Message ID: {i}] turn {i}")
+        await b.ensure_fresh_from_redis(room)
+        await a.set_channel_limit_async(room, 50)  # Redis trims the 10 oldest rows
+        # b's own write brings the change back in its reply (no rows to send).
+        await b.append_async(room, "user", "[Message ID: b] from b")
+        await b.ensure_fresh_from_redis(room)
+        stored = await contents(client, room)
+        assert len(stored) == 50
+        assert b.get_channel_limit(room) == 50
+        assert [m["content"] for m in b.get_messages(room)] == stored
+    finally:
+        await a.aclose(timeout=10)
+        await b.aclose(timeout=10)
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "lost",
+    [
+        pytest.param(
+            ":meta",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="engine bug found by the chaos checker (seed 958): with the room's "
+                "meta lost, lua/sync.lua never reports the caller's tokens as applied",
+            ),
+        ),
+        ":log",
+        ":archive",
+    ],
+)
+async def test_a_read_never_serves_a_landed_write_twice_after_a_key_loss(
+    proxy: FaultProxy, room: str, lost: str
+) -> None:
+    """test_a_read_never_serves_a_landed_write_twice, with one companion key lost
+    (SPEC §29) between the write that landed and the read. (Losing the idempotency
+    set itself forgets that the write landed: its retry may store it twice.)"""
+    client = proxied(proxy)
+    manager = manager_for(client, retry_backoff=(1.0, 1.0))
+    try:
+        await manager.append_async(room, "user", "[Message ID: 1] one")
+        proxy.blackhole("replies")
+        manager.append(room, "user", "[Message ID: 2] two")
+        await wait_for(lambda: manager.stats()["persist_failures"] >= 1, "a timed-out persist")
+        proxy.resume()
+        await client.delete(window_key(room) + lost)
+        served = [m["content"] for m in await manager.get_messages_async(room)]
+        assert served == ["[Message ID: 1] one", "[Message ID: 2] two"]
+        await manager.drain(timeout=10)
+        assert await contents(client, room) == served
+    finally:
+        await manager.aclose(timeout=10)
+        await client.aclose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug found by the chaos checker (seeds 83, 516 hung): a persist task left "
+    "pending by a closed loop is finalized after the rebind and clears room.task, so two "
+    "persist loops run, pop each other's writes and die; an awaiting caller waits forever",
+)
+def test_a_persist_task_the_closed_loop_left_pending_never_strands_the_next_loop(
+    redis_server: RedisServer, room: str
+) -> None:
+    import gc
+
+    from fault_proxy import ThreadedFaultProxy
+
+    with ThreadedFaultProxy(redis_server.port) as proxy:
+        client = aioredis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 0))
+        manager = manager_for(client, command_timeout=0.3)
+
+        async def first() -> None:
+            await manager.append_async(room, "user", "[Message ID: 1] one")
+            proxy.blackhole("both")
+            # A caller persisting its write inline when the loop ends: asyncio.run
+            # cancels it, and the cancellation starts the room's persist task, still
+            # pending (and destroyed) when the loop closes.
+            asyncio.get_running_loop().create_task(
+                manager.append_async(room, "user", "[Message ID: 2] two")
+            )
+            await wait_for(lambda: manager._rooms[room].inline is not None, "an inline persist")
+
+        async def second() -> tuple[list[str], list[str]]:
+            proxy.resume()
+            manager.append(room, "user", "[Message ID: 3] three")  # rebinds the manager
+            gc.collect()  # the destroyed task's coroutine is finalized now, not at random
+            for i in range(4, 7):
+                await asyncio.wait_for(
+                    manager.append_async(room, "user", f"[Message ID: {i}] more"), 3
+                )
+            await manager.ensure_fresh_from_redis(room)
+            view = [str(m["content"]) for m in manager.get_messages(room)]
+            stored = await contents(client, room)
+            await manager.aclose(timeout=10)
+            await client.aclose()
+            return view, stored
+
+        asyncio.run(first())
+        view, stored = asyncio.run(second())
+        assert len(stored) == 6
+        assert view == stored

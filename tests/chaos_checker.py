@@ -1220,7 +1220,7 @@ class FaultInjector:
 
     def _drop(self, room: str, suffix: str) -> None:
         """Delete one companion key of ``room`` (evicted, expired, deleted by hand)."""
-        from conversation._keys import KeySpace
+        from conversation._redis.keys import KeySpace
 
         key = KeySpace(self.cluster.prefix).room_base(room) + suffix
         with self.cluster.server.sync_client() as client:

@@ -653,7 +653,7 @@ def test_a_persist_task_the_closed_loop_left_pending_never_strands_the_next_loop
             asyncio.get_running_loop().create_task(
                 manager.append_async(room, "user", "[Message ID: 2] two")
             )
-            await wait_for(lambda: manager._rooms[room].inline is not None, "an inline persist")
+            await wait_for(lambda: manager._room(room).inline is not None, "an inline persist")
 
         async def second() -> tuple[list[str], list[str]]:
             proxy.resume()

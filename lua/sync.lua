@@ -1,19 +1,19 @@
 -- sync: bring a caller up to date in one round trip.
 -- KEYS, common ARGV and reply: see _lib.lua. ARGV[10..]: the idempotency tokens of
 -- the caller's unconfirmed (possibly timed-out) writes, none if it has none.
--- Status: 2 if every one of those tokens was already applied (the writes landed),
--- else 0.
+-- Status: with tokens, one character per token, "2" if it was already applied
+-- (that write landed) else "1"; without tokens, 0.
 -- Read-only: never creates, refreshes or changes a key.
 local m = read_meta()
 local status = 0
-if m and #ARGV >= 10 then
-  status = 2
+-- The tokens are looked up even when the meta is gone: the idempotency set may
+-- outlive it, and a write it names did land.
+if #ARGV >= 10 then
   local scores = redis.call('ZMSCORE', IDEM, unpack(ARGV, 10, #ARGV))
+  local flags = {}
   for i = 1, #scores do
-    if not scores[i] then
-      status = 0
-      break
-    end
+    flags[i] = scores[i] and '2' or '1'
   end
+  status = table.concat(flags)
 end
 return sync_reply(status, m, 0, -1)

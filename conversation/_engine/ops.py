@@ -58,6 +58,10 @@ class Op:
     token: str = field(default_factory=new_token, kw_only=True)
     durable_deadline: float | None = field(default=None, kw_only=True)
     done: asyncio.Future[Any] | None = field(default=None, kw_only=True)
+    # A catch-up found its token applied (a recall of a write that had landed, or
+    # an attempt that timed out after Redis took it): the view must not apply it
+    # again on top of a synced state that holds it.
+    landed: bool = field(default=False, kw_only=True)
 
     # Whether each write of a batch keeps its own idempotency token in Redis
     # (lua/append.lua); other batches are sent, and remembered, under the first's.

@@ -432,14 +432,13 @@ class Replicator:
         room.view_stale = False
         limit = self.settings.max_history
         view = room.synced.copy()
-        landed = room.inflight.ops if room.inflight is not None and room.inflight.landed else []
         # Runs of appends are pushed at once and trimmed once: the same window as
         # one trim per append (trimming keeps a suffix), at a fraction of the
         # cost when a long outage has queued many thousands of writes.
         run: list[Row] = []
         for op in room.pending:
-            if any(op is done for done in landed):
-                continue  # already in synced: it landed before its reply was lost
+            if op.landed:
+                continue  # already in synced: it landed before (a lost reply, a recall)
             rows = op.appended_rows()
             if rows is not None:
                 run.extend(rows)
@@ -464,11 +463,13 @@ class Replicator:
     async def refresh(self, room: Room) -> None:
         """Bring the room to what Redis holds, in one round trip."""
         async with room.lock:
-            batch = room.inflight
-            reply = await self.store.sync(room.keys, room.synced, batch.tokens() if batch else ())
+            tokens, owners = self._unconfirmed(room)
+            reply, flags = await self.store.sync_asking(room.keys, room.synced, tokens)
             landed = False
-            if batch is not None and reply.status == 2 and not batch.landed:
-                batch.landed = landed = True
+            for ops, flag in zip(owners, flags or "1" * len(owners), strict=True):
+                for op in ops:
+                    if flag == "2" and not op.landed:
+                        op.landed = landed = True
             if reply.kind == 0 and reply.version == room.synced.version and not landed:
                 return
             self.absorb(room, reply)
@@ -477,6 +478,32 @@ class Replicator:
             else:
                 self.stats.catch_ups += 1
             self.rebuild_view(room)
+
+    def _unconfirmed(self, room: Room) -> tuple[list[str], list[list[Op]]]:
+        """The tokens a catch-up asks about, with the writes each one names.
+
+        The batch in flight (an attempt may have timed out after Redis took it),
+        then the appends queued behind it (a recall of a write that landed long
+        ago), up to a bound. A batch of another kind is remembered under one token.
+        """
+        batch = room.inflight
+        tokens: list[str] = []
+        owners: list[list[Op]] = []
+        if batch is not None:
+            if batch.ops[0].keeps_own_token:
+                tokens.extend(op.token for op in batch.ops)
+                owners.extend([op] for op in batch.ops)
+            else:
+                tokens.append(batch.token)
+                owners.append(list(batch.ops))
+        sent = batch.ops if batch is not None else []
+        for op in room.pending:
+            if len(tokens) >= _MAX_ASKED_TOKENS:
+                break
+            if op.keeps_own_token and not op.landed and not any(op is o for o in sent):
+                tokens.append(op.token)
+                owners.append([op])
+        return tokens, owners
 
     async def ensure_fresh(self, room: Room) -> None:
         """Wait for this worker's writes to the room, then match Redis exactly."""
@@ -515,6 +542,9 @@ class Replicator:
 
 
 _SYNC_ATTEMPTS = 3
+# Tokens one catch-up asks about (a sync's ARGV): the batch in flight and the
+# appends queued behind it.
+_MAX_ASKED_TOKENS = 1024
 _LOST_CONNECTION = (RedisConnectionError, ConnectionError)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .._redis.keys import KeySpace, RoomKeys, validate_room_id
-from .ops import AppendOp, Op
+from .ops import Op
 from .window import RoomState
 
 
@@ -20,16 +20,6 @@ class Batch:
     ops: list[Op]
     token: str
     durable_deadline: float | None
-    # A sync found the token applied: an attempt that timed out did land, so the
-    # view must not apply these ops on top of a synced state that holds them.
-    landed: bool = False
-
-    def tokens(self) -> list[str]:
-        """The tokens Redis remembers for this batch: each append keeps its own
-        (lua/append.lua); other writes are sent, and remembered, as one."""
-        if isinstance(self.ops[0], AppendOp):
-            return [op.token for op in self.ops]
-        return [self.token]
 
 
 @dataclass(eq=False, slots=True)

@@ -127,7 +127,11 @@ class Pipeliner:
             results = await self._results(calls)
         except BaseException as exc:
             for call in calls:
+                # A flush that a closed loop left pending is finalized later: its
+                # callers' futures died with that loop and cannot be told.
                 if call.future is not None and not call.future.done():
+                    if call.future.get_loop().is_closed():
+                        continue
                     call.future.set_exception(
                         exc if isinstance(exc, Exception) else asyncio.CancelledError()
                     )

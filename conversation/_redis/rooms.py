@@ -118,7 +118,25 @@ class RoomStore:
         self, keys: RoomKeys, state: SyncedState, tokens: Sequence[str] = ()
     ) -> SyncReply:
         """Catch up; status 2 says every write named by ``tokens`` already landed."""
-        return await self._run("sync", keys, state, "", "", tokens)
+        reply, _flags = await self.sync_asking(keys, state, tokens)
+        return reply
+
+    async def sync_asking(
+        self, keys: RoomKeys, state: SyncedState, tokens: Sequence[str]
+    ) -> tuple[SyncReply, str]:
+        """Catch up; also one flag per token, ``"2"`` if that write already landed.
+
+        The reply's status is 2 when every token landed, else 0.
+        """
+        args = self._common(state, "", "")
+        args.extend(tokens)
+        raw = await self._pipeliner.run(self.scripts["sync"], keys.as_list(), args, False)
+        flags = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
+        flags = "" if flags == "0" else flags
+        raw[0] = 2 if flags and set(flags) == {"2"} else 0
+        reply = SyncReply.parse(raw)
+        self._stats.bytes_received += reply.payload_bytes()
+        return reply, flags
 
     async def append(
         self,

@@ -496,11 +496,11 @@ class Replicator:
             else:
                 tokens.append(batch.token)
                 owners.append(list(batch.ops))
-        sent = batch.ops if batch is not None else []
+        sent = {id(op) for op in batch.ops} if batch is not None else set()
         for op in room.pending:
             if len(tokens) >= _MAX_ASKED_TOKENS:
                 break
-            if op.keeps_own_token and not op.landed and not any(op is o for o in sent):
+            if op.keeps_own_token and not op.landed and id(op) not in sent:
                 tokens.append(op.token)
                 owners.append([op])
         return tokens, owners

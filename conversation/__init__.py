@@ -6,6 +6,7 @@ are mirrored to Redis by Lua scripts, so every worker converges on one history.
 
 from __future__ import annotations
 
+from ._changes.feed import Change
 from ._consolidation.config import ConsolidationConfig
 from ._consolidation.records import ArchiveBatch, ConsolidationResult, Summarizer, format_transcript
 from ._consolidation.summarizer import ExtractiveSummarizer
@@ -17,6 +18,7 @@ from ._errors import (
     ConversationError,
     DrainTimeout,
     DurabilityError,
+    InvalidCursor,
     InvalidMessage,
     InvalidRoomId,
     InvalidSessionId,
@@ -35,6 +37,7 @@ from ._sessions.store import Session, SessionInfo, SessionStore
 __all__ = [
     "ArchiveBatch",
     "BacklogFull",
+    "Change",
     "ConfigurationError",
     "ConsolidationConfig",
     "ConsolidationError",
@@ -45,6 +48,7 @@ __all__ = [
     "DrainTimeout",
     "DurabilityError",
     "ExtractiveSummarizer",
+    "InvalidCursor",
     "InvalidMessage",
     "InvalidRoomId",
     "InvalidSessionId",

@@ -5,6 +5,7 @@ The tree::
     ConversationError                 base of everything raised on purpose
     ├── InvalidRoomId                 a room id that cannot be stored safely
     ├── InvalidMessage                a role, content, id or tag the engine refuses
+    ├── InvalidCursor                 a change-feed cursor that is not one (or not this room's)
     ├── PersistError                  Redis did not confirm a write
     │   ├── DurabilityError           a durable write could not be confirmed
     │   ├── ReplicationTimeout        fewer replicas than min_replicas confirmed a write
@@ -32,6 +33,7 @@ __all__ = [
     "ConversationError",
     "DrainTimeout",
     "DurabilityError",
+    "InvalidCursor",
     "InvalidMessage",
     "InvalidRoomId",
     "InvalidSessionId",
@@ -66,6 +68,15 @@ class InvalidMessage(ConversationError, ValueError):
         self.field = field
         where = f" ({field})" if field else ""
         super().__init__(f"invalid message{where}: {reason}")
+
+
+class InvalidCursor(ConversationError, ValueError):
+    """A change-feed cursor that this engine did not make, or made for another room."""
+
+    def __init__(self, cursor: object, reason: str) -> None:
+        self.cursor = cursor
+        self.reason = reason
+        super().__init__(f"invalid change cursor {cursor!r:.60}: {reason}")
 
 
 class PersistError(ConversationError):

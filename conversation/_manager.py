@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from typing import Any, Protocol
 
 from ._budget import fit_to_budget
+from ._changes.feed import Change, ChangeFeed
+from ._changes.named import NamedCursors
 from ._consolidation.config import ConsolidationConfig
 from ._consolidation.consolidator import Consolidator
 from ._consolidation.records import ArchiveBatch, ConsolidationResult, Summarizer
@@ -29,11 +31,12 @@ from ._entries import (
     to_messages_yielding,
 )
 from ._errors import (
+    ConfigurationError,
     DrainTimeout,
     PersistError,
     describe_error,
 )
-from ._redis.keys import KeySpace
+from ._redis.keys import KeySpace, validate_room_id
 from ._redis.retry import TRANSIENT_ERRORS
 from ._redis.rooms import RoomStore
 from ._stats import Stats
@@ -98,6 +101,8 @@ class ConversationManager:
         self._rooms = RoomTable(self._keyspace)
         self._loop = LoopBinding(self._moved)
         self._store: RoomStore | None = None
+        self._feed: ChangeFeed | None = None
+        self._cursors: NamedCursors | None = None
         self._backend: Backend
         if redis is None:
             self._backend = MemoryBackend(self._rooms, self._stats, self._settings)
@@ -113,6 +118,8 @@ class ConversationManager:
                 archive_ttl_ms=_archive_ttl_ms(consolidation),
             )
             self._backend = Replicator(self._store, self._rooms, self._stats, self._settings)
+            self._feed = ChangeFeed(self._store, self._keyspace, self._stats)
+            self._cursors = NamedCursors(self._store, self._keyspace)
         core = Core(
             self._rooms,
             self._backend,
@@ -349,6 +356,51 @@ class ConversationManager:
         """The room's archived turns, oldest batch first, each with the summary that replaced it."""
         self._loop.current()
         return await self._consolidation.list_archives(room_id)
+
+    # ------------------------------------------------------------- change feed
+
+    async def read_since(self, room_id: str, cursor: str | None = None) -> tuple[list[Change], str]:
+        """Every change Redis holds for the room after ``cursor``, and the cursor after them.
+
+        ``None`` reads the whole window as appends. A cursor the room can no longer
+        serve incrementally (another epoch, history gone) gives one ``reset`` and
+        then the whole window as appends. One round trip; see docs/changes.md.
+        """
+        batch = await self._change_feed(room_id).read(room_id, cursor)
+        return batch.changes, batch.cursor
+
+    def changes(
+        self, room_id: str, *, since: str | None = None, poll_interval: float = 1.0
+    ) -> AsyncIterator[Change]:
+        """``read_since`` forever: yields each change, waiting for more (a bounded poll,
+        at most one read per ``poll_interval`` seconds while the room is idle)."""
+        if not poll_interval > 0:
+            raise ConfigurationError(f"poll_interval must be > 0, not {poll_interval!r}")
+        return self._change_feed(room_id).follow(room_id, since, poll_interval)
+
+    async def get_cursor(self, room_id: str, name: str) -> str | None:
+        """The named durable cursor of the room (None: never set, or expired)."""
+        self._change_feed(room_id)
+        assert self._cursors is not None
+        return await self._cursors.get(room_id, name)
+
+    async def set_cursor(
+        self, room_id: str, name: str, cursor: str, *, expected: str | None = None
+    ) -> bool:
+        """Store a named cursor with the room's TTL. ``expected``: compare-and-set, False
+        when the stored cursor is not ``expected`` (``""``: only if none is stored)."""
+        self._change_feed(room_id)
+        assert self._cursors is not None
+        return await self._cursors.set(room_id, name, cursor, expected)
+
+    def _change_feed(self, room_id: str) -> ChangeFeed:
+        self._loop.current()
+        validate_room_id(room_id)
+        if self._feed is None:
+            raise ConfigurationError(
+                "the change feed and named cursors read Redis: this manager is memory-only"
+            )
+        return self._feed
 
     # --------------------------------------------------------------- lifecycle
 

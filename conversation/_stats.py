@@ -18,6 +18,7 @@ class Stats:
     catch_ups: int = 0
     conflicts: int = 0
     folds: int = 0
+    change_reads: int = 0
     corrupt_rows: int = 0
     round_trips: int = 0
     script_reloads: int = 0

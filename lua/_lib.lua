@@ -4,7 +4,9 @@
 -- KEYS (every script, all sharing the room's hash tag {<room_id>}):
 --   [1] window  LIST of rows (orjson entries, identity and role first)
 --   [2] meta    HASH epoch, version, head, base, logfloor, logn, limit, rebackfill,
---               iseq, replays (writes whose token had already applied)
+--               iseq, replays (writes whose token had already applied); for the change
+--               feed (changes.lua): rbase (the last clear or rewrite: readers older
+--               than it cannot be patched), clearv (the last clear), foldv (the last fold)
 --   [3] log     LIST of "<version>:<absolute position>" for replaced rows (capped);
 --               logn counts the records pushed since it was last reset, so a log
 --               that lost records (evicted alone) is noticed, never trusted

@@ -13,6 +13,6 @@ bump(m)
 m.head = 0
 m.base = m.version
 remember(m)
-save(m, 'base', m.base)
+save(m, 'base', m.base, 'rbase', m.base, 'clearv', m.version)
 touch()
 return sync_reply(1, m, 0, -1)

@@ -26,7 +26,7 @@
 -- rows (staged + its own) and its commit record become part of the archive together
 -- with the summary, in this script; the window never starts a tool-call group with its
 -- results; it is a non-incremental change (base = version), so every other worker
--- reloads; head only grows (the rows kept keep their absolute positions).
+-- reloads, but the log keeps every record (changes.lua patches across it); head only grows (the rows kept keep their absolute positions).
 local m = read_meta()
 if m and replayed() then
   return sync_reply(2, m, 0, -1)
@@ -142,12 +142,19 @@ if pinned then
   redis.call('LPUSH', WINDOW, pinned)
 end
 redis.call('LPUSH', WINDOW, ARGV[22])
+-- The log is kept, and the rows put at the head are logged like edits: a change
+-- reader (changes.lua) behind the fold is patched from it; rbase, the version
+-- before which that cannot work (a clear or rewrite), is left where it was.
+local rbase = redis.call('HGET', META, 'rbase') or m.base
 bump(m)
 m.head = m.head + n - put
 m.base = m.version
-reset_log(m)
+log_replace(m, m.head)
+if pinned then
+  log_replace(m, m.head + 1)
+end
 remember(m)
-save(m, 'base', m.base)
+save(m, 'base', m.base, 'foldv', m.version, 'rbase', rbase)
 touch()
 if not patch then
   return sync_reply(1, m, 0, -1)

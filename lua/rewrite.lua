@@ -21,6 +21,6 @@ m.base = m.version
 m.rebackfill = 0
 trim(m, len)
 remember(m)
-save(m, 'base', m.base, 'rebackfill', 0)
+save(m, 'base', m.base, 'rbase', m.base, 'rebackfill', 0)
 touch()
 return sync_reply(1, m, 0, -1)

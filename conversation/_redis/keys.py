@@ -15,6 +15,8 @@ MAX_ROOM_ID_BYTES = 512
 
 #: Suffixes of a room's companion keys, in the order every script receives them.
 WINDOW, META, LOG, IDEM, ARCHIVE, LEASE = "", ":meta", ":log", ":idem", ":archive", ":lease"
+#: The room's named change-feed cursors (a HASH: name -> cursor).
+CURSORS = ":cursors"
 
 
 def glob_escape(text: str) -> str:
@@ -71,6 +73,9 @@ class KeySpace:
 
     def archive(self, room_id: str) -> str:
         return self.room_base(room_id) + ARCHIVE
+
+    def cursors(self, room_id: str) -> str:
+        return self.room_base(room_id) + CURSORS
 
     def lease(self, room_id: str) -> str:
         return self.room_base(room_id) + LEASE

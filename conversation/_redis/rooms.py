@@ -138,6 +138,33 @@ class RoomStore:
         self._stats.bytes_received += reply.payload_bytes()
         return reply, flags
 
+    async def changes(self, keys: RoomKeys, state: SyncedState) -> tuple[str, bool, SyncReply]:
+        """What changed since a change-feed cursor (``lua/changes.lua``): the reason
+        (``"i"`` incremental, ``"c"`` cleared, ``"r"`` reset), whether a fold
+        happened since, and the catch-up as a sync reply."""
+        args = self._common(state, "", "")
+        raw = await self._pipeliner.run(self.scripts["changes"], keys.as_list(), args, False)
+        reason = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
+        folded = bool(int(raw[1]))
+        body = raw[1:]
+        body[0] = 0
+        reply = SyncReply.parse(body)
+        self._stats.bytes_received += reply.payload_bytes()
+        return reason, folded, reply
+
+    async def cursor_get(self, key: str, name: str) -> bytes | None:
+        async with asyncio.timeout(self._timeout):
+            value = await self.redis.hget(key, name)
+        self._stats.round_trips += 1
+        return value if value is None else bytes(value)
+
+    async def cursor_set(
+        self, key: str, name: str, cursor: str, *, mode: str, expected: str = ""
+    ) -> bool:
+        """``lua/cursor_set.lua``: mode ``any``, ``absent`` or ``equal`` (to ``expected``)."""
+        args: list[Arg] = [name, cursor, mode, expected, self._ttl_ms]
+        return bool(await self._pipeliner.call(self.scripts["cursor_set"], [key], args))
+
     async def append(
         self,
         keys: RoomKeys,

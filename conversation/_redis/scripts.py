@@ -22,9 +22,10 @@ ROOM_SCRIPT_NAMES = (
     "rewrite",
     "fold",
     "archive_stage",
+    "changes",
 )
 #: Scripts that run without the ``_lib.lua`` prelude: they touch no room window.
-STANDALONE_SCRIPT_NAMES = ("lease_release", "lease_renew")
+STANDALONE_SCRIPT_NAMES = ("lease_release", "lease_renew", "cursor_set")
 SESSION_SCRIPT_NAMES = (
     "session_create",
     "session_get",
@@ -35,7 +36,9 @@ SESSION_SCRIPT_NAMES = (
 #: Scripts whose replies ``WAIT`` need not vouch for: they write no room state. (A
 #: staged archive part only counts once its fold commits, and the fold's own WAIT
 #: covers every write before it: replication is one ordered stream.)
-NO_WAIT_SCRIPT_NAMES = frozenset({"sync", "lease_release", "lease_renew", "archive_stage"})
+NO_WAIT_SCRIPT_NAMES = frozenset(
+    {"sync", "changes", "lease_release", "lease_renew", "archive_stage"}
+)
 
 Arg = str | bytes | int
 

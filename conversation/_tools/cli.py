@@ -18,10 +18,11 @@ Reading a room uses the engine's own ``sync`` script: one round trip returns
 an atomic (entries, version) snapshot, never a list read and a version read
 another writer could slip between.
 
-``tail`` polls that script with the state it already holds (every
-``--interval`` seconds, 0.25 by default). An idle poll is one EVALSHA that
-answers three integers; after a change the reply carries only the rows that
-changed (appended, edited, trimmed), exactly as a worker catches up. Polling
+``tail`` reads the change feed (``read_since``, ``lua/changes.lua``) from the
+cursor it holds (every ``--interval`` seconds, 0.25 by default). An idle poll
+is one EVALSHA that answers four small values; after a change the reply carries
+only the rows that changed (appended, edited, trimmed, folded), exactly as a
+worker catches up, and a gap the log cannot bridge shows as a reset. Polling
 was chosen over keyspace notifications because it needs no server setting
 (``notify-keyspace-events`` is off by default and often locked down), works
 unchanged on Cluster and Sentinel, and can never miss a change: a burst of

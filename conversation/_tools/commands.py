@@ -10,21 +10,18 @@ import logging
 import signal
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import urlsplit
 
 from redis.exceptions import ResponseError
 
-from .._engine.window import RoomState
+from .._changes.feed import Batch, Change
 from .._redis.keys import KeySpace, validate_room_id
-from .._redis.replies import SyncReply
 from .._redis.scripts import load_scripts
 from .reading import (
     RoomReader,
     Snapshot,
     as_int,
-    decode_entry,
     limit_text,
     list_rooms,
     summarise_rooms,
@@ -199,11 +196,11 @@ async def cmd_tail(target: RedisTarget, args: argparse.Namespace, out: IO[str]) 
             installed.append(signum)
     deadline = loop.time() + args.timeout if args.timeout else None
     width = content_width(30, out, args.max_chars)
-    state = RoomState()
     follower = _Follower(room, palette, width, out)
     try:
-        await reader.poll(room, state)
-        follower.start(state, args.last)
+        # The change feed (what ``changes()`` reads), polled every --interval.
+        batch = await reader.read_changes(room, None)
+        follower.start(batch, args.last)
         while not stop.is_set():
             if args.count and follower.changes >= args.count:
                 break
@@ -217,9 +214,7 @@ async def cmd_tail(target: RedisTarget, args: argparse.Namespace, out: IO[str]) 
                 await asyncio.wait_for(stop.wait(), wait)
             if stop.is_set():
                 break
-            before = _Before.of(state)
-            reply = await reader.poll(room, state)
-            follower.report(before, reply, state)
+            follower.report(await reader.read_changes(room, follower.cursor))
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)
@@ -227,21 +222,8 @@ async def cmd_tail(target: RedisTarget, args: argparse.Namespace, out: IO[str]) 
     return EXIT_OK
 
 
-@dataclass(frozen=True, slots=True)
-class _Before:
-    epoch: str
-    head: int
-    rows: tuple[bytes, ...]
-    limit: int
-    rebackfill: bool
-
-    @classmethod
-    def of(cls, state: RoomState) -> _Before:
-        return cls(state.epoch, state.head, tuple(state.window.rows), state.limit, state.rebackfill)
-
-
 class _Follower:
-    """Turns sync replies into one printed line per change."""
+    """Turns change-feed batches into one printed line per change."""
 
     def __init__(self, room: str, palette: Palette, width: int | None, out: IO[str]) -> None:
         self.room = room
@@ -249,6 +231,12 @@ class _Follower:
         self.width = width
         self.out = out
         self.changes = 0
+        self.cursor: str | None = None
+        self.epoch = ""
+        self.limit = 0
+        self.rebackfill = False
+        self.head = 0  # the lowest position this follower holds
+        self.end = 0  # one past the highest
 
     def emit(self, mark: str, text: str, *, change: bool = True) -> None:
         stamp = self.palette.dim(dt.datetime.now().strftime("%H:%M:%S"))
@@ -256,100 +244,91 @@ class _Follower:
         if change:
             self.changes += 1
 
-    def entry_line(self, position: int, row: bytes) -> str:
-        entry = decode_entry(row)
+    def entry_line(self, change: Change) -> str:
+        entry = change.entry
         if entry is None:
-            return f"#{position} {self.palette.bad('corrupt row')}"
+            return f"#{change.position} {self.palette.bad('corrupt row')}"
         name = f" {entry['name']}" if entry.get("name") else ""
         text = self.palette.highlight(truncate(describe_entry(entry), self.width))
-        return f"#{position} {self.palette.role(str(entry.get('role')))}{name}: {text}"
+        return f"#{change.position} {self.palette.role(str(entry.get('role')))}{name}: {text}"
 
-    def start(self, state: RoomState, last: int) -> None:
-        if not state.epoch:
+    def _settle(self, batch: Batch) -> None:
+        self.cursor = batch.cursor
+        self.epoch = batch.epoch
+        self.limit = batch.limit
+        self.rebackfill = batch.rebackfill
+
+    def start(self, batch: Batch, last: int) -> None:
+        self._settle(batch)
+        if not batch.epoch:
             print(
                 f"waiting for room {self.palette.bold(self.room)} to appear (Ctrl-C to stop)",
                 file=self.out,
                 flush=True,
             )
             return
-        rows = state.window.rows
+        appends = [c for c in batch.changes if c.kind == "append"]
         print(
-            f"following {self.palette.bold(self.room)} at version {state.version} "
-            f"({len(rows)} entries, limit {limit_text(state.limit)}) — Ctrl-C to stop",
+            f"following {self.palette.bold(self.room)} at version {batch.version} "
+            f"({len(batch.rows)} entries, limit {limit_text(batch.limit)}) — Ctrl-C to stop",
             file=self.out,
             flush=True,
         )
-        backlog = rows[-last:] if last > 0 else []
-        first = state.head + len(rows) - len(backlog)
-        for offset, row in enumerate(backlog):
-            self.emit(" ", self.entry_line(first + offset, row), change=False)
+        if appends:
+            self.head, self.end = appends[0].position, appends[-1].position + 1
+        for change in appends[-last:] if last > 0 else []:
+            self.emit(" ", self.entry_line(change), change=False)
 
-    def report(self, before: _Before, reply: SyncReply, state: RoomState) -> None:
+    def report(self, batch: Batch) -> None:
         p = self.palette
-        if reply.kind == 0:
-            return
-        if reply.kind == 1:
-            trimmed = min(state.head - before.head, len(before.rows))
-            if trimmed > 0:
-                self.emit(
-                    p.dim("✂"),
-                    p.dim(
-                        f"{trimmed} entr{'y' if trimmed == 1 else 'ies'} "
-                        f"left the front of the window"
-                    ),
-                )
-            for position, row in sorted(reply.replaced):
-                self.emit(p.paint("~", YELLOW), self.entry_line(position, row))
-            end = state.head + len(state.window)
-            appended = (
-                state.window.rows[len(state.window) - len(reply.rows) :] if reply.rows else []
-            )
-            for offset, row in enumerate(appended):
-                self.emit(p.paint("+", GREEN), self.entry_line(end - len(appended) + offset, row))
-        else:
-            self._report_snapshot(before, state)
-        if state.limit != before.limit:
+        before_epoch, before_limit, before_rebackfill = self.epoch, self.limit, self.rebackfill
+        self._settle(batch)
+        if not before_epoch and batch.epoch and batch.changes:
+            self.emit(p.paint("●", CYAN), f"room {self.room} appeared at version {batch.version}")
+        for change in batch.changes:
+            if change.kind == "append":
+                self.emit(p.paint("+", GREEN), self.entry_line(change))
+                self.end = change.position + 1
+            elif change.kind == "edit":
+                self.emit(p.paint("~", YELLOW), self.entry_line(change))
+            elif change.kind in ("trim", "fold"):
+                gone = max(0, min(change.position, self.end) - self.head)
+                self.head = change.position
+                if change.kind == "fold":
+                    self.emit(
+                        p.paint("⊕", MAGENTA),
+                        f"{gone} entr{'y' if gone == 1 else 'ies'} folded into a summary: "
+                        + self.entry_line(change),
+                    )
+                else:
+                    self.emit(
+                        p.dim("✂"),
+                        p.dim(
+                            f"{gone} entr{'y' if gone == 1 else 'ies'} left the front of the window"
+                        ),
+                    )
+            elif change.kind == "clear":
+                self.head = self.end = change.position
+                self.emit(p.paint("∅", RED), f"room cleared (version {batch.version})")
+            else:  # reset
+                self.head = self.end = change.position
+                if not batch.epoch:
+                    self.emit(
+                        p.bad("✗"), f"room {self.room} is gone from Redis (expired or flushed)"
+                    )
+                else:
+                    self.emit(
+                        p.paint("∅", RED),
+                        f"window reset (another epoch, or more changes than the log keeps); "
+                        f"the whole window follows (version {batch.version})",
+                    )
+        if batch.epoch and batch.limit != before_limit:
             self.emit(
                 p.paint("⚙", MAGENTA),
-                f"limit {limit_text(before.limit)} → {limit_text(state.limit)}",
+                f"limit {limit_text(before_limit)} → {limit_text(batch.limit)}",
             )
-        if state.rebackfill and not before.rebackfill:
+        if batch.rebackfill and not before_rebackfill:
             self.emit(p.paint("⚙", MAGENTA), "re-backfill requested")
-
-    def _report_snapshot(self, before: _Before, state: RoomState) -> None:
-        # A snapshot comes after a clear, a whole-window rewrite (backfill,
-        # consolidation), a reset, or more edits than the edit log keeps. Rows
-        # are matched by identity (by bytes when they have none) to say what
-        # changed: positions alone cannot tell, since a clear restarts them.
-        p = self.palette
-        if not state.epoch:
-            self.emit(p.bad("✗"), f"room {self.room} is gone from Redis (expired or flushed)")
-            return
-        if not before.epoch:
-            self.emit(p.paint("●", CYAN), f"room {self.room} appeared at version {state.version}")
-        old = {_row_key(row): row for row in before.rows}
-        new_keys = {_row_key(row) for row in state.window.rows}
-        removed = sum(1 for key in old if key not in new_keys)
-        if before.rows and not state.window.rows:
-            self.emit(p.paint("∅", RED), f"room cleared (version {state.version})")
-        elif removed:
-            self.emit(
-                p.paint("∅", RED),
-                f"window reset (cleared or rewritten): {removed} "
-                f"entr{'y' if removed == 1 else 'ies'} gone (version {state.version})",
-            )
-        for offset, row in enumerate(state.window.rows):
-            previous = old.get(_row_key(row))
-            if previous is None:
-                self.emit(p.paint("+", GREEN), self.entry_line(state.head + offset, row))
-            elif previous != row:
-                self.emit(p.paint("~", YELLOW), self.entry_line(state.head + offset, row))
-
-
-def _row_key(row: bytes) -> str | bytes:
-    entry = decode_entry(row)
-    identity = entry.get("message_id") if entry is not None else None
-    return f"id:{identity}" if isinstance(identity, str) else row
 
 
 async def cmd_stats(target: RedisTarget, args: argparse.Namespace, out: IO[str]) -> int:

@@ -9,9 +9,9 @@ from typing import Any
 
 import orjson
 
-from .._engine.window import RoomState, apply_reply
+from .._changes.feed import Batch, ChangeFeed
+from .._engine.window import RoomState
 from .._redis.keys import KeySpace
-from .._redis.replies import SyncReply
 from .._redis.rooms import RoomStore
 from .._stats import Stats
 from .targets import RedisTarget
@@ -68,6 +68,7 @@ class RoomReader:
         self._store = RoomStore(
             target.client, Stats(), ttl_ms=0, default_limit=100, command_timeout=30.0
         )
+        self._feed = ChangeFeed(self._store, self.keyspace, Stats())
 
     async def snapshot(self, room: str) -> Snapshot:
         state = RoomState()
@@ -85,11 +86,9 @@ class RoomReader:
             rows=list(reply.rows),
         )
 
-    async def poll(self, room: str, state: RoomState) -> SyncReply:
-        """Bring ``state`` up to date in one round trip; returns the raw reply."""
-        reply = await self._store.sync(self.keyspace.room(room), state)
-        apply_reply(state, reply, room)
-        return reply
+    async def read_changes(self, room: str, cursor: str | None) -> Batch:
+        """The room's change feed after ``cursor`` (what ``read_since`` reads)."""
+        return await self._feed.read(room, cursor)
 
     async def wait_idle(self) -> None:
         await self._store.wait_idle()

@@ -1,0 +1,1 @@
+"""Reading a room's history as it changes: the change feed and its cursors."""

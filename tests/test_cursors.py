@@ -1,0 +1,133 @@
+"""Named durable cursors (SPEC §34): compare-and-set under the room's hash tag, with
+the room's TTL, and two extraction workers in separate processes that share one
+cursor and process every turn exactly once, even when one dies mid-batch."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from collections.abc import Callable
+from functools import partial
+
+import pytest
+import redis.asyncio as aioredis
+from extraction import CRASH_TURN, EXIT_CRASHED, LAST_TURN, extract
+from redis_servers import RedisServer
+
+from conversation import ConversationManager, InvalidCursor
+from conversation._redis.keys import KeySpace
+from conversation.testing import wait_until
+
+pytestmark = pytest.mark.real_server
+
+Make = Callable[..., ConversationManager]
+KEYS = KeySpace("sg")
+
+
+async def test_set_cursor_is_a_compare_and_set(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    manager = make_manager(any_client)
+    await manager.append_async(room, "user", "[Message ID: 1] hi")
+    _, first = await manager.read_since(room)
+    await manager.append_async(room, "user", "[Message ID: 2] again")
+    _, second = await manager.read_since(room, first)
+
+    assert await manager.get_cursor(room, "memory") is None
+    assert await manager.set_cursor(room, "memory", first, expected="")  # only if unset
+    assert not await manager.set_cursor(room, "memory", second, expected="")
+    assert await manager.get_cursor(room, "memory") == first
+    assert not await manager.set_cursor(room, "memory", second, expected=second)
+    assert await manager.set_cursor(room, "memory", second, expected=first)
+    assert await manager.get_cursor(room, "memory") == second
+    assert await manager.set_cursor(room, "memory", first)  # no expectation: always
+    # Names are independent, and emoji or spaces are just names.
+    assert await manager.get_cursor(room, "moderation 🚨") is None
+    assert await manager.set_cursor(room, "moderation 🚨", second)
+    assert await manager.get_cursor(room, "memory") == first
+
+
+async def test_cursor_keys_share_the_room_hash_tag_and_its_ttl(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    manager = make_manager(redis_client, ttl_seconds=600)
+    await manager.append_async(room, "user", "[Message ID: 1] hi")
+    _, cursor = await manager.read_since(room)
+    assert await manager.set_cursor(room, "memory", cursor)
+    key = KEYS.cursors(room)
+    assert key == f"sg:conversation:{{{room}}}:cursors"
+    assert 590_000 < int(await redis_client.pttl(key)) <= 600_000
+
+
+async def test_bad_names_and_cursors_are_refused_and_nothing_is_stored(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    manager = make_manager(any_client)
+    await manager.append_async(room, "user", "[Message ID: 1] hi")
+    _, cursor = await manager.read_since(room)
+    _, foreign = await manager.read_since(room + "-b")
+    cases: list[tuple[object, object, str]] = [
+        ("", cursor, "1 to 200"),
+        ("x" * 201, cursor, "1 to 200"),
+        ("a\nb", cursor, "control"),
+        (7, cursor, "must be a str"),
+        ("memory", "garbage", "does not start"),
+        ("memory", foreign, "another room"),
+        ("memory", None, "not None"),
+    ]
+    for name, value, reason in cases:
+        with pytest.raises(InvalidCursor, match=reason):
+            await manager.set_cursor(room, name, value)  # type: ignore[arg-type]
+    assert not await any_client.exists(KEYS.cursors(room))
+
+
+async def _count(client: aioredis.Redis, key: str, n: int) -> bool:
+    return int(await client.get(key) or 0) >= n
+
+
+async def _extracted(client: aioredis.Redis, room: str, n: int) -> bool:
+    return int(await client.llen(f"memories:{room}")) >= n
+
+
+async def test_two_workers_share_a_cursor_and_extract_each_turn_once_across_a_crash(
+    redis_server: RedisServer, make_manager: Make, room: str
+) -> None:
+    client = aioredis.Redis(port=redis_server.port)
+    writer = make_manager(client, max_history=1000)
+    ctx = multiprocessing.get_context("spawn")
+    workers = [
+        ctx.Process(target=extract, args=(redis_server.port, room, "memory", crasher))
+        for crasher in (False, True)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        turns = [f"t{i}" for i in range(40)]
+        turns[25] = CRASH_TURN
+        turns.append(LAST_TURN)
+        await wait_until(
+            lambda: _count(client, f"ready:{room}", 2), what="both workers to start reading"
+        )
+        for first in range(0, len(turns), 5):
+            batch = turns[first : first + 5]
+            await writer.append_many_async(
+                room, [{"role": "user", "content": f"turn {t}", "message_id": t} for t in batch]
+            )
+            if CRASH_TURN not in turns[: first + 5]:
+                # Batch by batch while both live, so both race for every batch.
+                extracted = partial(_extracted, client, room, first + 5)
+                await wait_until(extracted, what="the batch extracted")
+        for worker in workers:
+            await asyncio.to_thread(worker.join, 60)
+        assert [w.exitcode for w in workers] == [0, EXIT_CRASHED]
+        stored = await client.lrange(f"memories:{room}", 0, -1)
+        memories = [m.decode() if isinstance(m, bytes) else m for m in stored]
+        assert memories == turns  # every turn once, in order, none lost with the crash
+        commits = [int(await client.get(f"commits:{room}:{w.pid}") or 0) for w in workers]
+        assert commits[0] >= 1, commits
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+            worker.join()
+        await client.aclose()

@@ -11,6 +11,7 @@ from ._consolidation.config import ConsolidationConfig
 from ._consolidation.records import ArchiveBatch, ConsolidationResult, Summarizer, format_transcript
 from ._consolidation.summarizer import ExtractiveSummarizer
 from ._consolidation.worker import ConsolidationWorker
+from ._engine.rooms import RoomInfo
 from ._errors import (
     BacklogFull,
     ConfigurationError,
@@ -56,6 +57,7 @@ __all__ = [
     "PromptRenderer",
     "RedisUnavailable",
     "ReplicationTimeout",
+    "RoomInfo",
     "Session",
     "SessionError",
     "SessionExists",

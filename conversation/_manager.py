@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
-from typing import Any, Protocol
+from dataclasses import asdict
+from typing import Any, Literal, Protocol, overload
 
 from ._budget import fit_to_budget
 from ._changes.feed import Change, ChangeFeed
@@ -22,7 +23,7 @@ from ._engine.core import Core
 from ._engine.loop import LoopBinding, running_loop
 from ._engine.ops import BackfillOp, ClearOp, EditOp, LimitOp, Op, Row
 from ._engine.replicator import Backend, MemoryBackend, Replicator
-from ._engine.rooms import Room, RoomTable
+from ._engine.rooms import Room, RoomInfo, RoomTable
 from ._engine.settings import checked_settings
 from ._engine.writes import Writes, limit_write
 from ._entries import (
@@ -444,10 +445,28 @@ class ConversationManager:
             await self._consolidation.wait_idle()
             await self._backend.close()
 
-    def stats(self) -> dict[str, int]:
-        counters = self._stats.as_dict()
+    def rooms(self) -> list[RoomInfo]:
+        """This process's working set: every room it holds, most recently used first.
+
+        Memory only (no Redis call): what an operator or a ``reap_stale`` policy
+        looks at.
+        """
+        return self._rooms.working_set()
+
+    @overload
+    def stats(self) -> dict[str, int]: ...
+
+    @overload
+    def stats(self, *, working_set: Literal[True]) -> dict[str, Any]: ...
+
+    def stats(self, *, working_set: bool = False) -> dict[str, Any]:
+        """Counters; ``working_set=True`` adds ``"working_set"``, ``rooms()`` as
+        JSON-ready dicts (``conversation stats --worker FILE`` shows it)."""
+        counters: dict[str, Any] = self._stats.as_dict()
         counters["rooms"] = len(self._rooms)
         counters["pending_writes"] = self._rooms.pending_writes()
+        if working_set:
+            counters["working_set"] = [asdict(info) for info in self.rooms()]
         return counters
 
     # ----------------------------------------------------------- construction

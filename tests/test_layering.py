@@ -53,6 +53,7 @@ PUBLIC_FACE = {
     "PromptRenderer",
     "RedisUnavailable",
     "ReplicationTimeout",
+    "RoomInfo",
     "Session",
     "SessionError",
     "SessionExists",

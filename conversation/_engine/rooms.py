@@ -22,6 +22,21 @@ class Batch:
     durable_deadline: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class RoomInfo:
+    """One room of this process's working set (``ConversationManager.rooms()``)."""
+
+    room_id: str
+    #: Entries in this worker's view of the window (its own unconfirmed writes included).
+    entries: int
+    #: Writes queued or in flight to Redis.
+    pending_writes: int
+    #: Seconds since this process last used the room (what ``reap_stale`` compares).
+    idle_seconds: float
+    #: The Redis version this worker last synced to (0: never synced).
+    version: int
+
+
 @dataclass(eq=False, slots=True)
 class Room:
     room_id: str
@@ -92,6 +107,22 @@ class RoomTable:
         for room_id in stale:
             del self._rooms[room_id]
         return len(stale)
+
+    def working_set(self) -> list[RoomInfo]:
+        """Every room held, most recently used first."""
+        now = time.monotonic()
+        infos = [
+            RoomInfo(
+                room.room_id,
+                len(room.view.window) - room.view.window.corrupt,
+                len(room.pending),
+                max(0.0, now - room.last_used),
+                room.synced.version,
+            )
+            for room in self._rooms.values()
+        ]
+        infos.sort(key=lambda info: (info.idle_seconds, info.room_id))
+        return infos
 
     def pending_writes(self) -> int:
         return sum(len(room.pending) for room in self._rooms.values())

@@ -49,6 +49,7 @@ from redis.exceptions import ResponseError
 from .commands import cmd_inspect, cmd_rooms, cmd_stats, cmd_tail
 from .targets import DEFAULT_PREFIX, DEFAULT_REDIS_URL, UNREACHABLE, connect, error_reason
 from .terminal import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError
+from .working_set import cmd_worker_stats
 
 logger = logging.getLogger(__name__)
 # ----------------------------------------------------------- bench and demo
@@ -277,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the N largest rooms (default: 20; 0 = all)",
     )
     stats.add_argument("--json", action="store_true", help="machine-readable output")
+    stats.add_argument(
+        "--worker",
+        metavar="FILE",
+        default=None,
+        help="show a worker's own counters and working set from the JSON of "
+        "manager.stats(working_set=True) in FILE ('-': stdin); needs no Redis",
+    )
 
     # Every argument after "bench" belongs to the benchmark, --help included.
     sub.add_parser(
@@ -392,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_bench(extra, args)
         if args.command == "demo":
             return run_demo(args)
+        if args.command == "stats" and args.worker is not None:
+            return cmd_worker_stats(args, sys.stdout)
         return asyncio.run(_dispatch(args, sys.stdout))
     except CliError as exc:
         print(f"conversation: error: {exc}", file=sys.stderr)

@@ -6,6 +6,8 @@ The tree::
     ├── InvalidRoomId                 a room id that cannot be stored safely
     ├── InvalidMessage                a role, content, id or tag the engine refuses
     ├── InvalidCursor                 a change-feed cursor that is not one (or not this room's)
+    ├── InvalidExport                 an export file that is damaged, foreign or too new
+    ├── RoomNotEmpty                  import_room into a room that holds entries (no replace)
     ├── PersistError                  Redis did not confirm a write
     │   ├── DurabilityError           a durable write could not be confirmed
     │   ├── ReplicationTimeout        fewer replicas than min_replicas confirmed a write
@@ -34,12 +36,14 @@ __all__ = [
     "DrainTimeout",
     "DurabilityError",
     "InvalidCursor",
+    "InvalidExport",
     "InvalidMessage",
     "InvalidRoomId",
     "InvalidSessionId",
     "PersistError",
     "RedisUnavailable",
     "ReplicationTimeout",
+    "RoomNotEmpty",
     "SessionError",
     "SessionExists",
     "SessionNotFound",
@@ -77,6 +81,29 @@ class InvalidCursor(ConversationError, ValueError):
         self.cursor = cursor
         self.reason = reason
         super().__init__(f"invalid change cursor {cursor!r:.60}: {reason}")
+
+
+class InvalidExport(ConversationError, ValueError):
+    """Data given to ``import_room``/``import_session`` that is not an export of this engine."""
+
+    def __init__(self, reason: str, *, where: str = "") -> None:
+        self.reason = reason
+        self.where = where
+        super().__init__(
+            f"not an importable export: {reason}" + (f" (at {where})" if where else "")
+        )
+
+
+class RoomNotEmpty(ConversationError):
+    """``import_room`` refused a room that holds entries (pass ``replace=True``)."""
+
+    def __init__(self, room_id: str, entries: int) -> None:
+        self.room_id = room_id
+        self.entries = entries
+        super().__init__(
+            f"room {room_id!r:.80} holds {entries} entries: import_room(..., replace=True) "
+            "replaces them"
+        )
 
 
 class PersistError(ConversationError):

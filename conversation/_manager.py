@@ -41,6 +41,7 @@ from ._redis.keys import KeySpace, validate_room_id
 from ._redis.retry import TRANSIENT_ERRORS
 from ._redis.rooms import RoomStore
 from ._stats import Stats
+from ._transfer.rooms import export_room, import_room, parse_room_export
 
 logger = logging.getLogger(__name__)
 
@@ -394,12 +395,43 @@ class ConversationManager:
         assert self._cursors is not None
         return await self._cursors.set(room_id, name, cursor, expected)
 
+    # ------------------------------------------------------- export / import
+
+    async def export_room(self, room_id: str, *, archives: bool = True) -> dict[str, Any]:
+        """The room as Redis holds it, as a JSON-serialisable dict (see docs/changes.md):
+        entries with their identities, limit, and the archive unless ``archives=False``."""
+        self._change_feed(room_id)
+        assert self._store is not None
+        return await export_room(
+            self._store,
+            self._keyspace,
+            room_id,
+            archives=archives,
+            timeout=self._settings.command_timeout,
+        )
+
+    async def import_room(
+        self, room_id: str, data: Mapping[str, Any], *, replace: bool = False
+    ) -> None:
+        """Write an export as the room, in one script, under a new epoch (every worker
+        reloads). Refuses a room holding entries unless ``replace=True``
+        (``RoomNotEmpty``); a damaged or foreign export raises ``InvalidExport``;
+        either way nothing is written."""
+        self._change_feed(room_id)
+        assert self._store is not None
+        parsed = parse_room_export(data, self._writes.max_entry_bytes)
+        await import_room(self._store, self._keyspace, room_id, parsed, replace=replace)
+        room = self._rooms.get(room_id)
+        if room is not None:
+            await self._backend.ensure_fresh(room)
+
     def _change_feed(self, room_id: str) -> ChangeFeed:
         self._loop.current()
         validate_room_id(room_id)
         if self._feed is None:
             raise ConfigurationError(
-                "the change feed and named cursors read Redis: this manager is memory-only"
+                "the change feed, named cursors, export and import work on Redis: this "
+                "manager is memory-only"
             )
         return self._feed
 

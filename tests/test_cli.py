@@ -243,13 +243,15 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("rooms", "inspect", "tail", "stats", "bench", "demo"):
+    for command in ("rooms", "inspect", "tail", "stats", "export", "import", "bench", "demo"):
         assert f"    {command} " in out
     assert "REDIS_URL" in out
     assert "exit codes" in out
 
 
-@pytest.mark.parametrize("command", ["rooms", "inspect", "tail", "stats", "demo"])
+@pytest.mark.parametrize(
+    "command", ["rooms", "inspect", "tail", "stats", "export", "import", "demo"]
+)
 def test_each_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -152,6 +152,43 @@ class RoomStore:
         self._stats.bytes_received += reply.payload_bytes()
         return reason, folded, reply
 
+    async def import_room(
+        self,
+        keys: RoomKeys,
+        *,
+        epoch: str,
+        replace: bool,
+        head: int,
+        limit: int,
+        rebackfill: bool,
+        rows: Sequence[bytes],
+        archive: tuple[bytes, Sequence[bytes]] | None,
+    ) -> tuple[bool, int]:
+        """``lua/import.lua``: (True, new version), or (False, entries the room holds)."""
+        header, elements = archive if archive is not None else (b"", ())
+        args: list[Arg] = [
+            "",
+            0,
+            0,
+            0,
+            "",
+            self._ttl_ms,
+            self._default_limit,
+            epoch,
+            self._archive_ttl_ms,
+            "1" if replace else "0",
+            head,
+            limit,
+            "1" if rebackfill else "0",
+            len(rows),
+            "0" if archive is None else "1",
+            header,
+            *rows,
+            *elements,
+        ]
+        raw = await self._pipeliner.run(self.scripts["import"], keys.as_list(), args, True)
+        return bool(int(raw[0])), int(raw[1])
+
     async def cursor_get(self, key: str, name: str) -> bytes | None:
         async with asyncio.timeout(self._timeout):
             value = await self.redis.hget(key, name)

@@ -23,6 +23,7 @@ ROOM_SCRIPT_NAMES = (
     "fold",
     "archive_stage",
     "changes",
+    "import",
 )
 #: Scripts that run without the ``_lib.lua`` prelude: they touch no room window.
 STANDALONE_SCRIPT_NAMES = ("lease_release", "lease_renew", "cursor_set")
@@ -32,6 +33,7 @@ SESSION_SCRIPT_NAMES = (
     "session_append",
     "session_delete",
     "session_list",
+    "session_import",
 )
 #: Scripts whose replies ``WAIT`` need not vouch for: they write no room state. (A
 #: staged archive part only counts once its fold commits, and the fold's own WAIT

@@ -221,6 +221,33 @@ class RedisSessions:
             return None
         return Appended(*(int(v) for v in reply[1:6]))
 
+    async def import_(
+        self,
+        user_id: str,
+        session_id: str,
+        token: str,
+        rows: Sequence[bytes],
+        *,
+        created_ms: int,
+        replace: bool,
+    ) -> Appended | int:
+        """``lua/session_import.lua``: the imported session, or how many messages the
+        live session it refused to replace holds."""
+        keys = self._keys.session(user_id, session_id)
+        args: list[Arg] = [
+            *self._common(user_id),
+            session_id,
+            token,
+            "1" if replace else "0",
+            created_ms,
+            self._cap,
+            *rows,
+        ]
+        reply = await self._call("session_import", keys.as_list(), args)
+        if int(reply[0]) != 1:
+            return int(reply[1])
+        return Appended(int(reply[5]), int(reply[2]), int(reply[3]), int(reply[4]), 0)
+
     async def delete(self, user_id: str, session_id: str) -> bool:
         keys = self._keys.session(user_id, session_id)
         reply = await self._call(

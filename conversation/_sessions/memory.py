@@ -122,6 +122,27 @@ class MemorySessions:
             len(session.rows), session.created_ms, session.updated_ms, session.deadline_ms, dropped
         )
 
+    async def import_(
+        self,
+        user_id: str,
+        session_id: str,
+        token: str,
+        rows: Sequence[bytes],
+        *,
+        created_ms: int,
+        replace: bool,
+    ) -> Appended | int:
+        sessions = self._sessions(user_id)
+        live = sessions.get(session_id)
+        if live is not None and not replace:
+            return len(live.rows)
+        self._seq += 1
+        session = _MemSession(token, self._seq, created_ms, _now_ms(), 0.0, 0, list(rows))
+        _trim(session.rows, self._cap)
+        self._touch(session)
+        self._users.setdefault(user_id, {})[session_id] = session
+        return Appended(len(session.rows), created_ms, session.updated_ms, session.deadline_ms, 0)
+
     async def delete(self, user_id: str, session_id: str) -> bool:
         return self._sessions(user_id).pop(session_id, None) is not None
 

@@ -51,6 +51,7 @@ from redis.exceptions import RedisError
 from .._entries import ROLES, build_entry, content_may_be_null, encode
 from .._errors import (
     ConfigurationError,
+    InvalidExport,
     InvalidMessage,
     InvalidRoomId,
     InvalidSessionId,
@@ -70,6 +71,8 @@ MAX_USER_ID_BYTES: Final = 512
 MAX_SESSION_ID_BYTES: Final = 256
 MESSAGE_FIELDS: Final = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 128
+SESSION_FORMAT: Final = "conversation-session"
+SESSION_FORMAT_VERSION: Final = 1
 _BACKEND_ERRORS: Final = (RedisError, OSError, TimeoutError)
 
 Message = dict[str, Any]
@@ -284,6 +287,91 @@ class SessionStore:
             messages,
             loaded.token,
         )
+
+    async def export_session(self, user_id: str, session_id: str) -> dict[str, Any]:
+        """The session as a JSON-serialisable dict (format ``conversation-session``);
+        ``SessionNotFound`` when there is no live one. Reading refreshes its TTL."""
+        session = await self.get_session(user_id, session_id)
+        if session is None:
+            raise SessionNotFound(validate_user_id(user_id), validate_session_id(session_id))
+        return {
+            "format": SESSION_FORMAT,
+            "format_version": SESSION_FORMAT_VERSION,
+            "user_id": session.user_id,
+            "session_id": session.session_id,
+            "created_at": session.created_at,
+            "updated_at": session.updated_at,
+            "messages": session.messages,
+            "extensions": {},
+        }
+
+    async def import_session(
+        self,
+        user_id: str,
+        data: Mapping[str, Any],
+        *,
+        session_id: str | None = None,
+        replace: bool = False,
+    ) -> Session:
+        """Write an exported session for ``user_id`` (under ``session_id``, by default
+        the exported one) in one script, with a new handle token: handles to a
+        session it replaces can no longer write. ``SessionExists`` when a live
+        session has that id and ``replace`` is False; ``InvalidExport`` for a
+        damaged or foreign export; either way nothing is written."""
+        user_id = validate_user_id(user_id)
+        sid, created_ms, rows = self._parse_export(data, session_id)
+        token = secrets.token_urlsafe(18)
+        try:
+            result = await self._backend.import_(
+                user_id, sid, token, rows, created_ms=created_ms, replace=replace
+            )
+        except _BACKEND_ERRORS as exc:
+            raise PersistError(
+                f"user {user_id}: importing session {sid} was not confirmed: " + describe_error(exc)
+            ) from exc
+        if isinstance(result, int):
+            raise SessionExists(user_id, sid)
+        session = await self.get_session(user_id, sid)
+        if session is None:  # expired or deleted in the instant since: say so
+            raise SessionNotFound(user_id, sid)
+        return session
+
+    def _parse_export(self, data: object, session_id: str | None) -> tuple[str, int, list[bytes]]:
+        if not isinstance(data, Mapping):
+            raise InvalidExport(f"an export is a JSON object, not {type(data).__name__}")
+        if data.get("format") != SESSION_FORMAT:
+            raise InvalidExport(f"format is {data.get('format')!r:.60}, not {SESSION_FORMAT!r}")
+        version = data.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise InvalidExport(f"format_version {version!r:.40} is not a version number")
+        if version > SESSION_FORMAT_VERSION:
+            raise InvalidExport(f"format_version {version} was written by a newer engine")
+        extensions = data.get("extensions", {})
+        if not isinstance(extensions, Mapping) or extensions:
+            raise InvalidExport("carries extensions this engine cannot import")
+        try:
+            sid = validate_session_id(
+                session_id if session_id is not None else data.get("session_id")
+            )
+        except InvalidSessionId as exc:
+            raise InvalidExport(str(exc), where="session_id") from exc
+        created = data.get("created_at")
+        if (
+            isinstance(created, bool)
+            or not isinstance(created, (int, float))
+            or not (0 <= created < 2**40)
+        ):
+            raise InvalidExport(f"created_at {created!r:.40} is not a Unix time")
+        messages = data.get("messages")
+        if not isinstance(messages, list):
+            raise InvalidExport("messages must be a list")
+        rows = []
+        for index, message in enumerate(messages):
+            try:
+                rows.append(message_row(message, self._max_message_bytes))
+            except InvalidMessage as exc:
+                raise InvalidExport(str(exc), where=f"messages[{index}]") from exc
+        return sid, round(created * 1000), rows
 
     async def delete_session(self, user_id: str, session_id: str) -> bool:
         """Remove the session; True iff a live one was there."""

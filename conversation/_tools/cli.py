@@ -6,6 +6,8 @@ Commands::
     inspect ROOM     a room's window as a table (markers highlighted) or --json
     tail ROOM        follow a room's changes live until Ctrl-C
     stats [ROOM...]  server facts, engine script cache, per-room sizes
+    export ROOM      a room as a JSON export (``-o FILE``), archives included
+    import ROOM FILE write an export as the room (``--replace`` an existing one)
     bench ...        the benchmark (``conversation._tools.bench``)
     demo             the multi-process demo (``conversation._tools.demo``)
 
@@ -49,6 +51,7 @@ from redis.exceptions import ResponseError
 from .commands import cmd_inspect, cmd_rooms, cmd_stats, cmd_tail
 from .targets import DEFAULT_PREFIX, DEFAULT_REDIS_URL, UNREACHABLE, connect, error_reason
 from .terminal import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError
+from .transfer import cmd_export, cmd_import
 from .working_set import cmd_worker_stats
 
 logger = logging.getLogger(__name__)
@@ -286,6 +289,41 @@ def build_parser() -> argparse.ArgumentParser:
         "manager.stats(working_set=True) in FILE ('-': stdin); needs no Redis",
     )
 
+    export = add(
+        "export",
+        "write a room as JSON",
+        "Write a room as an export (entries with their identities, limit, archive): "
+        "the format ConversationManager.export_room returns, for import elsewhere.",
+    )
+    export.add_argument("room", metavar="ROOM", help="room id")
+    export.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
+    export.add_argument("--no-archives", action="store_true", help="leave the archive out")
+
+    imp = add(
+        "import",
+        "write an export as a room",
+        "Write an export (from 'export' or export_room) as ROOM in one script, under a "
+        "new epoch: every worker reloads. Refuses a room that holds entries unless "
+        "--replace; a damaged or foreign file writes nothing.",
+    )
+    imp.add_argument("room", metavar="ROOM", help="room id (need not be the exported one)")
+    imp.add_argument("file", metavar="FILE", help="the export ('-': stdin)")
+    imp.add_argument("--replace", action="store_true", help="replace a room that holds entries")
+    imp.add_argument(
+        "--ttl",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="the room's keys expire after this (default: never; workers' ttl_seconds)",
+    )
+    imp.add_argument(
+        "--max-entry-bytes",
+        type=_positive_int,
+        default=8 * 1024 * 1024,
+        metavar="N",
+        help="refuse entries larger than this (default: 8 MiB, the manager's default)",
+    )
+
     # Every argument after "bench" belongs to the benchmark, --help included.
     sub.add_parser(
         "bench",
@@ -371,7 +409,14 @@ def _configure_logging(verbose: bool) -> None:
 
 async def _dispatch(args: argparse.Namespace, out: IO[str]) -> int:
     url = args.redis_url or os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
-    commands = {"rooms": cmd_rooms, "inspect": cmd_inspect, "tail": cmd_tail, "stats": cmd_stats}
+    commands = {
+        "rooms": cmd_rooms,
+        "inspect": cmd_inspect,
+        "tail": cmd_tail,
+        "stats": cmd_stats,
+        "export": cmd_export,
+        "import": cmd_import,
+    }
     target = await connect(url)
     try:
         return await commands[args.command](target, args, out)

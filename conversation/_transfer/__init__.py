@@ -1,0 +1,1 @@
+"""Export and import of rooms and sessions: a versioned, JSON-serialisable format."""

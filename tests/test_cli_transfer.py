@@ -1,0 +1,96 @@
+"""``conversation export`` / ``import``: a room moved between two servers by file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from redis_servers import RedisServer
+
+from conversation import ConversationManager
+from conversation._tools.cli import main
+
+pytestmark = pytest.mark.real_server
+
+ROOM = "cli:moving 🚚"
+
+
+async def _populate(url: str) -> None:
+    client = aioredis.Redis.from_url(url)
+    manager = ConversationManager(None, redis=client)
+    try:
+        await manager.set_channel_limit_async(ROOM, 80)
+        for i in range(30):
+            await manager.append_async(ROOM, "user", f"[Message ID: {i}] turn {i}", name="ana")
+        await manager.update_message_async(ROOM, 4, "[Message ID: 4] edited")
+    finally:
+        await manager.aclose()
+        await client.aclose()
+
+
+@pytest.fixture
+def second(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "second").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_export_then_import_on_another_server_reads_back_equal(
+    redis_server: RedisServer,
+    second: RedisServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    asyncio.run(_populate(redis_server.url))
+    dump = tmp_path / "room.json"
+    assert main(["--redis-url", redis_server.url, "export", ROOM, "-o", str(dump)]) == 0
+    assert "exported 30 entries" in capsys.readouterr().err
+    assert main(["--redis-url", second.url, "import", ROOM, str(dump)]) == 0
+    assert "imported 30 entries" in capsys.readouterr().out
+    assert main(["--redis-url", redis_server.url, "inspect", ROOM, "--json"]) == 0
+    before = json.loads(capsys.readouterr().out)
+    assert main(["--redis-url", second.url, "inspect", ROOM, "--json"]) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert after["entries"] == before["entries"] and after["limit"] == 80
+
+    # Into a room that holds entries: refused, unless --replace.
+    assert main(["--redis-url", second.url, "import", ROOM, str(dump)]) == 2
+    assert "--replace" in capsys.readouterr().err
+    assert main(["--redis-url", second.url, "import", ROOM, str(dump), "--replace"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"{not json", "is not JSON"),
+        (b'{"format": "discord-dump", "messages": []}', "format is"),
+        (b'{"format": "conversation-room", "format_version": 1, "entries": [7]}', "entries[0]"),
+    ],
+)
+def test_import_of_a_corrupt_or_foreign_file_writes_nothing(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: bytes,
+    problem: str,
+) -> None:
+    dump = tmp_path / "bad.json"
+    dump.write_bytes(content)
+    assert main(["--redis-url", redis_server.url, "import", "cli:target", str(dump)]) == 2
+    err = capsys.readouterr().err
+    assert problem in err and "nothing written" in err
+    with redis_server.sync_client() as client:
+        assert client.keys("*") == []
+
+
+def test_export_of_a_missing_room_says_so(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--redis-url", redis_server.url, "export", "cli:nobody"]) == 1
+    assert "not found" in capsys.readouterr().err

@@ -1,0 +1,227 @@
+"""Export and import of rooms (SPEC §35): a round trip to another server reads back
+equal, identities included; a damaged or foreign file writes nothing."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis_servers import RedisServer
+
+from conversation import (
+    ConsolidationConfig,
+    ConversationManager,
+    InvalidExport,
+    RoomNotEmpty,
+    SessionExists,
+    SessionNotFound,
+    SessionStore,
+)
+from conversation._redis.keys import KeySpace
+
+pytestmark = pytest.mark.real_server
+
+Make = Callable[..., ConversationManager]
+KEYS = KeySpace("sg")
+CONFIG = ConsolidationConfig(max_turns=20, keep_recent=5, min_fold=2)
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+
+
+@pytest.fixture
+async def other_server(tmp_path: Path) -> AsyncIterator[aioredis.Redis]:
+    server = RedisServer(tmp_path / "other").start()
+    client = aioredis.Redis(port=server.port)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def populate(manager: ConversationManager, room: str) -> None:
+    await manager.set_channel_limit_async(room, 60)
+    for i in range(22):
+        role = "user" if i % 2 == 0 else "assistant"
+        await manager.append_async(room, role, f"[Message ID: {i}] turn {i} ✨", name=f"u{i % 3}")
+    await manager.append_async(
+        room, "user", [{"type": "text", "text": "[Message ID: 30] pic"}, IMAGE]
+    )
+    # A user typing someone else's marker: identity stays the explicit id.
+    await manager.append_async(room, "user", "[Message ID: 31] hi [Message ID: 5]", message_id="x9")
+    await manager.append_async(
+        room,
+        "assistant",
+        None,  # type: ignore[arg-type]
+        tool_calls=[{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+    )
+    await manager.append_async(room, "tool", "42", tool_call_id="c1")
+    await manager.update_message_async(room, 3, "[Message ID: 3] edited")
+    assert (await manager.consolidate(room)).outcome == "folded"
+
+
+def comparable(export: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(export)
+    del out["exported_at"], out["source"]
+    return out
+
+
+async def test_an_export_imported_on_another_server_reads_back_equal_and_edits_keep_working(
+    redis_client: aioredis.Redis, other_server: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    source = make_manager(redis_client, consolidation=CONFIG)
+    await populate(source, room)
+    export = await source.export_room(room)
+    assert export["format"] == "conversation-room" and export["format_version"] == 1
+    assert export["extensions"] == {}
+    data = json.loads(json.dumps(export))  # what a file holds
+
+    target = make_manager(other_server, consolidation=CONFIG)
+    await target.import_room(room, data)
+    again = await target.export_room(room)
+    assert comparable(again) == comparable(export)
+    assert await target.get_messages_async(room) == await source.get_messages_async(room)
+    assert await target.list_archives(room) == await source.list_archives(room)
+    assert target.get_channel_limit(room) == 60
+    assert again["source"]["epoch"] != export["source"]["epoch"]  # a new epoch
+
+    # Identities came along: edits by message id find the same entries.
+    assert await target.update_message_async(room, 30, "[Message ID: 30] new caption")
+    messages = await target.get_messages_async(room)
+    assert messages[-4]["content"][0]["text"] == "[Message ID: 30] new caption"
+    assert messages[-4]["content"][1] == IMAGE  # a text edit keeps the media part
+    assert await target.mark_deleted_async(room, "x9", "2026-01-01T00:00:00Z")
+    # The marker a user typed into x9 did not become an identity on the way in.
+    await target.update_message_async(room, 5, "[Message ID: 5] changed")
+    rows = [json.loads(r) for r in await other_server.lrange(KEYS.room(room).window, 0, -1)]
+    (x9,) = [r for r in rows if r["message_id"] == "x9"]
+    assert x9["content"] == "[deleted at 2026-01-01T00:00:00Z] [Message ID: 31] hi [Message ID: 5]"
+
+
+async def test_an_export_without_archives_leaves_them_out(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    manager = make_manager(redis_client, consolidation=CONFIG)
+    await populate(manager, room)
+    assert (await manager.export_room(room, archives=False))["archive"] is None
+    assert (await manager.export_room(room))["archive"]["elements"]
+
+
+async def test_import_refuses_a_room_with_entries_unless_replace_and_every_worker_reloads(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    writer = make_manager(redis_client)
+    other = make_manager(redis_client)
+    await writer.append_async(room, "user", "[Message ID: 1] original")
+    await other.get_messages_async(room)
+    _, cursor = await other.read_since(room)
+    export = await writer.export_room(room)
+    export["entries"] = [{"message_id": "9", "role": "user", "content": "[Message ID: 9] new"}]
+    before = await redis_client.lrange(KEYS.room(room).window, 0, -1)
+    with pytest.raises(RoomNotEmpty, match="replace=True"):
+        await writer.import_room(room, export)
+    assert await redis_client.lrange(KEYS.room(room).window, 0, -1) == before
+
+    await writer.import_room(room, export, replace=True)
+    assert [m["content"] for m in await other.get_messages_async(room)] == ["[Message ID: 9] new"]
+    changes, _ = await other.read_since(room, cursor)
+    assert [c.kind for c in changes] == ["reset", "append"]
+
+
+BAD: list[tuple[str, Callable[[dict[str, Any]], object], str]] = [
+    ("not an object", lambda d: [d], "JSON object"),
+    ("foreign format", lambda d: {**d, "format": "slack-export"}, "format is"),
+    ("newer engine", lambda d: {**d, "format_version": 99}, "newer engine"),
+    ("unknown extension", lambda d: {**d, "extensions": {"reactions": {}}}, "cannot import"),
+    ("bad entry", lambda d: {**d, "entries": [{"role": "robot", "content": "x"}]}, "role"),
+    (
+        "entry field",
+        lambda d: {**d, "entries": [{"role": "user", "content": "x", "x": 1}]},
+        "unknown",
+    ),
+    ("entries", lambda d: {**d, "entries": "nope"}, "entries must be a list"),
+    ("head", lambda d: {**d, "head": -3}, "head"),
+    ("limit", lambda d: {**d, "limit": 7}, "limit"),
+    (
+        "archive",
+        lambda d: {**d, "archive": {"elements": [{"role": "user", "content": "x"}]}},
+        "inside a fold",
+    ),
+    (
+        "bad id",
+        lambda d: {**d, "entries": [{"message_id": "[x]", "role": "user", "content": "x"}]},
+        "brackets",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "damage", "problem"), BAD, ids=[b[0] for b in BAD])
+async def test_a_damaged_or_foreign_export_is_refused_and_nothing_is_written(
+    redis_client: aioredis.Redis,
+    make_manager: Make,
+    room: str,
+    case: str,
+    damage: Callable[[dict[str, Any]], object],
+    problem: str,
+) -> None:
+    manager = make_manager(redis_client)
+    await manager.append_async(room, "user", "[Message ID: 1] hi")
+    export = await manager.export_room(room)
+    target = room + "-target"
+    with pytest.raises(InvalidExport, match=problem):
+        await manager.import_room(target, damage(export), replace=True)  # type: ignore[arg-type]
+    assert await redis_client.keys(f"*{target}*") == []
+
+
+# ------------------------------------------------------------------ sessions
+
+
+@pytest.fixture(params=["redis", "memory"])
+async def two_stores(
+    request: pytest.FixtureRequest, redis_client: aioredis.Redis, other_server: aioredis.Redis
+) -> tuple[SessionStore, SessionStore]:
+    if request.param == "memory":
+        return SessionStore(None, max_messages=5), SessionStore(None, max_messages=5)
+    return SessionStore(redis_client, max_messages=5), SessionStore(other_server, max_messages=5)
+
+
+async def test_a_session_export_imported_elsewhere_reads_back_equal(
+    two_stores: tuple[SessionStore, SessionStore],
+) -> None:
+    source, target = two_stores
+    session = await source.create_session("ana", "s1")
+    await source.append_message(
+        session,
+        [
+            {"role": "user", "content": "hi 👋"},
+            {"role": "assistant", "content": [{"type": "text", "text": "hello"}], "name": "bot"},
+        ],
+    )
+    export = json.loads(json.dumps(await source.export_session("ana", "s1")))
+    assert export["format"] == "conversation-session"
+    imported = await target.import_session("ana", export)
+    original = await source.get_session("ana", "s1")
+    assert original is not None
+    assert imported.messages == original.messages
+    assert imported.created_at == pytest.approx(original.created_at, abs=0.001)
+    await target.append_message(imported, {"role": "user", "content": "more"})  # a live handle
+    with pytest.raises(SessionExists):
+        await target.import_session("ana", export)
+    replaced = await target.import_session("ana", export, replace=True)
+    assert len(replaced.messages) == 2
+    with pytest.raises(SessionNotFound):
+        await target.append_message(imported, {"role": "user", "content": "old handle"})
+    # Under another id, and refused whole when damaged.
+    assert (await target.import_session("bo", export, session_id="copy")).user_id == "bo"
+    bad = {**export, "messages": [*export["messages"], {"role": "robot", "content": "x"}]}
+    with pytest.raises(InvalidExport, match=r"messages\[2\]"):
+        await target.import_session("ana", bad, session_id="never")
+    assert await target.get_session("ana", "never") is None
+    with pytest.raises(InvalidExport, match="format"):
+        await target.import_session("ana", {"format": "conversation-room"}, session_id="never")
+    with pytest.raises(SessionNotFound):
+        await source.export_session("ana", "missing")

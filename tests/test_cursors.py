@@ -14,7 +14,12 @@ import redis.asyncio as aioredis
 from extraction import CRASH_TURN, EXIT_CRASHED, LAST_TURN, extract
 from redis_servers import RedisServer
 
-from conversation import ConversationManager, InvalidCursor
+from conversation import (
+    ConfigurationError,
+    ConsolidationConfig,
+    ConversationManager,
+    InvalidCursor,
+)
 from conversation._redis.keys import KeySpace
 from conversation.testing import wait_until
 
@@ -131,3 +136,56 @@ async def test_two_workers_share_a_cursor_and_extract_each_turn_once_across_a_cr
                 worker.kill()
             worker.join()
         await client.aclose()
+
+
+# ------------------------------------------- consolidation waits for cursors
+
+HELD = ConsolidationConfig(max_turns=20, keep_recent=5, min_fold=2, wait_for_cursors=["memory"])
+
+
+async def test_a_fold_waits_for_the_turns_a_named_cursor_has_not_read(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    worker = make_manager(redis_client, consolidation=HELD)
+    extractor = make_manager(redis_client)
+    for i in range(24):
+        await worker.append_async(room, "user", f"[Message ID: {i}] turn {i}")
+    assert (await worker.consolidate(room)).outcome == "waiting_for_cursors"  # never read
+    assert await redis_client.llen(KEYS.room(room).window) == 24
+
+    changes, _ = await extractor.read_since(room)
+    seen = [c.message_id for c in changes[:10]]  # the extractor got through 10 turns
+    assert await extractor.set_cursor(room, "memory", changes[9].cursor, expected="")
+    result = await worker.consolidate(room)
+    assert result.outcome == "folded" and 0 < result.folded <= 10
+    (batch,) = await worker.list_archives(room)
+    assert {t["message_id"] for t in batch.turns} <= set(seen)
+
+    # Resuming from its cursor, the extractor gets the fold and every turn it had not
+    # read, raw: no turn went into a summary unseen.
+    rest, _ = await extractor.read_since(room, changes[9].cursor)
+    assert rest[0].kind == "fold"
+    seen += [c.message_id for c in rest if c.kind == "append"]
+    assert seen == [str(i) for i in range(24)]
+
+
+async def test_a_cursor_of_another_epoch_holds_every_fold_back(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    worker = make_manager(redis_client, consolidation=HELD)
+    for i in range(24):
+        await worker.append_async(room, "user", f"[Message ID: {i}] turn {i}")
+    _, cursor = await worker.read_since(room)
+    assert await worker.set_cursor(room, "memory", cursor)
+    await worker.import_room(room, await worker.export_room(room), replace=True)  # new epoch
+    assert (await worker.consolidate(room)).outcome == "waiting_for_cursors"
+
+
+def test_wait_for_cursors_is_checked_and_needs_redis(make_manager: Make) -> None:
+    with pytest.raises(ConfigurationError, match="list of cursor names"):
+        ConsolidationConfig(wait_for_cursors="memory")
+    with pytest.raises(InvalidCursor, match="control"):
+        ConsolidationConfig(wait_for_cursors=["a\nb"])
+    assert ConsolidationConfig(wait_for_cursors=["a"]).wait_for_cursors == ("a",)
+    with pytest.raises(ConfigurationError, match="memory-only"):
+        make_manager(None, consolidation=HELD)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .._changes.named import validate_name
 from .._errors import (
     ConfigurationError,
     require_positive_int,
@@ -63,8 +65,21 @@ class ConsolidationConfig:
     max_attempts: int = 3
     #: Lease a consolidation worker holds on a room while it folds it.
     lease_seconds: float = 60.0
+    #: Named change-feed cursors (``set_cursor``) a fold waits for: it folds only
+    #: turns every one of them has read, so a memory extractor never misses turns a
+    #: summary swallowed. A cursor not set yet, or from another epoch, holds back
+    #: every fold. (The window limit still trims: see docs/changes.md.)
+    wait_for_cursors: Sequence[str] = ()  # kept as a tuple
 
     def __post_init__(self) -> None:
+        names: object = self.wait_for_cursors  # a list works too; a str would be letters
+        if isinstance(names, str) or not isinstance(names, (list, tuple)):
+            raise ConfigurationError("wait_for_cursors must be a list of cursor names")
+        if not all(isinstance(n, str) for n in names):
+            raise ConfigurationError("wait_for_cursors must be a list of cursor names")
+        for name in names:
+            validate_name(name)
+        object.__setattr__(self, "wait_for_cursors", tuple(names))
         for name in ("max_turns", "max_tokens", "min_fold", "max_summary_words", "max_attempts"):
             require_positive_int(name, getattr(self, name))
         for name in ("keep_recent", "archive_max_batches", "archive_max_bytes"):

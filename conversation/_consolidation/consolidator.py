@@ -55,10 +55,11 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import orjson
 
+from .._changes.cursor import decode_cursor
 from .._engine.replicator import consume_exception
 from .._engine.window import RoomState
 from .._entries import (
@@ -71,6 +72,7 @@ from .._entries import (
 from .._errors import (
     ConfigurationError,
     ConsolidationError,
+    InvalidCursor,
     RedisUnavailable,
     describe_error,
 )
@@ -149,6 +151,11 @@ class Consolidator:
         if config is not None and not isinstance(config, ConsolidationConfig):
             raise ConfigurationError("consolidation must be a ConsolidationConfig")
         self.config = config or ConsolidationConfig()
+        if self.config.wait_for_cursors and core.store is None:
+            raise ConfigurationError(
+                "wait_for_cursors needs Redis (named cursors live there): this manager "
+                "is memory-only"
+            )
         self._engine = core
         self._renderer = renderer
         self._default = ExtractiveSummarizer()
@@ -218,9 +225,15 @@ class Consolidator:
             attempts = calls = 0
             while True:
                 state = room.synced if engine.store is not None else room.view
-                plan = plan_fold(state, self.config, keep)
+                read_limit = await self._read_limit(room_id, state)
+                plan = plan_fold(state, self.config, keep, read_limit)
                 if plan is None:
-                    return ConsolidationResult(room_id, "nothing_to_fold", 0, None, attempts, calls)
+                    outcome: Literal["nothing_to_fold", "waiting_for_cursors"] = (
+                        "waiting_for_cursors"
+                        if read_limit is not None and plan_fold(state, self.config, keep)
+                        else "nothing_to_fold"
+                    )
+                    return ConsolidationResult(room_id, outcome, 0, None, attempts, calls)
                 if attempts >= self.config.max_attempts:
                     logger.warning(
                         "room %s: consolidation gave up after %d conflicting folds",
@@ -251,6 +264,29 @@ class Consolidator:
                 logger.info(
                     "room %s: the window changed during consolidation; planning again", room_id
                 )
+
+    async def _read_limit(self, room_id: str, state: RoomState) -> int | None:
+        """How many rows from the window's head every ``wait_for_cursors`` reader has
+        read (None: no cursor to wait for). Cursors only move forward, so a limit
+        read before the fold is never too generous."""
+        store = self._engine.store
+        if not self.config.wait_for_cursors or store is None:
+            return None
+        limit = len(state.window)
+        key = self._engine.keyspace.cursors(room_id)
+        for name in self.config.wait_for_cursors:
+            raw = await store.cursor_get(key, name)
+            if raw is None:
+                return 0
+            try:
+                cursor = decode_cursor(room_id, raw.decode("utf-8", "replace"))
+            except InvalidCursor:
+                logger.warning("room %s: cursor %r is damaged; holding back folds", room_id, name)
+                return 0
+            if cursor.epoch != state.epoch:
+                return 0  # the reader will read this epoch's window from its start
+            limit = min(limit, max(0, cursor.head + cursor.size - state.head))
+        return limit
 
     async def _summarize(
         self,

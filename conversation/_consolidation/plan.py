@@ -131,7 +131,14 @@ class FoldPlan:
         return calls
 
 
-def plan_fold(state: RoomState, config: ConsolidationConfig, keep_recent: int) -> FoldPlan | None:
+def plan_fold(
+    state: RoomState,
+    config: ConsolidationConfig,
+    keep_recent: int,
+    read_limit: int | None = None,
+) -> FoldPlan | None:
+    """``read_limit``: fold none of the window's rows from this index on (rows the
+    ``wait_for_cursors`` readers have not read); None: no such limit."""
     window = state.window
     size, roles, ids, rows = len(window), window.roles, window.ids, window.rows
     start, previous_id, previous_text, seq = 0, None, None, 1
@@ -140,6 +147,8 @@ def plan_fold(state: RoomState, config: ConsolidationConfig, keep_recent: int) -
         previous_text = _summary_text(rows[0], config.summary_prefix)
         seq = _summary_seq(previous_id) + 1
     end = size - keep_recent
+    if read_limit is not None:
+        end = min(end, read_limit)
     # Never split a tool-call group: results stay with the call they answer...
     while start < end < size and roles[end] == "tool":
         end -= 1

@@ -46,11 +46,13 @@ class ConsolidationResult:
 
     ``outcome`` is ``"folded"``, ``"nothing_to_fold"`` (the window is short
     enough, or changed under us and now is), or ``"conflict"`` (it kept
-    changing for ``max_attempts`` folds; nothing was written).
+    changing for ``max_attempts`` folds; nothing was written), or
+    ``"waiting_for_cursors"`` (there are turns to fold, but a cursor of
+    ``wait_for_cursors`` has not read them yet).
     """
 
     room_id: str
-    outcome: Literal["folded", "nothing_to_fold", "conflict"]
+    outcome: Literal["folded", "nothing_to_fold", "conflict", "waiting_for_cursors"]
     folded: int = 0
     seq: int | None = None
     attempts: int = 0

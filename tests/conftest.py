@@ -39,6 +39,7 @@ TIERS = {
     "tools": (
         "test_cli",
         "test_cli_transfer",
+        "test_docs_changes",
         "test_demo",
         "test_bench_smoke",
         "test_wheel",

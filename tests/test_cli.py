@@ -398,6 +398,25 @@ async def test_tail_follows_appends_edits_trims_and_clears(
     assert "Traceback" not in err
 
 
+async def test_tail_shows_a_fold_and_a_reset(
+    redis_server: RedisServer, writer: ConversationManager
+) -> None:
+    room = "cli:fold"
+    for i in range(24):
+        await writer.append_async(room, "user", f"[Message ID: {i}] turn {i}")
+    async with _tail(redis_server.url, room, "--last", "0", "--count", "3") as tail:
+        await tail.expect("following cli:fold at version 24 (24 entries")
+        result = await writer.consolidate(room, keep_recent=5)
+        assert result.outcome == "folded"
+        head = result.folded - 1  # the summary takes the last folded turn's slot
+        await tail.expect(f"entries up to #{head} folded into a summary: #{head} system")
+        export = await writer.export_room(room)
+        await writer.import_room(room, export, replace=True)  # a new epoch
+        await tail.expect("window reset")
+        code, _out, err = await tail.finish()
+    assert code == 0, err
+
+
 async def test_tail_waits_for_a_room_to_appear(
     redis_server: RedisServer, writer: ConversationManager
 ) -> None:

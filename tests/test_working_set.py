@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,11 +38,13 @@ async def test_rooms_lists_entries_pending_writes_idleness_and_version(
     assert all(isinstance(i, RoomInfo) and 0 <= i.idle_seconds < 60 for i in infos.values())
     await manager.drain()
     assert {i.room_id: i.pending_writes for i in manager.rooms()}["ws:c"] == 0
-    # idle_seconds is what reap_stale compares: reap what has been idle at all.
-    before = time.monotonic()
-    await manager.get_messages_async("ws:a")
-    assert manager.reap_stale(max_idle_seconds=time.monotonic() - before) == 2
-    assert [i.room_id for i in manager.rooms()] == ["ws:a"]
+    await manager.get_messages_async("ws:a")  # a use: it moves to the front
+    infos_now = manager.rooms()
+    assert infos_now[0].room_id == "ws:a"
+    assert [i.idle_seconds for i in infos_now] == sorted(i.idle_seconds for i in infos_now)
+    assert manager.reap_stale(max_idle_seconds=3600) == 0
+    assert manager.reap_stale(max_idle_seconds=0) == 3  # all idle, nothing pending
+    assert manager.rooms() == []
 
 
 async def test_stats_working_set_round_trips_through_the_cli(

@@ -297,7 +297,7 @@ class _Follower:
                 if change.kind == "fold":
                     self.emit(
                         p.paint("⊕", MAGENTA),
-                        f"{gone} entr{'y' if gone == 1 else 'ies'} folded into a summary: "
+                        f"entries up to #{change.position} folded into a summary: "
                         + self.entry_line(change),
                     )
                 else:

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from typing import Any, Literal, Protocol, overload
 
 from ._budget import fit_to_budget
+from ._changes.cursor import decode_cursor
 from ._changes.feed import Change, ChangeFeed
 from ._changes.named import NamedCursors
 from ._consolidation.config import ConsolidationConfig
@@ -378,7 +379,9 @@ class ConversationManager:
         at most one read per ``poll_interval`` seconds while the room is idle)."""
         if not poll_interval > 0:
             raise ConfigurationError(f"poll_interval must be > 0, not {poll_interval!r}")
-        return self._change_feed(room_id).follow(room_id, since, poll_interval)
+        feed = self._change_feed(room_id)
+        decode_cursor(room_id, since)  # a bad cursor fails here, not at the first poll
+        return feed.follow(room_id, since, poll_interval)
 
     async def get_cursor(self, room_id: str, name: str) -> str | None:
         """The named durable cursor of the room (None: never set, or expired)."""

@@ -14,7 +14,13 @@ import pytest
 import redis.asyncio as aioredis
 from redis_servers import RedisServer
 
-from conversation import Change, ConsolidationConfig, ConversationManager, InvalidCursor
+from conversation import (
+    Change,
+    ConsolidationConfig,
+    ConversationManager,
+    InvalidCursor,
+    InvalidRoomId,
+)
 from conversation._redis.keys import KeySpace
 from conversation.testing import wait_until
 
@@ -305,7 +311,9 @@ async def test_changes_yields_what_other_workers_write_and_waits_cheaply(
         task.cancel()
     assert [c.message_id for c in seen] == ["0", "1", "2", "3"]
     with pytest.raises(InvalidCursor):
-        await anext(reader.changes(room, since="nope"))
+        reader.changes(room, since="nope")  # refused at the call, before any poll
+    with pytest.raises(InvalidRoomId):
+        await reader.read_since("evil{room}")
 
 
 async def test_a_memory_only_manager_says_the_feed_needs_redis(make_manager: Make) -> None:

@@ -93,9 +93,7 @@ SUITES = {
             "test_append_event_concurrent_stale_sessions_reject_stale_writer": _STALE,
             "test_append_event_allows_timestamp_drift_for_current_session": _DB_INTERNALS,
             "test_append_event_allows_markerless_current_session": _DB_INTERNALS,
-            "test_append_event_when_session_is_same_ref_as_storage_session": (
-                _IN_MEMORY_INTERNALS
-            ),
+            "test_append_event_when_session_is_same_ref_as_storage_session": (_IN_MEMORY_INTERNALS),
             "test_create_session_calls_rollback_on_commit_failure": _DB_INTERNALS,
             "test_append_event_calls_rollback_on_commit_failure": _DB_INTERNALS,
             "test_append_event_reads_storage_revision_before_commit": _DB_INTERNALS,

@@ -48,7 +48,7 @@ from google.adk.sessions.state import State
 from pydantic_core import to_jsonable_python
 from typing_extensions import override
 
-from .._errors import InvalidMessage, SessionExists, SessionNotFound
+from .._errors import InvalidMessage, InvalidSessionId, SessionExists, SessionNotFound
 from .._sessions.store import SessionStore
 
 __all__ = ["EVENT_PART", "EngineSessionService"]
@@ -255,17 +255,24 @@ class EngineSessionService(BaseSessionService):
 
 
 def _app(app_name: str) -> str:
-    """The app's group name: ``%`` and ``:`` percent-encoded, so it holds no colon."""
-    if not isinstance(app_name, str):
-        raise TypeError(f"app_name must be a str, not {type(app_name).__name__}")
+    """The app's group name: ``%`` and ``:`` percent-encoded, so it holds no colon.
+
+    The store checks the rest (no braces, control characters or lone surrogates;
+    length) when it builds a key from it.
+    """
+    _require_name("app_name", app_name)
     return app_name.replace("%", "%25").replace(":", "%3A")
 
 
 def _owner(app_name: str, user_id: str) -> str:
     """The store owner of an ADK user: one per (app, user), never shared by two pairs."""
-    if not isinstance(user_id, str):
-        raise TypeError(f"user_id must be a str, not {type(user_id).__name__}")
+    _require_name("user_id", user_id)
     return f"{_app(app_name)}:{user_id}"
+
+
+def _require_name(what: str, value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise InvalidSessionId(what, value, "must be a non-empty str")
 
 
 def _split(

@@ -22,9 +22,9 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(os.environ["CONVERSATION_ROOT"]) / "tests"))
 
-from redis_servers import RedisServer  # noqa: E402
+from redis_servers import RedisServer
 
-from conversation.integrations.adk import EngineSessionService  # noqa: E402
+from conversation.integrations.adk import EngineSessionService
 
 KEPT_BACKEND = "IN_MEMORY"
 

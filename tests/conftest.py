@@ -30,6 +30,7 @@ TIERS = {
         "test_sessions",
         "test_integrations",
         "test_blocking",
+        "test_loop_moves",
     ),
     "faults": ("test_faults", "test_chaos", "test_replication", "test_sentinel"),
     "scale": ("test_cluster", "test_cluster_basics", "test_multiprocess"),

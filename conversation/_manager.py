@@ -136,9 +136,15 @@ class ConversationManager:
         name: str | None = None,
         tool_calls: list[dict[str, Any]] | None = None,
         tool_call_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> None:
-        """Record a turn now; it reaches Redis in a tracked background task."""
-        row = self._writes.row(role, content, message_id, name, tool_calls, tool_call_id)
+        """Record a turn now; it reaches Redis in a tracked background task.
+
+        ``metadata``: a JSON object kept with the entry for the writer's own
+        reading back (``get_messages(..., include_metadata=True)``); it is never
+        part of what a plain read returns, so it never reaches a model.
+        """
+        row = self._writes.row(role, content, message_id, name, tool_calls, tool_call_id, metadata)
         self._submit(room_id, self._writes.append([row]))
 
     async def append_async(
@@ -151,6 +157,7 @@ class ConversationManager:
         name: str | None = None,
         tool_calls: list[dict[str, Any]] | None = None,
         tool_call_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
         durable: bool = False,
         idempotency_key: str | None = None,
     ) -> None:
@@ -162,7 +169,7 @@ class ConversationManager:
         ``DurabilityError`` is raised, the turn leaves this worker's memory, and
         re-calling with ``idempotency_key=err.idempotency_key`` lands it once.
         """
-        row = self._writes.row(role, content, message_id, name, tool_calls, tool_call_id)
+        row = self._writes.row(role, content, message_id, name, tool_calls, tool_call_id, metadata)
         await self._append_rows(room_id, [row], durable, idempotency_key)
 
     async def append_many_async(
@@ -176,7 +183,7 @@ class ConversationManager:
         """Record several turns as one write: Redis gets all of them in one script, or none.
 
         Each message takes the fields of ``append`` (``role``, ``content``,
-        ``message_id``, ``name``, ``tool_calls``, ``tool_call_id``); all are
+        ``message_id``, ``name``, ``tool_calls``, ``tool_call_id``, ``metadata``); all are
         validated before any is recorded. ``durable`` and ``idempotency_key`` are
         as for ``append_async``, for the batch as a whole.
         """
@@ -277,11 +284,19 @@ class ConversationManager:
     # ------------------------------------------------------------------- reads
 
     def get_messages(
-        self, room_id: str, room_context: Mapping[str, Any] | None = None
+        self,
+        room_id: str,
+        room_context: Mapping[str, Any] | None = None,
+        *,
+        include_metadata: bool = False,
     ) -> list[Entry]:
-        """``[system] + window`` from this worker's memory only (no Redis round trip)."""
+        """``[system] + window`` from this worker's memory only (no Redis round trip).
+
+        ``include_metadata``: entries written with ``metadata`` carry it (for the
+        writer's own use: strip it before sending messages to a model).
+        """
         room = self._room(room_id)
-        messages = to_messages(room.view.window.healthy_rows())
+        messages = to_messages(room.view.window.healthy_rows(), metadata=include_metadata)
         if self._renderer is None:
             return messages
         return [_system(self._renderer.render(_context(room_id, room_context))), *messages]
@@ -292,6 +307,7 @@ class ConversationManager:
         room_context: Mapping[str, Any] | None = None,
         *,
         token_budget: int | None = None,
+        include_metadata: bool = False,
     ) -> list[Entry]:
         """``[system] + window`` after catching up with Redis in one round trip.
 
@@ -312,7 +328,8 @@ class ConversationManager:
             logger.warning(
                 "room %s: serving memory, Redis unreachable: %s", room_id, describe_error(exc)
             )
-        messages = await to_messages_yielding(room.view.window.healthy_rows())
+        rows = room.view.window.healthy_rows()
+        messages = await to_messages_yielding(rows, metadata=include_metadata)
         if self._renderer is not None:
             system = await self._renderer.render_async(_context(room_id, room_context))
             messages = [_system(system), *messages]

@@ -20,6 +20,10 @@ memory, as a sync caller expects of a store (it never only logs, and never
 retries for ever behind a blocked caller). ``durable=False`` waits however long
 Redis takes.
 
+A manager left open when the program exits is closed by an ``atexit`` hook
+(its writes flushed), so a script that forgets ``close()`` neither hangs nor
+loses what it wrote.
+
 The Redis client is built by ``client_factory`` ON the engine's thread, so its
 connections belong to the loop that uses them. ``tests/test_blocking.py``
 checks that the methods here are exactly the manager's, renamed by the rule
@@ -28,20 +32,26 @@ above, with the same parameters.
 
 from __future__ import annotations
 
-import contextlib
+import atexit
+import concurrent.futures
 import functools
+import logging
 import threading
+import weakref
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+import anyio
+from anyio.from_thread import BlockingPortal
 from redis.asyncio import Redis
 
 from ._errors import ConfigurationError
 from ._manager import ConversationManager, Renderer
 
 __all__ = ["BlockingConversationManager"]
+
+logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -119,10 +129,7 @@ class BlockingConversationManager:
             )
         self._lock = threading.Lock()
         self._closed = False
-        self._stack = contextlib.ExitStack()
-        self._portal: BlockingPortal = self._stack.enter_context(
-            start_blocking_portal("asyncio", name="conversation-engine")
-        )
+        self._portal, self._thread = _start_portal()
         self._client: Any = None
         try:
             if client_factory is not None:
@@ -135,6 +142,7 @@ class BlockingConversationManager:
         except BaseException:
             self._stop()
             raise
+        _OPEN.add(self)
 
     @classmethod
     def from_url(
@@ -256,4 +264,48 @@ class BlockingConversationManager:
         return self._portal.call(fn)
 
     def _stop(self) -> None:
-        self._stack.close()
+        _OPEN.discard(self)
+        self._portal.call(self._portal.stop)
+        self._thread.join()
+
+
+def _start_portal() -> tuple[BlockingPortal, threading.Thread]:
+    """anyio's blocking portal, served by a daemon thread.
+
+    ``anyio.from_thread.start_blocking_portal`` runs it on a ThreadPoolExecutor
+    worker, which the interpreter joins at exit BEFORE ``atexit`` handlers run:
+    a script that never called ``close()`` would hang on exit. A daemon thread
+    lets the ``atexit`` hook below flush and stop it instead.
+    """
+    ready: concurrent.futures.Future[BlockingPortal] = concurrent.futures.Future()
+
+    async def serve() -> None:
+        async with BlockingPortal() as portal:
+            ready.set_result(portal)
+            await portal.sleep_until_stopped()
+
+    def run() -> None:
+        try:
+            anyio.run(serve, backend="asyncio")
+        except BaseException as exc:
+            if not ready.done():
+                ready.set_exception(exc)
+            raise
+
+    thread = threading.Thread(target=run, name="conversation-engine", daemon=True)
+    thread.start()
+    return ready.result(), thread
+
+
+# Managers not closed yet: the program's exit flushes them (a script that ends
+# without close() loses nothing it was told was written, and does not hang).
+_OPEN: weakref.WeakSet[BlockingConversationManager] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    for manager in list(_OPEN):
+        try:
+            manager.close()
+        except Exception:  # one manager's failed flush must not keep the others open
+            logger.exception("flushing a BlockingConversationManager at exit failed")

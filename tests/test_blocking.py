@@ -8,6 +8,8 @@ stand for two worker processes.
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +22,7 @@ from conversation import (
     ConfigurationError,
     ConversationManager,
     DurabilityError,
+    InvalidMessage,
     PromptRenderer,
 )
 from conversation.blocking import BlockingConversationManager
@@ -198,3 +201,39 @@ def test_run_awaits_several_calls_in_one_hop(worker: BlockingConversationManager
         return manager.get_history_message_count("r")
 
     assert worker.run(two) == 2
+
+
+def test_a_script_that_never_closes_exits_and_its_writes_are_flushed(url: str) -> None:
+    script = (
+        "import sys\n"
+        "from conversation.blocking import BlockingConversationManager\n"
+        "m = BlockingConversationManager.from_url(sys.argv[1])\n"
+        "m.append('left-open', 'user', 'kept', durable=False)\n"
+    )
+    subprocess.run([sys.executable, "-c", script, url], check=True, timeout=60)
+    with BlockingConversationManager.from_url(url) as reader:
+        assert [m["content"] for m in reader.get_messages("left-open")] == ["kept"]
+
+
+def test_metadata_comes_back_only_when_asked_and_survives_edits(
+    url: str, worker: BlockingConversationManager
+) -> None:
+    private = {"lc": {"id": "run-1", "usage": {"input_tokens": 3}}}
+    worker.append("meta", "user", "hi [Message ID: 9]", metadata=private)
+    worker.append_many("meta", [{"role": "assistant", "content": "yo", "metadata": {"k": 1}}])
+    with BlockingConversationManager.from_url(url) as other:
+        # What goes to a model: OpenAI chat fields only.
+        assert other.get_messages("meta") == [
+            {"role": "user", "content": "hi [Message ID: 9]"},
+            {"role": "assistant", "content": "yo"},
+        ]
+        assert other.update_message("meta", 9, "edited [Message ID: 9]")
+        assert other.get_messages("meta", include_metadata=True) == [
+            {"role": "user", "content": "edited [Message ID: 9]", "metadata": private},
+            {"role": "assistant", "content": "yo", "metadata": {"k": 1}},
+        ]
+    with pytest.raises(InvalidMessage, match="metadata"):
+        worker.append("meta", "user", "x", metadata=["not", "a", "dict"])  # type: ignore[arg-type]
+    with pytest.raises(InvalidMessage, match="JSON"):
+        worker.append("meta", "user", "x", metadata={"set": {1, 2}})
+    assert worker.get_history_message_count("meta") == 2

@@ -503,6 +503,16 @@ class ConversationManager:
 # ---------------------------------------------------------------- helpers
 
 
+def engine_loop(manager: ConversationManager) -> asyncio.AbstractEventLoop | None:
+    """The running loop the manager belongs to, or None when no loop runs it.
+
+    For the integrations' sync members, which hand work to that loop from
+    another thread. Raises ``ConfigurationError`` when called on a running
+    loop other than the manager's, while the manager's is open (SPEC §26).
+    """
+    return manager._loop.current()
+
+
 def _system(text: str) -> Entry:
     return {"role": "system", "content": text}
 

@@ -194,6 +194,18 @@ class BlockingConversationManager:
         """
         return self._await(fn)
 
+    def submit(
+        self, fn: Callable[[ConversationManager], Awaitable[R]]
+    ) -> concurrent.futures.Future[R]:
+        """Start ``fn(manager)`` on the engine's loop and return at once.
+
+        For async code on another loop: ``await asyncio.wrap_future(submit(fn))``
+        waits without blocking that loop.
+        """
+        if self._closed:
+            raise ConfigurationError("this BlockingConversationManager is closed")
+        return self._portal.start_task_soon(fn, self._manager)
+
     @property
     def closed(self) -> bool:
         return self._closed

@@ -31,6 +31,7 @@ TIERS = {
         "test_integrations",
         "test_blocking",
         "test_loop_moves",
+        "test_langchain",
     ),
     "faults": ("test_faults", "test_chaos", "test_replication", "test_sentinel"),
     "scale": ("test_cluster", "test_cluster_basics", "test_multiprocess"),

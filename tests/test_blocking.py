@@ -62,7 +62,7 @@ def test_every_public_method_of_the_manager_is_offered_blocking_by_the_one_rule(
         target = _blocking_name(name)
         if target not in expected or name.endswith("_async"):
             expected[target] = method
-    extras = {"run", "close", "from_url"}
+    extras = {"run", "submit", "close", "from_url"}
     assert set(offered) - extras == set(expected) - {"close"}
     for name, method in expected.items():
         if name == "close":

@@ -32,6 +32,7 @@ TIERS = {
         "test_blocking",
         "test_loop_moves",
         "test_langchain",
+        "test_agents_session",
     ),
     "faults": ("test_faults", "test_chaos", "test_replication", "test_sentinel"),
     "scale": ("test_cluster", "test_cluster_basics", "test_multiprocess"),

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 
@@ -64,14 +63,19 @@ from langchain_core.messages import (
 from .._errors import InvalidMessage
 from .._manager import ConversationManager, engine_loop
 from ..blocking import BlockingConversationManager
-from ._common import ENTRY_FIELDS, require_window_only
+from ._common import (
+    DEFAULT_MAX_HISTORY,
+    ENTRY_FIELDS,
+    Manager,
+    check_window_only,
+    run_on,
+    shared_engine,
+)
 
 __all__ = ["DEFAULT_MAX_HISTORY", "EngineChatMessageHistory", "from_entries", "to_entries"]
 
 T = TypeVar("T")
 
-#: The window of a ``from_url`` history, in messages (``max_history=`` overrides it).
-DEFAULT_MAX_HISTORY: Final = 10_000
 #: Where in an entry's metadata the LangChain message is kept.
 METADATA_KEY: Final = "langchain"
 
@@ -83,18 +87,13 @@ _ROLES: Final = {
     "tool": "tool",
 }
 
-Manager = ConversationManager | BlockingConversationManager
-
 
 class EngineChatMessageHistory(BaseChatMessageHistory):
     """The turns of one room of a ``ConversationManager``, as LangChain messages."""
 
     def __init__(self, manager: Manager, room_id: str) -> None:
         super().__init__()
-        if isinstance(manager, BlockingConversationManager):
-            manager.run(_window_only(room_id))
-        else:
-            require_window_only(manager, room_id)
+        check_window_only(manager, room_id)
         self.manager = manager
         self.room_id = room_id
 
@@ -106,8 +105,7 @@ class EngineChatMessageHistory(BaseChatMessageHistory):
         ``ttl_seconds``, ``max_history``, ...); ``max_history`` defaults to
         ``DEFAULT_MAX_HISTORY``.
         """
-        settings.setdefault("max_history", DEFAULT_MAX_HISTORY)
-        return cls(_shared_engine(url, settings), session_id)
+        return cls(shared_engine(url, settings), session_id)
 
     # ------------------------------------------------------------------ reads
 
@@ -162,10 +160,7 @@ class EngineChatMessageHistory(BaseChatMessageHistory):
         return asyncio.run_coroutine_threadsafe(_call(work, manager), loop).result()
 
     async def _async(self, work: Callable[[ConversationManager], Awaitable[T]]) -> T:
-        manager = self.manager
-        if isinstance(manager, BlockingConversationManager):
-            return await asyncio.wrap_future(manager.submit(work))
-        return await work(manager)
+        return await run_on(self.manager, work)
 
 
 # ------------------------------------------------------------- the calls
@@ -207,13 +202,6 @@ def _clear_later(room_id: str) -> Callable[[ConversationManager], None]:
     return lambda manager: manager.clear(room_id)
 
 
-def _window_only(room_id: str) -> Callable[[ConversationManager], Awaitable[None]]:
-    async def check(manager: ConversationManager) -> None:
-        require_window_only(manager, room_id)
-
-    return check
-
-
 async def _call(
     work: Callable[[ConversationManager], Awaitable[T]], manager: ConversationManager
 ) -> T:
@@ -225,21 +213,6 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-_engines: dict[tuple[str, str], BlockingConversationManager] = {}
-_engines_lock = threading.Lock()
-
-
-def _shared_engine(url: str, settings: dict[str, Any]) -> BlockingConversationManager:
-    """One engine per (URL, settings) per process: histories are made per call
-    (``RunnableWithMessageHistory`` builds one per invocation), engines are not."""
-    key = (url, repr(sorted(settings.items())))
-    with _engines_lock:
-        engine = _engines.get(key)
-        if engine is None or engine.closed:
-            engine = _engines[key] = BlockingConversationManager.from_url(url, **settings)
-        return engine
 
 
 # ------------------------------------------------------------ conversion

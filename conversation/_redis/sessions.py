@@ -23,9 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from .._errors import ConfigurationError
 from .._stats import Stats
 from .keys import KeySpace
-from .pipeliner import Pipeliner
+from .pipeliner import Pipeliner, forget_pooled_connections
 from .scripts import Arg, load_session_scripts
 
 #: Sessions described per ``session_list`` call (each one is a key of that call).
@@ -214,9 +215,33 @@ class RedisSessions:
         # One pipeline per loop tick (side by side on a Cluster), and the one
         # NOSCRIPT reload path: the room engine's own.
         self._pipeliner = Pipeliner(redis, self.scripts, self.stats, command_timeout)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def _call(self, name: str, keys: list[str], args: list[Arg]) -> Any:
+        self._follow_loop()
         return await self._pipeliner.call(self.scripts[name], keys, args)
+
+    def _follow_loop(self) -> None:
+        """Move to the caller's loop once the previous one closed (SPEC §26).
+
+        The rule of the room engine's ``LoopBinding``: a store nobody uses from a
+        closed loop any more takes the next one (``asyncio.run`` per request),
+        with a fresh pipeliner and the client's connections of the closed loop
+        forgotten; while its loop is open, another loop is refused.
+        """
+        running = asyncio.get_running_loop()
+        loop = self._loop
+        if running is loop:
+            return
+        if loop is not None and not loop.is_closed():
+            raise ConfigurationError(
+                "this SessionStore belongs to another event loop, which is still open: "
+                "use it from that loop, or give each loop its own store"
+            )
+        self._loop = running
+        if loop is not None:
+            self._pipeliner = Pipeliner(self.redis, self.scripts, self.stats, self._timeout)
+            forget_pooled_connections(self.redis)
 
     def _common(self, user_id: str) -> list[Arg]:
         return [user_id, self._ttl_ms]

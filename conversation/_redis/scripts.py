@@ -31,6 +31,7 @@ SESSION_SCRIPT_NAMES = (
     "session_append",
     "session_delete",
     "session_list",
+    "session_splice",
 )
 #: Session scripts without the ``session_lib.lua`` prelude: they touch no session.
 STANDALONE_SESSION_SCRIPT_NAMES = ("session_group",)

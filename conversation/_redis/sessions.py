@@ -157,6 +157,21 @@ class Listed:
     count: int
 
 
+@dataclass(frozen=True, slots=True)
+class Spliced:
+    """What ``session_splice`` did: the row count after it and the rows it removed."""
+
+    count: int
+    removed: list[bytes]
+
+
+#: ``session_splice``'s reply to a write id it had already applied.
+REPLAYED: Final = "replayed"
+
+#: The positional operations of ``session_splice.lua``.
+SPLICE_OPS: Final = frozenset({"set", "insert", "remove", "pop", "take"})
+
+
 class Forged:
     """The append script found the session but not the handle's token."""
 
@@ -325,7 +340,37 @@ class RedisSessions:
         )
         return int(reply) == 1
 
+    async def splice(
+        self,
+        user_id: str,
+        session_id: str,
+        op: str,
+        position: int,
+        write_id: str,
+        token: str,
+        rows: Sequence[bytes],
+    ) -> Spliced | str | None:
+        keys = self._keys.session(user_id, session_id)
+        args: list[Arg] = [
+            *self._common(user_id),
+            session_id,
+            op,
+            position,
+            self._cap,
+            write_id,
+            token,
+            *rows,
+        ]
+        reply = await self._call("session_splice", keys.as_list(), args)
+        status = int(reply[0])
+        if status == 3:
+            return REPLAYED
+        if status != 1:
+            return None
+        return Spliced(int(reply[1]), _rows(reply[2:]))
+
     async def owner_state(self, user_id: str) -> dict[str, bytes]:
+        self._follow_loop()
         async with asyncio.timeout(self._timeout):
             flat = await self.redis.hgetall(self._keys.owner_state(user_id))
         return {_text(k): v for k, v in flat.items()}

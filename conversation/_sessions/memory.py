@@ -11,11 +11,13 @@ from .._entries import rows_to_drop
 from .._redis.sessions import (
     FORGED,
     IDEM_CAP,
+    REPLAYED,
     Appended,
     Created,
     Forged,
     Listed,
     Loaded,
+    Spliced,
     StateRows,
 )
 
@@ -134,6 +136,50 @@ class MemorySessions:
             dict(session.state),
             dict(self._owner(user_id, touch=touch)),
         )
+
+    async def splice(
+        self,
+        user_id: str,
+        session_id: str,
+        op: str,
+        position: int,
+        write_id: str,
+        token: str,
+        rows: Sequence[bytes],
+    ) -> Spliced | str | None:
+        sessions = self._sessions(user_id)
+        session = sessions.get(session_id)
+        if session is None:
+            if op not in ("set", "insert"):
+                return None
+            await self.create(user_id, session_id, token)
+            session = self._users[user_id][session_id]
+        elif write_id in session.write_ids:
+            self._touch(session)
+            return REPLAYED
+        removed: list[bytes] = []
+        if op == "take":
+            removed = list(session.rows)
+            del self._users[user_id][session_id]
+            return Spliced(0, removed)
+        if op == "set":
+            session.rows[:] = rows
+        elif op == "insert":
+            at = position if position >= 0 else max(position + len(session.rows), 0)
+            session.rows[at:at] = rows
+        else:
+            at = len(session.rows) - 1 if op == "pop" else position
+            if not -len(session.rows) <= at < len(session.rows):
+                self._touch(session)
+                return None
+            removed = [session.rows.pop(at)]
+        _trim(session.rows, self._cap)
+        session.write_ids[write_id] = None
+        if len(session.write_ids) > IDEM_CAP:
+            del session.write_ids[next(iter(session.write_ids))]
+        session.updated_ms = _now_ms()
+        self._touch(session)
+        return Spliced(len(session.rows), removed)
 
     async def owner_state(self, user_id: str) -> dict[str, bytes]:
         return dict(self._owner(user_id, touch=False))

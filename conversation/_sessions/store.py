@@ -61,7 +61,7 @@ from .._errors import (
     describe_error,
 )
 from .._redis.keys import validate_room_id
-from .._redis.sessions import Forged, RedisSessions, SessionKeySpace
+from .._redis.sessions import SPLICE_OPS, Forged, RedisSessions, SessionKeySpace, Spliced
 from .memory import MemorySessions
 
 logger = logging.getLogger(__name__)
@@ -505,6 +505,51 @@ class SessionStore:
             state_rows(owner_state, self._max_message_bytes),
         )
 
+    async def splice(
+        self,
+        user_id: str,
+        session_id: str,
+        op: str,
+        *,
+        position: int = 0,
+        messages: Sequence[Mapping[str, Any]] = (),
+        idempotency_key: str | None = None,
+    ) -> tuple[int, list[Message]] | None:
+        """Change a session's messages by position, in one script; authorised by user id.
+
+        For list-shaped chat stores. ``op``: ``"set"`` replaces every message by
+        ``messages``; ``"insert"`` inserts them before ``position`` (clamped as
+        ``list.insert`` does); both create the session if it is not live.
+        ``"remove"`` removes the message at ``position`` (negative counts from
+        the end), ``"pop"`` the last one, ``"take"`` deletes the session.
+        Returns ``(message count after, removed messages)``, or ``None`` when
+        there was nothing to remove (no live session, or no message there).
+        A call repeated with the same ``idempotency_key`` is applied once; the
+        repeat returns ``(-1, [])`` (its result is no longer known).
+        """
+        user_id = validate_user_id(user_id)
+        session_id = validate_session_id(session_id)
+        if op not in SPLICE_OPS:
+            raise ValueError(f"op must be one of {sorted(SPLICE_OPS)}, got {op!r:.40}")
+        if isinstance(position, bool) or not isinstance(position, int):
+            raise ValueError(f"position must be an int, got {position!r:.40}")
+        rows = [message_row(m, self._max_message_bytes) for m in messages]
+        write_id = self._write_id(idempotency_key)
+        try:
+            result = await self._backend.splice(
+                user_id, session_id, op, position, write_id, secrets.token_urlsafe(18), rows
+            )
+        except _BACKEND_ERRORS as exc:
+            raise PersistError(
+                f"user {user_id}: changing session {session_id} ({op}) was not confirmed: "
+                + describe_error(exc)
+            ) from exc
+        if result is None:
+            return None
+        if not isinstance(result, Spliced):
+            return -1, []
+        return result.count, self._decode(user_id, session_id, result.removed)
+
     async def append_system_message(
         self, user_id: str, session_id: str, text: str, *, idempotency_key: str | None = None
     ) -> SessionInfo:
@@ -543,18 +588,7 @@ class SessionStore:
         state: dict[str, bytes] | None = None,
         owner_state: dict[str, bytes] | None = None,
     ) -> SessionInfo:
-        if idempotency_key is None:
-            write_id = secrets.token_urlsafe(12)
-        elif (
-            isinstance(idempotency_key, str)
-            and 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS
-        ):
-            write_id = "k:" + idempotency_key  # never equal to a generated id
-        else:
-            raise InvalidMessage(
-                f"must be a non-empty str of at most {MAX_IDEMPOTENCY_KEY_CHARS} characters",
-                field="idempotency_key",
-            )
+        write_id = self._write_id(idempotency_key)
         try:
             result = await self._backend.append(
                 user_id, session_id, token, write_id, rows, state, owner_state
@@ -589,6 +623,20 @@ class SessionStore:
             result.updated_ms / 1000,
             result.deadline_ms / 1000,
             result.count,
+        )
+
+    @staticmethod
+    def _write_id(idempotency_key: str | None) -> str:
+        if idempotency_key is None:
+            return secrets.token_urlsafe(12)
+        if (
+            isinstance(idempotency_key, str)
+            and 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS
+        ):
+            return "k:" + idempotency_key  # never equal to a generated id
+        raise InvalidMessage(
+            f"must be a non-empty str of at most {MAX_IDEMPOTENCY_KEY_CHARS} characters",
+            field="idempotency_key",
         )
 
     def _decode(self, user_id: str, session_id: str, rows: list[bytes]) -> list[Message]:

@@ -34,6 +34,7 @@ TIERS = {
         "test_langchain",
         "test_agents_session",
         "test_adk",
+        "test_llama_index",
     ),
     "faults": ("test_faults", "test_chaos", "test_replication", "test_sentinel"),
     "scale": ("test_cluster", "test_cluster_basics", "test_multiprocess"),

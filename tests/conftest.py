@@ -35,6 +35,7 @@ TIERS = {
         "test_agents_session",
         "test_adk",
         "test_llama_index",
+        "test_session_state",
     ),
     "faults": ("test_faults", "test_chaos", "test_replication", "test_sentinel"),
     "scale": ("test_cluster", "test_cluster_basics", "test_multiprocess"),

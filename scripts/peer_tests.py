@@ -50,7 +50,7 @@ class Suite:
     path: str  # the test file, inside the repository
     left_out: dict[str, str] = field(default_factory=dict)  # test name -> reason
     #: Each run sets ``PEER_MODE`` for the conftest (sync suites run twice).
-    modes: tuple[str, ...] = ("async",)
+    modes: tuple[str, ...] = ("default",)
 
     def version(self) -> str:
         return importlib.metadata.version(self.dist)
@@ -118,6 +118,7 @@ SUITES = {
                 "tests google.adk.sessions' module namespace"
             ),
         },
+        modes=("client", "url"),
     ),
     # The file at the newest commit stored in reach (the 0.14.25 tag's could not be
     # fetched from here): later than 0.14.25 by two tests of fixes made since

@@ -7,6 +7,7 @@ ADK's own session-service tests run against it too (scripts/peer_tests.py).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -42,6 +43,11 @@ async def workers(redis_server: RedisServer) -> AsyncIterator[tuple[Any, Any]]:
     finally:
         for client in clients:
             await client.aclose()
+
+
+@pytest.fixture
+def url_of(redis_server: RedisServer) -> str:
+    return f"redis://127.0.0.1:{redis_server.port}/0"
 
 
 def _event(text: str, *, author: str = "user", delta: dict[str, Any] | None = None) -> Event:
@@ -238,3 +244,34 @@ async def test_two_processes_share_one_session_through_the_runner(
     assert answer == "2"  # the model was sent both user turns
     got = await one.get_session(app_name="bot", user_id="u", session_id="chat")
     assert [e.author for e in got.events] == ["user", "echo", "user", "echo"]
+
+
+def _sync_program(index: int, barrier: Any, url: str) -> list[str]:
+    """A plain sync program: ADK's sync Runner.run, which runs each call on a new
+    loop in a new thread, twice in a row and then from two threads at once."""
+    del index, barrier
+    service = EngineSessionService.from_url(url)
+    agent = LlmAgent(name="echo", model=_EchoModel(), instruction="Count.")
+    runner = Runner(app_name="bot", agent=agent, session_service=service)
+
+    def turn(session_id: str, text: str) -> str:
+        message = types.Content(role="user", parts=[types.Part(text=text)])
+        answers = [
+            e.content.parts[0].text
+            for e in runner.run(user_id="u", session_id=session_id, new_message=message)
+            if e.content and e.content.parts and e.content.parts[0].text
+        ]
+        return answers[-1] or ""
+
+    for sid in ("a", "b"):
+        asyncio.run(service.create_session(app_name="bot", user_id="u", session_id=sid))
+    answers = [turn("a", "one"), turn("a", "two")]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers += list(pool.map(turn, ["a", "b"], ["three", "first"]))
+    asyncio.run(service.close())
+    return answers
+
+
+def test_sync_runner_in_a_plain_program_across_loops_and_threads(url_of: str) -> None:
+    (answers,) = run_in_processes(_sync_program, [(url_of,)])
+    assert answers == ["1", "2", "3", "1"]

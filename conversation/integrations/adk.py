@@ -29,9 +29,11 @@ See docs/integrations.md for the guarantees and the choices made.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
-from typing import Any, Final
+from collections.abc import Callable, Coroutine
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
@@ -48,8 +50,16 @@ from google.adk.sessions.state import State
 from pydantic_core import to_jsonable_python
 from typing_extensions import override
 
-from .._errors import InvalidMessage, InvalidSessionId, SessionExists, SessionNotFound
+from .._errors import (
+    ConfigurationError,
+    InvalidMessage,
+    InvalidSessionId,
+    SessionExists,
+    SessionNotFound,
+)
+from .._manager import ConversationManager
 from .._sessions.store import SessionStore
+from ..blocking import BlockingConversationManager
 
 __all__ = ["EVENT_PART", "EngineSessionService"]
 
@@ -59,6 +69,28 @@ logger = logging.getLogger(__name__)
 EVENT_PART: Final = "x-adk-event"
 #: The key family of ADK's keys: ``{prefix}:adk:{<app>:<user>}:...``.
 KEY_FAMILY: Final = "adk"
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _on_engine(
+    method: Callable[Concatenate[EngineSessionService, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[EngineSessionService, P], Coroutine[Any, Any, R]]:
+    """Run the method on the service's own loop thread when it has one (``from_url``)."""
+
+    @functools.wraps(method)
+    async def call(self: EngineSessionService, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        engine = self._engine
+        if engine is None:
+            return await method(self, *args, **kwargs)
+
+        async def work(_: ConversationManager) -> R:
+            return await method(self, *args, **kwargs)
+
+        return await asyncio.wrap_future(engine.submit(work))
+
+    return call
 
 
 class EngineSessionService(BaseSessionService):
@@ -70,7 +102,17 @@ class EngineSessionService(BaseSessionService):
     and user state expire the same time after the last use of the app or user.
     ``max_events``: the oldest events of a longer session fall off (default
     10,000). The other settings are ``SessionStore``'s.
+
+    Built on a client, the service runs on the caller's event loop (one loop
+    at a time; after ``asyncio.run`` ends, the next loop may take it over).
+    ``from_url`` builds it on a private loop thread instead
+    (``conversation.blocking``'s portal), so any loop of any thread may call
+    it, several at once: ADK's sync ``Runner.run`` starts a new loop in a new
+    thread per call.
     """
+
+    _engine: BlockingConversationManager | None = None
+    _client: Any = None
 
     def __init__(
         self,
@@ -94,12 +136,45 @@ class EngineSessionService(BaseSessionService):
 
     @classmethod
     def from_url(cls, url: str, **settings: Any) -> EngineSessionService:
-        """A service on a new ``redis.asyncio`` client for ``url``."""
-        return cls(aioredis.Redis.from_url(url), **settings)
+        """A service on a new ``redis.asyncio`` client for ``url``, on its own loop thread."""
+        if not isinstance(url, str) or not url:
+            raise ConfigurationError(f"a Redis URL is a non-empty string, got {url!r:.80}")
+        engine = BlockingConversationManager(None)  # the loop thread; its manager is unused
+
+        async def build(_: ConversationManager) -> EngineSessionService:
+            client = aioredis.Redis.from_url(url)
+            service = cls(client, **settings)
+            service._client = client
+            return service
+
+        try:
+            service = engine.run(build)
+        except BaseException:
+            engine.close()
+            raise
+        service._engine = engine
+        return service
+
+    async def close(self) -> None:
+        """Close what ``from_url`` built (the client, the loop thread); else nothing."""
+        engine, self._engine = self._engine, None
+        if engine is None or engine.closed:
+            return
+        client = self._client
+
+        async def close_client(_: ConversationManager) -> None:
+            if client is not None:
+                await client.aclose()
+
+        try:
+            await asyncio.wrap_future(engine.submit(close_client))
+        finally:
+            await asyncio.to_thread(engine.close)
 
     # ---------------------------------------------------------------- sessions
 
     @override
+    @_on_engine
     async def create_session(
         self,
         *,
@@ -130,6 +205,7 @@ class EngineSessionService(BaseSessionService):
         )
 
     @override
+    @_on_engine
     async def get_session(
         self,
         *,
@@ -166,6 +242,7 @@ class EngineSessionService(BaseSessionService):
         )
 
     @override
+    @_on_engine
     async def list_sessions(
         self, *, app_name: str, user_id: str | None = None
     ) -> ListSessionsResponse:
@@ -203,17 +280,20 @@ class EngineSessionService(BaseSessionService):
         return ListSessionsResponse(sessions=sessions)
 
     @override
+    @_on_engine
     async def delete_session(self, *, app_name: str, user_id: str, session_id: str) -> None:
         sid = session_id.strip() if session_id else session_id
         await self.store.delete_session(_owner(app_name, user_id), sid)
 
     @override
+    @_on_engine
     async def get_user_state(self, *, app_name: str, user_id: str) -> dict[str, Any]:
         return await self.store.get_owner_state(_owner(app_name, user_id))
 
     # ------------------------------------------------------------------ events
 
     @override
+    @_on_engine
     async def append_event(self, session: Session, event: Event) -> Event:
         """Store the event and its state delta (``temp:`` keys only in ``session``).
 

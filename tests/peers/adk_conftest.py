@@ -7,6 +7,10 @@ one function so that every type it is asked for builds an
 test (scripts flushed too, so the reload path runs). The fixture is
 parametrised over ADK's four backends; with the constructor swapped the four
 runs are the same test, so only the first (``IN_MEMORY``) is kept.
+
+``PEER_MODE`` (set by the runner): ``client`` builds
+``EngineSessionService(client)``, on the test's own loop; ``url`` builds
+``EngineSessionService.from_url(url)``, on its private loop thread.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from redis_servers import RedisServer
 from conversation.integrations.adk import EngineSessionService
 
 KEPT_BACKEND = "IN_MEMORY"
+MODE = os.environ.get("PEER_MODE", "client")
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +54,10 @@ async def engine_constructor(
     built: list[EngineSessionService] = []
 
     def get_session_service(*_args: Any, **_kwargs: Any) -> EngineSessionService:
-        built.append(EngineSessionService(client))
+        if MODE == "url":
+            built.append(EngineSessionService.from_url(f"redis://127.0.0.1:{peer_redis.port}/0"))
+        else:
+            built.append(EngineSessionService(client))
         return built[-1]
 
     monkeypatch.setattr(request.module, "get_session_service", get_session_service)
@@ -58,6 +66,8 @@ async def engine_constructor(
         if "session_service" in request.fixturenames:
             assert built, "the swap did not take: the test ran against ADK's own class"
     finally:
+        for service in built:
+            await service.close()
         await client.aclose()
 
 

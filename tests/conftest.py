@@ -39,7 +39,14 @@ TIERS = {
     ),
     "faults": ("test_faults", "test_chaos", "test_replication", "test_sentinel"),
     "scale": ("test_cluster", "test_cluster_basics", "test_multiprocess"),
-    "tools": ("test_cli", "test_demo", "test_bench_smoke", "test_wheel", "test_servers"),
+    "tools": (
+        "test_cli",
+        "test_demo",
+        "test_bench_smoke",
+        "test_wheel",
+        "test_servers",
+        "test_quickstarts",
+    ),
 }
 _TIER_OF = {module: tier for tier, modules in TIERS.items() for module in modules}
 

@@ -38,7 +38,7 @@ TIERS = {
         "test_session_state",
     ),
     "faults": ("test_faults", "test_chaos", "test_replication", "test_sentinel"),
-    "scale": ("test_cluster", "test_cluster_basics", "test_multiprocess"),
+    "scale": ("test_cluster", "test_cluster_basics", "test_multiprocess", "test_adapters_cluster"),
     "tools": (
         "test_cli",
         "test_demo",

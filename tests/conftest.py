@@ -33,21 +33,15 @@ TIERS = {
         "test_loop_moves",
         "test_langchain",
         "test_agents_session",
-        "test_adk",
-        "test_llama_index",
-        "test_session_state",
     ),
     "faults": ("test_faults", "test_chaos", "test_replication", "test_sentinel"),
-    "scale": ("test_cluster", "test_cluster_basics", "test_multiprocess", "test_adapters_cluster"),
-    "tools": (
-        "test_cli",
-        "test_demo",
-        "test_bench_smoke",
-        "test_wheel",
-        "test_servers",
-        "test_quickstarts",
-    ),
+    "scale": ("test_cluster", "test_cluster_basics", "test_multiprocess"),
+    "tools": ("test_cli", "test_demo", "test_bench_smoke", "test_wheel", "test_servers"),
 }
+# The modules of the SessionStore-based adapters (Google ADK, LlamaIndex).
+TIERS["engine"] += ("test_adk", "test_llama_index", "test_session_state")
+TIERS["scale"] += ("test_adapters_cluster",)
+TIERS["tools"] += ("test_quickstarts",)
 _TIER_OF = {module: tier for tier, modules in TIERS.items() for module in modules}
 
 

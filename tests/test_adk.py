@@ -275,3 +275,19 @@ def _sync_program(index: int, barrier: Any, url: str) -> list[str]:
 def test_sync_runner_in_a_plain_program_across_loops_and_threads(url_of: str) -> None:
     (answers,) = run_in_processes(_sync_program, [(url_of,)])
     assert answers == ["1", "2", "3", "1"]
+
+
+async def test_corrupt_rows_and_state_are_skipped_not_fatal(
+    workers: tuple[Any, Any], redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    one, _ = workers
+    s = await one.create_session(app_name="app", user_id="u", session_id="s", state={"ok": 1})
+    await one.append_event(s, _event("kept"))
+    keys = one.store.keys.session("app:u", "s")
+    await redis_client.rpush(keys.messages, b"not json", b'{"role":"user","content":"plain"}')
+    await redis_client.hset(keys.state, "broken", b"{nope")
+    got = await one.get_session(app_name="app", user_id="u", session_id="s")
+    assert _texts(got.events) == ["kept"]
+    assert got.state == {"ok": 1}
+    assert "corrupt" in caplog.text
+    assert "no ADK event" in caplog.text

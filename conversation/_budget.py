@@ -1,6 +1,8 @@
 """Token budgets (SPEC §4.20): fit a window into N tokens without splitting tool groups.
 
-Counts are exact with ``tiktoken`` when it is installed (``cl100k_base``), and
+Counts are exact with ``tiktoken`` when it is installed (``cl100k_base``) and
+its encoding loads (tiktoken downloads it on first use: offline, with no cached
+copy, it cannot, and counts fall back to the estimate with one warning), and
 otherwise estimated at four characters a token plus a small per-message
 overhead, the rule of thumb OpenAI documents for English text. Media parts are
 counted at a flat rate: their real cost depends on the model.
@@ -8,9 +10,12 @@ counted at a flat rate: their real cost depends on the model.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 Message = dict[str, Any]
 
@@ -24,7 +29,13 @@ def _text_counter() -> Callable[[str], int]:
         import tiktoken  # noqa: PLC0415 - optional dependency, looked up once
     except ImportError:
         return lambda text: (len(text) + 3) // 4
-    encoding = tiktoken.get_encoding("cl100k_base")
+    try:
+        encoding = tiktoken.get_encoding("cl100k_base")
+    except Exception as exc:  # tiktoken raises whatever its download raised
+        logger.warning(
+            "tiktoken cannot load cl100k_base (%s); token counts are estimated instead", exc
+        )
+        return lambda text: (len(text) + 3) // 4
     return lambda text: len(encoding.encode(text, disallowed_special=()))
 
 

@@ -8,6 +8,12 @@ engine's identity field first::
 Keeping ``message_id`` and ``role`` as the first two fields lets the Lua
 scripts recognise a ``tool`` row without decoding JSON, and keeps rows readable
 with ``LRANGE``. ``message_id`` is stripped from everything handed to callers.
+
+A row may also carry ``metadata``, a JSON object the writer attaches for its
+own reading back (integrations keep there what an OpenAI chat message has no
+field for). It is stored last, survives edits, and is stripped from reads
+unless the caller asks for it: what is sent to a model is OpenAI chat fields
+only (SPEC §2).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from ._errors import InvalidMessage
 ROLES: Final = frozenset({"user", "assistant", "system", "tool"})
 MAX_MESSAGE_ID_CHARS: Final = 256
 MAX_TAG_CHARS: Final = 2000
+#: The stored field of a row's private metadata (see the module's docstring).
+METADATA_FIELD: Final = "metadata"
 #: Identity prefix of the rolling summary entry that consolidation keeps at the
 #: head of a window ("summary:<n>", role "system"). Users cannot forge one: a
 #: marker typed into a message only ever yields a user/assistant/tool entry.
@@ -108,6 +116,7 @@ def build_entry(
     name: object = None,
     tool_calls: object = None,
     tool_call_id: object = None,
+    metadata: object = None,
 ) -> Entry:
     """Validate the fields of one turn and return its entry (identity first)."""
     if role not in ROLES:
@@ -134,6 +143,11 @@ def build_entry(
         if not isinstance(tool_call_id, str):
             raise InvalidMessage("must be a str", field="tool_call_id")
         entry["tool_call_id"] = tool_call_id
+    if metadata is not None:
+        if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
+            raise InvalidMessage("must be a dict with str keys", field="metadata")
+        if metadata:
+            entry[METADATA_FIELD] = dict(metadata)
     return entry
 
 
@@ -176,8 +190,10 @@ def decode_row(row: bytes) -> tuple[str | None, str] | None:
 _JOIN_LIMIT = 64 * 1024
 
 
-def to_messages(rows: Iterable[bytes]) -> list[Entry]:
+def to_messages(rows: Iterable[bytes], *, metadata: bool = False) -> list[Entry]:
     """Fresh, caller-owned OpenAI-chat messages for stored rows (no deepcopy).
+
+    ``metadata``: keep each row's private ``metadata`` field (where it has one).
 
     Small rows are parsed together (one ``orjson.loads`` of a joined array);
     rows with media are parsed alone, so a window of images is never copied
@@ -202,6 +218,8 @@ def to_messages(rows: Iterable[bytes]) -> list[Entry]:
         messages.extend(orjson.loads(b"[" + b",".join(batch) + b"]"))
     for message in messages:
         del message["message_id"]
+        if not metadata:
+            message.pop(METADATA_FIELD, None)
     return messages
 
 
@@ -210,20 +228,20 @@ def to_messages(rows: Iterable[bytes]) -> list[Entry]:
 _ASYNC_DECODE_SLICE = 256 * 1024
 
 
-async def to_messages_yielding(rows: list[bytes]) -> list[Entry]:
+async def to_messages_yielding(rows: list[bytes], *, metadata: bool = False) -> list[Entry]:
     """``to_messages``, a slice of about 256 KB of rows per step of the loop."""
     total = sum(map(len, rows))
     if total <= _ASYNC_DECODE_SLICE:
-        return to_messages(rows)
+        return to_messages(rows, metadata=metadata)
     messages: list[Entry] = []
     start, size = 0, 0
     for index, row in enumerate(rows):
         size += len(row)
         if size >= _ASYNC_DECODE_SLICE:
-            messages.extend(to_messages(rows[start : index + 1]))
+            messages.extend(to_messages(rows[start : index + 1], metadata=metadata))
             start, size = index + 1, 0
             await asyncio.sleep(0)
-    messages.extend(to_messages(rows[start:]))
+    messages.extend(to_messages(rows[start:], metadata=metadata))
     return messages
 
 

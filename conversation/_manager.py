@@ -146,9 +146,15 @@ class ConversationManager:
         name: str | None = None,
         tool_calls: list[dict[str, Any]] | None = None,
         tool_call_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> None:
-        """Record a turn now; it reaches Redis in a tracked background task."""
-        row = self._writes.row(role, content, message_id, name, tool_calls, tool_call_id)
+        """Record a turn now; it reaches Redis in a tracked background task.
+
+        ``metadata``: a JSON object kept with the entry for the writer's own
+        reading back (``get_messages(..., include_metadata=True)``); it is never
+        part of what a plain read returns, so it never reaches a model.
+        """
+        row = self._writes.row(role, content, message_id, name, tool_calls, tool_call_id, metadata)
         self._submit(room_id, self._writes.append([row]))
 
     async def append_async(
@@ -161,6 +167,7 @@ class ConversationManager:
         name: str | None = None,
         tool_calls: list[dict[str, Any]] | None = None,
         tool_call_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
         durable: bool = False,
         idempotency_key: str | None = None,
     ) -> None:
@@ -172,7 +179,7 @@ class ConversationManager:
         ``DurabilityError`` is raised, the turn leaves this worker's memory, and
         re-calling with ``idempotency_key=err.idempotency_key`` lands it once.
         """
-        row = self._writes.row(role, content, message_id, name, tool_calls, tool_call_id)
+        row = self._writes.row(role, content, message_id, name, tool_calls, tool_call_id, metadata)
         await self._append_rows(room_id, [row], durable, idempotency_key)
 
     async def append_many_async(
@@ -186,7 +193,7 @@ class ConversationManager:
         """Record several turns as one write: Redis gets all of them in one script, or none.
 
         Each message takes the fields of ``append`` (``role``, ``content``,
-        ``message_id``, ``name``, ``tool_calls``, ``tool_call_id``); all are
+        ``message_id``, ``name``, ``tool_calls``, ``tool_call_id``, ``metadata``); all are
         validated before any is recorded. ``durable`` and ``idempotency_key`` are
         as for ``append_async``, for the batch as a whole.
         """
@@ -197,14 +204,7 @@ class ConversationManager:
     async def _append_rows(
         self, room_id: str, rows: list[Row], durable: bool, idempotency_key: str | None
     ) -> None:
-        op = self._writes.append(rows, idempotency_key)
-        if durable and self._redis is not None:
-            deadline = asyncio.get_running_loop().time() + self._settings.durable_timeout
-            op.durable_deadline = deadline
-            self._submit(room_id, op)
-            await self._backend.settle_durable(self._rooms.open(room_id), op, deadline)
-        else:
-            await self._write_async(room_id, op)
+        await self._write_async(room_id, self._writes.append(rows, idempotency_key), durable)
 
     def update_message(
         self, room_id: str, message_id: str | int, new_content: str | list[Any]
@@ -212,31 +212,40 @@ class ConversationManager:
         return self._submit(room_id, self._writes.update(message_id, new_content))
 
     async def update_message_async(
-        self, room_id: str, message_id: str | int, new_content: str | list[Any]
+        self,
+        room_id: str,
+        message_id: str | int,
+        new_content: str | list[Any],
+        *,
+        durable: bool = False,
     ) -> bool:
-        return await self._edit_async(room_id, self._writes.update(message_id, new_content))
+        """Edit the entry; ``durable`` as for ``append_async`` (every ``_async`` write takes it)."""
+        op = self._writes.update(message_id, new_content)
+        return await self._edit_async(room_id, op, durable)
 
     def mark_deleted(self, room_id: str, message_id: str | int, deleted_at_iso: str) -> bool:
         return self._submit(room_id, self._writes.deleted(message_id, deleted_at_iso))
 
     async def mark_deleted_async(
-        self, room_id: str, message_id: str | int, deleted_at_iso: str
+        self, room_id: str, message_id: str | int, deleted_at_iso: str, *, durable: bool = False
     ) -> bool:
-        return await self._edit_async(room_id, self._writes.deleted(message_id, deleted_at_iso))
+        op = self._writes.deleted(message_id, deleted_at_iso)
+        return await self._edit_async(room_id, op, durable)
 
     def patch_reactions(self, room_id: str, message_id: str | int, reactions_str: str) -> bool:
         return self._submit(room_id, self._writes.reactions(message_id, reactions_str))
 
     async def patch_reactions_async(
-        self, room_id: str, message_id: str | int, reactions_str: str
+        self, room_id: str, message_id: str | int, reactions_str: str, *, durable: bool = False
     ) -> bool:
-        return await self._edit_async(room_id, self._writes.reactions(message_id, reactions_str))
+        op = self._writes.reactions(message_id, reactions_str)
+        return await self._edit_async(room_id, op, durable)
 
     def clear(self, room_id: str) -> None:
         self._submit(room_id, ClearOp())
 
-    async def clear_async(self, room_id: str) -> None:
-        await self._write_async(room_id, ClearOp())
+    async def clear_async(self, room_id: str, *, durable: bool = False) -> None:
+        await self._write_async(room_id, ClearOp(), durable)
 
     def set_channel_limit(self, room_id: str, limit: int) -> int:
         """Clamp to [50, 1000]; raising flags re-backfill, lowering trims at once."""
@@ -244,9 +253,11 @@ class ConversationManager:
         self._submit(room_id, op)
         return clamped
 
-    async def set_channel_limit_async(self, room_id: str, limit: int) -> int:
+    async def set_channel_limit_async(
+        self, room_id: str, limit: int, *, durable: bool = False
+    ) -> int:
         op, clamped = limit_write(limit)
-        await self._write_async(room_id, op)
+        await self._write_async(room_id, op, durable)
         return clamped
 
     def get_channel_limit(self, room_id: str) -> int:
@@ -259,8 +270,17 @@ class ConversationManager:
     def discard_rebackfill_request(self, room_id: str) -> None:
         self._submit(room_id, LimitOp(0, False))
 
+    async def discard_rebackfill_request_async(
+        self, room_id: str, *, durable: bool = False
+    ) -> None:
+        await self._write_async(room_id, LimitOp(0, False), durable)
+
     async def backfill_async(
-        self, room_id: str, older_messages: Sequence[Mapping[str, Any]]
+        self,
+        room_id: str,
+        older_messages: Sequence[Mapping[str, Any]],
+        *,
+        durable: bool = False,
     ) -> None:
         """Prepend older platform history (oldest first) and settle the re-backfill request.
 
@@ -269,16 +289,24 @@ class ConversationManager:
         turns appended meanwhile by any worker are kept (compare-and-set).
         """
         op = BackfillOp([self._writes.row_from_mapping(m) for m in older_messages])
-        await self._write_async(room_id, op)
+        await self._write_async(room_id, op, durable)
 
     # ------------------------------------------------------------------- reads
 
     def get_messages(
-        self, room_id: str, room_context: Mapping[str, Any] | None = None
+        self,
+        room_id: str,
+        room_context: Mapping[str, Any] | None = None,
+        *,
+        include_metadata: bool = False,
     ) -> list[Entry]:
-        """``[system] + window`` from this worker's memory only (no Redis round trip)."""
+        """``[system] + window`` from this worker's memory only (no Redis round trip).
+
+        ``include_metadata``: entries written with ``metadata`` carry it (for the
+        writer's own use: strip it before sending messages to a model).
+        """
         room = self._room(room_id)
-        messages = to_messages(room.view.window.healthy_rows())
+        messages = to_messages(room.view.window.healthy_rows(), metadata=include_metadata)
         if self._renderer is None:
             return messages
         return [_system(self._renderer.render(_context(room_id, room_context))), *messages]
@@ -289,6 +317,7 @@ class ConversationManager:
         room_context: Mapping[str, Any] | None = None,
         *,
         token_budget: int | None = None,
+        include_metadata: bool = False,
     ) -> list[Entry]:
         """``[system] + window`` after catching up with Redis in one round trip.
 
@@ -309,7 +338,8 @@ class ConversationManager:
             logger.warning(
                 "room %s: serving memory, Redis unreachable: %s", room_id, describe_error(exc)
             )
-        messages = await to_messages_yielding(room.view.window.healthy_rows())
+        rows = room.view.window.healthy_rows()
+        messages = await to_messages_yielding(rows, metadata=include_metadata)
         if self._renderer is not None:
             system = await self._renderer.render_async(_context(room_id, room_context))
             messages = [_system(system), *messages]
@@ -545,23 +575,48 @@ class ConversationManager:
             resumed,
         )
 
-    async def _edit_async(self, room_id: str, op: EditOp) -> bool:
-        if self._submit(room_id, op, inline=True):
-            return bool(await self._backend.settle(self._rooms.open(room_id), op))
+    async def _edit_async(self, room_id: str, op: EditOp, durable: bool) -> bool:
+        found, result = await self._try_write(room_id, op, durable)
+        if found:
+            return bool(result)
         if self._store is None:
             return False
         # Not in memory: the room may be cold or behind another worker.
         await self.ensure_fresh_from_redis(room_id)
-        if self._submit(room_id, op, inline=True):
-            return bool(await self._backend.settle(self._rooms.open(room_id), op))
-        return False
+        found, result = await self._try_write(room_id, op, durable)
+        return found and bool(result)
 
-    async def _write_async(self, room_id: str, op: Op) -> Any:
-        self._submit(room_id, op, inline=True)
-        return await self._backend.settle(self._rooms.open(room_id), op)
+    async def _write_async(self, room_id: str, op: Op, durable: bool = False) -> Any:
+        return (await self._try_write(room_id, op, durable))[1]
+
+    async def _try_write(self, room_id: str, op: Op, durable: bool) -> tuple[bool, Any]:
+        """Submit ``op`` and wait for Redis: whether it applied here, and its result.
+
+        ``durable``: no longer than ``durable_timeout``; then ``DurabilityError``
+        and the write leaves this worker's view (it is never retried for ever).
+        """
+        if not (durable and self._redis is not None):
+            if not self._submit(room_id, op, inline=True):
+                return False, False
+            return True, await self._backend.settle(self._rooms.open(room_id), op)
+        deadline = asyncio.get_running_loop().time() + self._settings.durable_timeout
+        op.durable_deadline = deadline
+        if not self._submit(room_id, op):
+            return False, False
+        return True, await self._backend.settle_durable(self._rooms.open(room_id), op, deadline)
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def engine_loop(manager: ConversationManager) -> asyncio.AbstractEventLoop | None:
+    """The running loop the manager belongs to, or None when no loop runs it.
+
+    For the integrations' sync members, which hand work to that loop from
+    another thread. Raises ``ConfigurationError`` when called on a running
+    loop other than the manager's, while the manager's is open (SPEC §26).
+    """
+    return manager._loop.current()
 
 
 def _system(text: str) -> Entry:

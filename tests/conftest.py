@@ -33,6 +33,10 @@ TIERS = {
         "test_cursors",
         "test_working_set",
         "test_transfer",
+        "test_blocking",
+        "test_loop_moves",
+        "test_langchain",
+        "test_agents_session",
     ),
     "faults": ("test_faults", "test_chaos", "test_replication", "test_sentinel"),
     "scale": ("test_cluster", "test_cluster_basics", "test_multiprocess"),
@@ -46,6 +50,10 @@ TIERS = {
         "test_servers",
     ),
 }
+# The modules of the SessionStore-based adapters (Google ADK, LlamaIndex).
+TIERS["engine"] += ("test_adk", "test_llama_index", "test_session_state")
+TIERS["scale"] += ("test_adapters_cluster",)
+TIERS["tools"] += ("test_quickstarts",)
 _TIER_OF = {module: tier for tier, modules in TIERS.items() for module in modules}
 
 

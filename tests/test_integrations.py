@@ -245,7 +245,8 @@ async def test_langchain_refuses_what_it_cannot_store(
     assert await history.aget_messages() == []  # converted first, nothing written
     developer = SystemMessage("rules", additional_kwargs={"__openai_role__": "developer"})
     await history.aadd_messages([developer])
-    assert await history.aget_messages() == [SystemMessage("rules")]
+    assert await history.aget_messages() == [developer]  # reads back as it was added
+    assert await manager.get_messages_async(room) == [{"role": "system", "content": "rules"}]
 
 
 async def test_integrations_need_a_manager_without_prompt_renderer(

@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("engine", ("_engine",)),
     ("services", ("_renderer", "_consolidation", "_sessions", "_changes", "_transfer")),
     ("facade", ("_manager",)),
-    ("public", ("__init__", "integrations", "testing")),
+    ("public", ("__init__", "integrations", "testing", "blocking")),
     ("tooling", ("_tools", "__main__")),
 )
 

@@ -78,7 +78,7 @@ class Backend(Protocol):
 
     async def settle(self, room: Room, op: Op) -> Any: ...
 
-    async def settle_durable(self, room: Room, op: Op, deadline: float) -> None: ...
+    async def settle_durable(self, room: Room, op: Op, deadline: float) -> Any: ...
 
     async def ensure_fresh(self, room: Room) -> None: ...
 
@@ -111,8 +111,8 @@ class MemoryBackend:
     async def settle(self, room: Room, op: Op) -> Any:
         return True
 
-    async def settle_durable(self, room: Room, op: Op, deadline: float) -> None:
-        return None
+    async def settle_durable(self, room: Room, op: Op, deadline: float) -> Any:
+        return True
 
     async def ensure_fresh(self, room: Room) -> None:
         return None
@@ -194,15 +194,14 @@ class Replicator:
             return True
         return await asyncio.shield(op.done)
 
-    async def settle_durable(self, room: Room, op: Op, deadline: float) -> None:
+    async def settle_durable(self, room: Room, op: Op, deadline: float) -> Any:
         """Wait for a durable write, no longer than its deadline even while it is queued."""
         if op.done is None:
-            return
+            return True
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         try:
             async with asyncio.timeout(remaining):
-                await asyncio.shield(op.done)
-            return
+                return await asyncio.shield(op.done)
         except TimeoutError:
             pass
         inflight = room.inflight.ops if room.inflight is not None else []
@@ -211,7 +210,7 @@ class Replicator:
             # withdrawn cleanly. (If it is being sent, its own persist settles it.)
             cause = TimeoutError("queued behind writes Redis has not confirmed")
             self._abandon_durable(room, Batch([op], op.token, deadline), cause)
-        await asyncio.shield(op.done)
+        return await asyncio.shield(op.done)
 
     def fail_waiters(self, why: str) -> None:
         """Settle every unconfirmed write's future, so no caller awaits it forever.

@@ -21,7 +21,7 @@ from .ops import AppendOp, EditOp, LimitOp, Row
 
 MIN_CHANNEL_LIMIT, MAX_CHANNEL_LIMIT = 50, 1000
 MAX_IDEMPOTENCY_KEY_CHARS = 128
-_MESSAGE_FIELDS = frozenset({"message_id", "name", "tool_calls", "tool_call_id"})
+_MESSAGE_FIELDS = frozenset({"message_id", "name", "tool_calls", "tool_call_id", "metadata"})
 
 
 class Writes:
@@ -38,6 +38,7 @@ class Writes:
         name: object = None,
         tool_calls: object = None,
         tool_call_id: object = None,
+        metadata: object = None,
     ) -> Row:
         entry = build_entry(
             role,
@@ -46,6 +47,7 @@ class Writes:
             name=name,
             tool_calls=tool_calls,
             tool_call_id=tool_call_id,
+            metadata=metadata,
         )
         return encode(entry, self.max_entry_bytes), entry["message_id"], entry["role"]
 

@@ -368,24 +368,45 @@ def forget_pooled_connections(redis: Any) -> None:
     Their streams belong to that loop: closing them the usual way needs it, and
     using them fails with "Event loop is closed". Their sockets are closed
     directly instead (nothing else can reach them now), and the client opens new
-    connections on the loop that runs it. The pool's lock may be bound to the
-    closed loop too, so it is replaced.
+    connections on the loop that runs it. Connections of a live loop stay: a
+    client shared by a manager and a ``SessionStore`` is rebound by each, and
+    the second must not close what the first already opened on the new loop.
+    The pool's lock may be bound to the closed loop too, so it is replaced.
     """
     if isinstance(redis, RedisCluster):
         for node in redis.get_nodes():
-            for connection in node._connections:
+            dead = [c for c in node._connections if _on_closed_loop(c)]
+            for connection in dead:
                 _close_orphan(connection)
-            node._connections.clear()
-            node._free.clear()
+                node._connections.remove(connection)
+                if connection in node._free:
+                    node._free.remove(connection)
         return
     pool = getattr(redis, "connection_pool", None)
     if pool is None:
         return
     for connection in [*pool._available_connections, *pool._in_use_connections]:
-        _close_orphan(connection)
-    pool.reset()
-    if isinstance(getattr(pool, "_lock", None), asyncio.Lock):
+        if _on_closed_loop(connection):
+            _close_orphan(connection)
+            if connection in pool._available_connections:
+                pool._available_connections.remove(connection)
+            pool._in_use_connections.discard(connection)
+    lock = getattr(pool, "_lock", None)
+    if isinstance(lock, asyncio.Lock) and _bound_to_closed_loop(lock):
         pool._lock = asyncio.Lock()
+
+
+def _on_closed_loop(connection: Any) -> bool:
+    writer = getattr(connection, "_writer", None)
+    if writer is None:
+        return False  # not connected: it connects on whichever loop uses it next
+    loop = getattr(writer.transport, "_loop", None)
+    return loop is None or loop.is_closed()
+
+
+def _bound_to_closed_loop(lock: asyncio.Lock) -> bool:
+    loop = getattr(lock, "_loop", None)  # set on first contention (asyncio's loop mixin)
+    return loop is not None and loop.is_closed()
 
 
 def _close_orphan(connection: Any) -> None:

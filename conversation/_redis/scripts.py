@@ -34,7 +34,10 @@ SESSION_SCRIPT_NAMES = (
     "session_delete",
     "session_list",
     "session_import",
+    "session_splice",
 )
+#: Session scripts without the ``session_lib.lua`` prelude: they touch no session.
+STANDALONE_SESSION_SCRIPT_NAMES = ("session_group",)
 #: Scripts whose replies ``WAIT`` need not vouch for: they write no room state. (A
 #: staged archive part only counts once its fold commits, and the fold's own WAIT
 #: covers every write before it: replication is one ordered stream.)
@@ -90,4 +93,5 @@ def load_scripts() -> ScriptSet:
 def load_session_scripts() -> ScriptSet:
     prelude = (data_dir("lua") / "session_lib.lua").read_text(encoding="utf-8")
     scripts = {name: Script.load(name, prelude) for name in SESSION_SCRIPT_NAMES}
+    scripts.update((name, Script.load(name, "")) for name in STANDALONE_SESSION_SCRIPT_NAMES)
     return ScriptSet(scripts, probes_info=False)

@@ -62,7 +62,7 @@ from .._errors import (
     describe_error,
 )
 from .._redis.keys import validate_room_id
-from .._redis.sessions import Forged, RedisSessions, SessionKeySpace
+from .._redis.sessions import SPLICE_OPS, Forged, RedisSessions, SessionKeySpace, Spliced
 from .memory import MemorySessions
 
 logger = logging.getLogger(__name__)
@@ -109,6 +109,10 @@ class Session(SessionInfo):
 
     messages: list[Message]
     _token: str = field(repr=False, compare=False)
+    #: The session's own state (key -> JSON value), as of this snapshot.
+    state: dict[str, Any] = field(default_factory=dict)
+    #: The owning user's state, shared by all of their sessions, as of this snapshot.
+    owner_state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def info(self) -> SessionInfo:
@@ -120,6 +124,14 @@ class Session(SessionInfo):
             self.expires_at,
             self.message_count,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class GroupState:
+    """What ``SessionStore.use_group`` returns: the group's state, and its live members."""
+
+    state: dict[str, Any]
+    members: list[str]
 
 
 # ------------------------------------------------------------------ validation
@@ -143,6 +155,32 @@ def _validate_id(what: str, value: object, max_bytes: int) -> str:
     if size > max_bytes:
         raise InvalidSessionId(what, value, f"is {size} bytes; the limit is {max_bytes}")
     return text
+
+
+def state_rows(delta: object, max_bytes: int) -> dict[str, bytes]:
+    """Validate a state delta (str keys, JSON values); its stored form, key -> orjson."""
+    if delta is None:
+        return {}
+    if not isinstance(delta, Mapping):
+        raise InvalidMessage(f"must be a mapping, not {type(delta).__name__}", field="state")
+    rows: dict[str, bytes] = {}
+    for key, value in delta.items():
+        if not isinstance(key, str):
+            raise InvalidMessage(f"keys must be str, not {type(key).__name__}", field="state")
+        try:
+            key.encode("utf-8")
+            row = orjson.dumps(value)
+        except UnicodeEncodeError as exc:
+            raise InvalidMessage(f"key {key!r:.80} is not valid Unicode", field="state") from exc
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            raise InvalidMessage(f"value of {key!r:.80} is not JSON: {exc}", field="state") from exc
+        if len(row) > max_bytes:
+            raise InvalidMessage(
+                f"value of {key!r:.80} is {len(row)} bytes; the limit is {max_bytes}",
+                field="state",
+            )
+        rows[key] = row
+    return rows
 
 
 def message_row(message: object, max_bytes: int) -> bytes:
@@ -198,6 +236,7 @@ class SessionStore:
         max_messages: int = 200,
         max_message_bytes: int = 8 * 1024 * 1024,
         command_timeout: float | None = 10.0,
+        key_family: str = "session",
     ) -> None:
         if (
             isinstance(idle_ttl_seconds, bool)
@@ -216,7 +255,11 @@ class SessionStore:
             )
         self.idle_ttl_seconds = float(idle_ttl_seconds)
         self.max_messages = max_messages
-        self.keys = SessionKeySpace(key_prefix)
+        if not isinstance(key_family, str) or not key_family.isidentifier():
+            raise ConfigurationError(
+                f"key_family must be a short identifier such as 'session', got {key_family!r}"
+            )
+        self.keys = SessionKeySpace(key_prefix, key_family)
         self._max_message_bytes = max_message_bytes
         ttl_ms = max(1, round(idle_ttl_seconds * 1000))
         self._backend: RedisSessions | MemorySessions = (
@@ -229,19 +272,32 @@ class SessionStore:
 
     # ------------------------------------------------------------- lifecycle
 
-    async def create_session(self, user_id: str, session_id: str | None = None) -> Session:
+    async def create_session(
+        self,
+        user_id: str,
+        session_id: str | None = None,
+        *,
+        state: Mapping[str, Any] | None = None,
+        owner_state: Mapping[str, Any] | None = None,
+    ) -> Session:
         """Start an empty session; ``session_id=None`` generates one.
 
+        ``state`` is the new session's initial state; ``owner_state`` is written
+        into the user's state (shared by their sessions) in the same step. Keys
+        are strings, values anything JSON can hold.
+
         Raises ``SessionExists`` when the user already has a live session with
-        that id (an expired or deleted id may be reused).
+        that id (an expired or deleted id may be reused); then nothing is written.
         """
         user_id = validate_user_id(user_id)
         generated = session_id is None
         sid = uuid.uuid4().hex if session_id is None else validate_session_id(session_id)
+        state_delta = state_rows(state, self._max_message_bytes)
+        owner_delta = state_rows(owner_state, self._max_message_bytes)
         for _attempt in range(3):
             token = secrets.token_urlsafe(18)
             try:
-                created = await self._backend.create(user_id, sid, token)
+                created = await self._backend.create(user_id, sid, token, state_delta, owner_delta)
             except _BACKEND_ERRORS as exc:
                 raise PersistError(
                     f"user {user_id}: creating session {sid} was not confirmed: "
@@ -258,18 +314,36 @@ class SessionStore:
                     0,
                     [],
                     token,
+                    _decode_state(state_delta),
+                    # The user's whole state is what a get_session shows; a create
+                    # answers with the part it wrote (read the rest with get_owner_state).
+                    _decode_state(owner_delta),
                 )
             if not generated:
                 break
             sid = uuid.uuid4().hex  # a 122-bit collision: astronomically rare, but never fatal
         raise SessionExists(user_id, sid)
 
-    async def get_session(self, user_id: str, session_id: str) -> Session | None:
-        """The session with its messages, or None; refreshes its idle TTL."""
+    async def get_session(
+        self,
+        user_id: str,
+        session_id: str,
+        *,
+        last: int | None = None,
+        refresh: bool = True,
+    ) -> Session | None:
+        """The session with its messages, or None; refreshes its idle TTL.
+
+        ``last``: only the latest N messages (``message_count`` still counts all
+        that are read; 0 reads none, for state and times only). ``refresh=False``
+        reads without counting as a use (the TTL does not move), as listing does.
+        """
         user_id = validate_user_id(user_id)
         session_id = validate_session_id(session_id)
+        if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 0):
+            raise ValueError(f"last must be None or an int >= 0, got {last!r}")
         try:
-            loaded = await self._backend.get(user_id, session_id)
+            loaded = await self._backend.get(user_id, session_id, last=last, touch=refresh)
         except _BACKEND_ERRORS as exc:
             raise RedisUnavailable(
                 f"user {user_id}: reading session {session_id} failed: {describe_error(exc)}"
@@ -286,6 +360,8 @@ class SessionStore:
             len(messages),
             messages,
             loaded.token,
+            _decode_state(loaded.state, user_id, session_id),
+            _decode_state(loaded.owner_state, user_id, session_id),
         )
 
     async def export_session(self, user_id: str, session_id: str) -> dict[str, Any]:
@@ -372,6 +448,45 @@ class SessionStore:
             except InvalidMessage as exc:
                 raise InvalidExport(str(exc), where=f"messages[{index}]") from exc
         return sid, round(created * 1000), rows
+    async def get_owner_state(self, user_id: str) -> dict[str, Any]:
+        """The user's state (shared by their sessions), {} when none; refreshes nothing."""
+        user_id = validate_user_id(user_id)
+        try:
+            rows = await self._backend.owner_state(user_id)
+        except _BACKEND_ERRORS as exc:
+            raise RedisUnavailable(
+                f"user {user_id}: reading the user's state failed: {describe_error(exc)}"
+            ) from exc
+        return _decode_state(rows, user_id)
+
+    async def use_group(
+        self,
+        group: str,
+        *,
+        member: str | None = None,
+        state: Mapping[str, Any] | None = None,
+        list_members: bool = False,
+    ) -> GroupState:
+        """Read (and with ``state``, first update) the state a group of users shares.
+
+        A group (an app, for the ADK adapter) is named like a user and lives
+        under its own hash tag. Every call is a use: the group's keys live
+        ``idle_ttl_seconds`` past the last one. ``member`` records that user as
+        live for as long; ``list_members=True`` also returns the live members.
+        """
+        group = _validate_id("group", group, MAX_USER_ID_BYTES)
+        if member is not None:
+            member = validate_user_id(member)
+        delta = state_rows(state, self._max_message_bytes)
+        try:
+            got, members = await self._backend.group(
+                group, member or "", delta, members=list_members
+            )
+        except _BACKEND_ERRORS as exc:
+            raise PersistError(
+                f"group {group}: using the group's state was not confirmed: " + describe_error(exc)
+            ) from exc
+        return GroupState(_decode_state(got, group), members)
 
     async def delete_session(self, user_id: str, session_id: str) -> bool:
         """Remove the session; True iff a live one was there."""
@@ -447,6 +562,81 @@ class SessionStore:
         rows = self._rows(message)
         return await self._append(user_id, session_id, token, idempotency_key, rows)
 
+    async def append_by_id(
+        self,
+        user_id: str,
+        session_id: str,
+        message: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+        *,
+        state: Mapping[str, Any] | None = None,
+        owner_state: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> SessionInfo:
+        """Append messages (possibly none) and state deltas to the user's session.
+
+        Authorised by the user id alone, like ``append_system_message``: for
+        callers whose framework names sessions by ids (no handle). ``state``
+        is merged into the session's state and ``owner_state`` into the user's,
+        in the same script as the messages: all of it lands once, or none.
+        """
+        user_id = validate_user_id(user_id)
+        session_id = validate_session_id(session_id)
+        rows = self._rows(message)
+        return await self._append(
+            user_id,
+            session_id,
+            None,
+            idempotency_key,
+            rows,
+            state_rows(state, self._max_message_bytes),
+            state_rows(owner_state, self._max_message_bytes),
+        )
+
+    async def splice(
+        self,
+        user_id: str,
+        session_id: str,
+        op: str,
+        *,
+        position: int = 0,
+        messages: Sequence[Mapping[str, Any]] = (),
+        idempotency_key: str | None = None,
+    ) -> tuple[int, list[Message]] | None:
+        """Change a session's messages by position, in one script; authorised by user id.
+
+        For list-shaped chat stores. ``op``: ``"set"`` replaces every message by
+        ``messages``; ``"insert"`` inserts them before ``position`` (clamped as
+        ``list.insert`` does); both create the session if it is not live.
+        ``"remove"`` removes the message at ``position`` (negative counts from
+        the end), ``"pop"`` the last one, ``"take"`` deletes the session.
+        Returns ``(message count after, removed messages)``, or ``None`` when
+        there was nothing to remove (no live session, or no message there).
+        A call repeated with the same ``idempotency_key`` is applied once; the
+        repeat returns ``(-1, [])`` (its result is no longer known).
+        """
+        user_id = validate_user_id(user_id)
+        session_id = validate_session_id(session_id)
+        if op not in SPLICE_OPS:
+            raise ValueError(f"op must be one of {sorted(SPLICE_OPS)}, got {op!r:.40}")
+        if isinstance(position, bool) or not isinstance(position, int):
+            raise ValueError(f"position must be an int, got {position!r:.40}")
+        rows = [message_row(m, self._max_message_bytes) for m in messages]
+        write_id = self._write_id(idempotency_key)
+        try:
+            result = await self._backend.splice(
+                user_id, session_id, op, position, write_id, secrets.token_urlsafe(18), rows
+            )
+        except _BACKEND_ERRORS as exc:
+            raise PersistError(
+                f"user {user_id}: changing session {session_id} ({op}) was not confirmed: "
+                + describe_error(exc)
+            ) from exc
+        if result is None:
+            return None
+        if not isinstance(result, Spliced):
+            return -1, []
+        return result.count, self._decode(user_id, session_id, result.removed)
+
     async def append_system_message(
         self, user_id: str, session_id: str, text: str, *, idempotency_key: str | None = None
     ) -> SessionInfo:
@@ -482,21 +672,14 @@ class SessionStore:
         token: str | None,
         idempotency_key: str | None,
         rows: list[bytes],
+        state: dict[str, bytes] | None = None,
+        owner_state: dict[str, bytes] | None = None,
     ) -> SessionInfo:
-        if idempotency_key is None:
-            write_id = secrets.token_urlsafe(12)
-        elif (
-            isinstance(idempotency_key, str)
-            and 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS
-        ):
-            write_id = "k:" + idempotency_key  # never equal to a generated id
-        else:
-            raise InvalidMessage(
-                f"must be a non-empty str of at most {MAX_IDEMPOTENCY_KEY_CHARS} characters",
-                field="idempotency_key",
-            )
+        write_id = self._write_id(idempotency_key)
         try:
-            result = await self._backend.append(user_id, session_id, token, write_id, rows)
+            result = await self._backend.append(
+                user_id, session_id, token, write_id, rows, state, owner_state
+            )
         except _BACKEND_ERRORS as exc:
             raise PersistError(
                 f"user {user_id}: appending {len(rows)} message(s) to session {session_id} "
@@ -529,6 +712,20 @@ class SessionStore:
             result.count,
         )
 
+    @staticmethod
+    def _write_id(idempotency_key: str | None) -> str:
+        if idempotency_key is None:
+            return secrets.token_urlsafe(12)
+        if (
+            isinstance(idempotency_key, str)
+            and 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS
+        ):
+            return "k:" + idempotency_key  # never equal to a generated id
+        raise InvalidMessage(
+            f"must be a non-empty str of at most {MAX_IDEMPOTENCY_KEY_CHARS} characters",
+            field="idempotency_key",
+        )
+
     def _decode(self, user_id: str, session_id: str, rows: list[bytes]) -> list[Message]:
         try:
             messages: list[Message] = orjson.loads(b"[" + b",".join(rows) + b"]")
@@ -548,6 +745,19 @@ class SessionStore:
                 len(messages) - len(good),
             )
         return good
+
+
+def _decode_state(rows: Mapping[str, bytes], *where: str) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    bad = 0
+    for key, row in rows.items():
+        try:
+            state[key] = orjson.loads(row)
+        except orjson.JSONDecodeError:
+            bad += 1
+    if bad:
+        logger.warning("%s: %d corrupt state value(s) skipped", "/".join(where), bad)
+    return state
 
 
 def _well_formed(message: object) -> bool:

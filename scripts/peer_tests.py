@@ -81,13 +81,18 @@ def fetch(suite: Suite, cache: Path) -> Path:
     downloads.mkdir(parents=True, exist_ok=True)
     archive = downloads / f"{stem}.tar.gz"
     if not archive.exists():
-        subprocess.run(
+        fetched = subprocess.run(
             [
                 sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
                 "--no-binary", ":all:", f"{suite.distribution}=={version}", "-d", str(downloads),
             ],
-            check=True,
+            check=False,
         )  # fmt: skip
+        if fetched.returncode != 0 or not archive.exists():
+            raise SystemExit(
+                f"could not fetch the {suite.distribution} {version} sdist from the package "
+                f"index; put {archive.name} in {downloads} (or pass --cache) and run again"
+            )
     with tarfile.open(archive) as sdist:
         members = [m for m in sdist.getmembers() if m.name.startswith(f"{stem}/tests/")]
         sdist.extractall(cache, members=members, filter="data")

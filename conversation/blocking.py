@@ -37,7 +37,6 @@ import concurrent.futures
 import functools
 import logging
 import threading
-import weakref
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -309,9 +308,11 @@ def _start_portal() -> tuple[BlockingPortal, threading.Thread]:
     return ready.result(), thread
 
 
-# Managers not closed yet: the program's exit flushes them (a script that ends
-# without close() loses nothing it was told was written, and does not hang).
-_OPEN: weakref.WeakSet[BlockingConversationManager] = weakref.WeakSet()
+# Managers not closed yet, held until they are: the program's exit flushes them
+# (a script that ends without close() loses nothing it was told was written, and
+# does not hang). A strong reference, as a running thread is one anyway: a
+# manager dropped unclosed still has its writes flushed at exit.
+_OPEN: set[BlockingConversationManager] = set()
 
 
 @atexit.register

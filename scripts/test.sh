@@ -30,10 +30,12 @@ if [ "$fast" = "1" ]; then
 fi
 .venv/bin/python -m pytest "$@"
 
-# The frameworks' own tests of their session-service / chat-store classes, with
-# only the constructor swapped for our adapter (scripts/peer_tests.py; the
-# files are fetched at the pinned versions into a cache outside the repo; a
-# suite whose file cannot be obtained is reported NOT RUN, loudly, not failed).
+# The frameworks' own tests of their history / session / chat-store classes
+# (LangChain, OpenAI Agents, Google ADK, LlamaIndex) with only the constructor
+# swapped for our adapter (scripts/peer_tests.py; fetched once, at the pinned
+# versions, into a cache outside the repo; about 40 s). A suite whose tests
+# cannot be obtained is reported NOT RUN, loudly, not failed. See
+# docs/integrations.md.
 .venv/bin/python scripts/peer_tests.py --if-available
 
 # The real-server tier again on Valkey 9 (the valkey-server binary that the

@@ -56,7 +56,7 @@ from typing import Any, Final, cast
 
 import orjson
 from agents import SessionSettings, TResponseInputItem
-from agents.memory.session_settings import resolve_session_limit
+from agents.memory.session_settings import coerce_session_settings, resolve_session_limit
 
 from .._errors import InvalidMessage
 from .._manager import ConversationManager
@@ -94,11 +94,14 @@ class EngineSession:
         session_id: str,
         *,
         room_id: str | None = None,
-        session_settings: SessionSettings | None = None,
+        session_settings: SessionSettings | dict[str, Any] | None = None,
     ) -> None:
         self.session_id = session_id
+        # A dict is checked and normalised as the SDK's own sessions do it.
         self.session_settings = (
-            session_settings if session_settings is not None else SessionSettings()
+            coerce_session_settings(session_settings)
+            if session_settings is not None
+            else SessionSettings()
         )
         self.room_id = room_id if room_id is not None else f"agents:{session_id}"
         check_window_only(manager, self.room_id)
@@ -111,7 +114,7 @@ class EngineSession:
         session_id: str,
         *,
         room_id: str | None = None,
-        session_settings: SessionSettings | None = None,
+        session_settings: SessionSettings | dict[str, Any] | None = None,
         **settings: Any,
     ) -> EngineSession:
         """The session on the Redis at ``url``, usable from any loop and any thread.

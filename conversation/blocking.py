@@ -12,6 +12,11 @@ as a blocking call that any thread may make, named without ``_async``:
   ``consolidate``, ``list_archives``, ``drain``) keeps its name;
 - a plain method (``stats``, ``get_channel_limit``, ...) keeps its name and runs
   on the engine's thread too (the engine's state belongs to that thread);
+- a method returning an async iterator (``changes``) keeps its name and
+  returns a blocking iterator: each ``next()`` pulls one item through the
+  portal (waiting on the engine's loop as the async iterator would), and
+  closing the iterator (``close()``, or leaving a ``for`` loop early) closes the
+  async one on the engine's loop;
 - ``aclose`` becomes ``close``, which also stops the loop thread.
 
 Writes are ``durable`` unless told otherwise: a write Redis does not confirm
@@ -37,7 +42,7 @@ import concurrent.futures
 import functools
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -90,6 +95,22 @@ def _runs(
 
     def call(self: BlockingConversationManager, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return self._call(method, *args, **kwargs)
+
+    return _named(call, method)
+
+
+def _follows(
+    method: Callable[Concatenate[ConversationManager, P], AsyncIterator[R]],
+) -> Callable[Concatenate[BlockingConversationManager, P], Generator[R, None, None]]:
+    """A method returning an async iterator, as a blocking iterator of the same items."""
+
+    def call(
+        self: BlockingConversationManager, /, *args: P.args, **kwargs: P.kwargs
+    ) -> Generator[R, None, None]:
+        # Built here, not at the first next(): bad arguments raise at the call,
+        # as they do from the async method.
+        source = self._call(method, *args, **kwargs)
+        return self._pull(source)
 
     return _named(call, method)
 
@@ -175,6 +196,14 @@ class BlockingConversationManager:
     list_archives = _waits(ConversationManager.list_archives)
     drain = _waits(ConversationManager.drain)
 
+    read_since = _waits(ConversationManager.read_since)
+    get_cursor = _waits(ConversationManager.get_cursor)
+    set_cursor = _waits(ConversationManager.set_cursor)
+    export_room = _waits(ConversationManager.export_room)
+    import_room = _waits(ConversationManager.import_room)
+
+    changes = _follows(ConversationManager.changes)
+
     get_channel_limit = _runs(ConversationManager.get_channel_limit)
     is_rebackfill_requested = _runs(ConversationManager.is_rebackfill_requested)
     last_history_role = _runs(ConversationManager.last_history_role)
@@ -182,6 +211,7 @@ class BlockingConversationManager:
     should_consolidate = _runs(ConversationManager.should_consolidate)
     reap_stale = _runs(ConversationManager.reap_stale)
     stats = _runs(ConversationManager.stats)
+    rooms = _runs(ConversationManager.rooms)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -268,6 +298,19 @@ class BlockingConversationManager:
             return fn(self._manager, *args, **kwargs)
 
         return self._portal_call(on_loop)
+
+    def _pull(self, source: AsyncIterator[R]) -> Generator[R, None, None]:
+        """Each item of ``source`` (which lives on the engine's loop), fetched on that loop."""
+        try:
+            while True:
+                try:
+                    yield self._portal_call(source.__anext__)
+                except StopAsyncIteration:
+                    return
+        finally:
+            closer = getattr(source, "aclose", None)
+            if closer is not None and not self._closed:
+                self._portal_call(closer)
 
     def _portal_call(self, fn: Callable[[], Awaitable[R]]) -> R:
         if self._closed:

@@ -237,3 +237,41 @@ def test_metadata_comes_back_only_when_asked_and_survives_edits(
     with pytest.raises(InvalidMessage, match="JSON"):
         worker.append("meta", "user", "x", metadata={"set": {1, 2}})
     assert worker.get_history_message_count("meta") == 2
+
+
+def test_changes_is_a_blocking_iterator_that_waits_for_another_workers_writes(
+    url: str, worker: BlockingConversationManager
+) -> None:
+    worker.append("room:feed", "user", "first [Message ID: 1]", message_id=1)
+    _, cursor = worker.read_since("room:feed")
+    with BlockingConversationManager.from_url(url) as other:
+        changes = worker.changes("room:feed", since=cursor, poll_interval=0.05)
+        # Written from another thread while (or before) next() waits on the engine's loop.
+        writer = threading.Thread(
+            target=other.append, args=("room:feed", "user", "second [Message ID: 2]")
+        )
+        writer.start()
+        change = next(changes)
+        writer.join()
+        assert change.kind == "append"
+        assert change.entry is not None and "second" in str(change.entry["content"])
+        changes.close()  # closes the async iterator on the engine's loop
+        with pytest.raises(StopIteration):
+            next(changes)
+    with pytest.raises(ConfigurationError):
+        worker.changes("room:feed", poll_interval=0)  # raised at the call, not at next()
+
+
+def test_cursors_export_and_import_are_offered_blocking(
+    worker: BlockingConversationManager,
+) -> None:
+    worker.append("room:a", "user", "hello [Message ID: 1]", message_id=1)
+    _, cursor = worker.read_since("room:a")
+    assert worker.set_cursor("room:a", "indexer", cursor, expected="") is True
+    assert worker.get_cursor("room:a", "indexer") == cursor
+    exported = worker.export_room("room:a")
+    worker.import_room("room:b", exported)
+    assert [m["content"] for m in worker.get_messages("room:b")] == [
+        m["content"] for m in worker.get_messages("room:a")
+    ]
+    assert {info.room_id for info in worker.rooms()} >= {"room:a", "room:b"}

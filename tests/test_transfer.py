@@ -225,3 +225,30 @@ async def test_a_session_export_imported_elsewhere_reads_back_equal(
         await target.import_session("ana", {"format": "conversation-room"}, session_id="never")
     with pytest.raises(SessionNotFound):
         await source.export_session("ana", "missing")
+
+
+async def test_a_session_export_carries_the_sessions_state_and_a_replace_keeps_none_of_the_old(
+    two_stores: tuple[SessionStore, SessionStore],
+) -> None:
+    source, target = two_stores
+    await source.create_session(
+        "ana", "s1", state={"topic": "tides", "step": 2}, owner_state={"lang": "pt"}
+    )
+    export = json.loads(json.dumps(await source.export_session("ana", "s1")))
+    # The user's state is shared by all of their sessions: not this session's to carry.
+    assert export["state"] == {"topic": "tides", "step": 2}
+
+    await target.create_session("ana", "s1", state={"stale": True, "topic": "old"})
+    replaced = await target.import_session("ana", export, replace=True)
+    assert replaced.state == {"topic": "tides", "step": 2}
+    read_back = await target.get_session("ana", "s1")
+    assert read_back is not None and read_back.state == {"topic": "tides", "step": 2}
+
+    # An export written before sessions had state still imports, with none.
+    legacy = {key: value for key, value in export.items() if key != "state"}
+    assert (await target.import_session("ana", legacy, session_id="s2")).state == {}
+    with pytest.raises(InvalidExport, match="state"):
+        await target.import_session(
+            "ana", {**export, "state": ["not", "a", "map"]}, session_id="s3"
+        )
+    assert await target.get_session("ana", "s3") is None

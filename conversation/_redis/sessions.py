@@ -342,6 +342,7 @@ class RedisSessions:
         *,
         created_ms: int,
         replace: bool,
+        state: StateRows | None = None,
     ) -> Appended | int:
         """``lua/session_import.lua``: the imported session, or how many messages the
         live session it refused to replace holds."""
@@ -353,6 +354,7 @@ class RedisSessions:
             "1" if replace else "0",
             created_ms,
             self._cap,
+            *_pairs(state),
             *rows,
         ]
         reply = await self._call("session_import", keys.as_list(), args)

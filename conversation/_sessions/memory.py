@@ -239,13 +239,16 @@ class MemorySessions:
         *,
         created_ms: int,
         replace: bool,
+        state: StateRows | None = None,
     ) -> Appended | int:
         sessions = self._sessions(user_id)
         live = sessions.get(session_id)
         if live is not None and not replace:
             return len(live.rows)
         self._seq += 1
-        session = _MemSession(token, self._seq, created_ms, _now_ms(), 0.0, 0, list(rows))
+        session = _MemSession(
+            token, self._seq, created_ms, _now_ms(), 0.0, 0, list(rows), state=dict(state or {})
+        )
         _trim(session.rows, self._cap)
         self._touch(session)
         self._users.setdefault(user_id, {})[session_id] = session

@@ -378,6 +378,9 @@ class SessionStore:
             "created_at": session.created_at,
             "updated_at": session.updated_at,
             "messages": session.messages,
+            # The session's own state; the user's state is shared by all of their
+            # sessions, so it is not one session's to carry.
+            "state": session.state,
             "extensions": {},
         }
 
@@ -395,11 +398,11 @@ class SessionStore:
         session has that id and ``replace`` is False; ``InvalidExport`` for a
         damaged or foreign export; either way nothing is written."""
         user_id = validate_user_id(user_id)
-        sid, created_ms, rows = self._parse_export(data, session_id)
+        sid, created_ms, rows, state = self._parse_export(data, session_id)
         token = secrets.token_urlsafe(18)
         try:
             result = await self._backend.import_(
-                user_id, sid, token, rows, created_ms=created_ms, replace=replace
+                user_id, sid, token, rows, created_ms=created_ms, replace=replace, state=state
             )
         except _BACKEND_ERRORS as exc:
             raise PersistError(
@@ -412,7 +415,9 @@ class SessionStore:
             raise SessionNotFound(user_id, sid)
         return session
 
-    def _parse_export(self, data: object, session_id: str | None) -> tuple[str, int, list[bytes]]:
+    def _parse_export(
+        self, data: object, session_id: str | None
+    ) -> tuple[str, int, list[bytes], dict[str, bytes]]:
         if not isinstance(data, Mapping):
             raise InvalidExport(f"an export is a JSON object, not {type(data).__name__}")
         if data.get("format") != SESSION_FORMAT:
@@ -447,7 +452,11 @@ class SessionStore:
                 rows.append(message_row(message, self._max_message_bytes))
             except InvalidMessage as exc:
                 raise InvalidExport(str(exc), where=f"messages[{index}]") from exc
-        return sid, round(created * 1000), rows
+        try:  # an export from before sessions had state carries none
+            state = state_rows(data.get("state", {}), self._max_message_bytes)
+        except InvalidMessage as exc:
+            raise InvalidExport(str(exc), where="state") from exc
+        return sid, round(created * 1000), rows, state
 
     async def get_owner_state(self, user_id: str) -> dict[str, Any]:
         """The user's state (shared by their sessions), {} when none; refreshes nothing."""

@@ -18,7 +18,7 @@ from ._consolidation.consolidator import Consolidator
 from ._consolidation.records import ArchiveBatch, ConsolidationResult, Summarizer
 from ._engine.core import Core
 from ._engine.loop import LoopBinding, running_loop
-from ._engine.ops import BackfillOp, ClearOp, EditOp, LimitOp, Op, Row
+from ._engine.ops import BackfillOp, ClearOp, EditOp, LimitOp, Op, ReactionOp, Row
 from ._engine.replicator import Backend, MemoryBackend, Replicator
 from ._engine.rooms import Room, RoomTable
 from ._engine.settings import checked_settings
@@ -221,6 +221,56 @@ class ConversationManager:
         self, room_id: str, message_id: str | int, reactions_str: str
     ) -> bool:
         return await self._edit_async(room_id, self._writes.reactions(message_id, reactions_str))
+
+    def add_reaction(
+        self, room_id: str, message_id: str | int, emoji: str, user_id: str | int
+    ) -> bool:
+        """Count ``user_id``'s ``emoji`` on the message once, however often the event comes.
+
+        The ``[Reactions: …]`` tag lists emoji by count, highest first (ties: first
+        seen), rendered from what every worker added. With Redis the new tag shows
+        once Redis answers (the sync form persists in the background).
+        """
+        return self._submit(room_id, self._reaction(message_id, emoji, user_id, added=True))
+
+    async def add_reaction_async(
+        self, room_id: str, message_id: str | int, emoji: str, user_id: str | int
+    ) -> bool:
+        return await self._edit_async(
+            room_id, self._reaction(message_id, emoji, user_id, added=True)
+        )
+
+    def remove_reaction(
+        self, room_id: str, message_id: str | int, emoji: str, user_id: str | int
+    ) -> bool:
+        return self._submit(room_id, self._reaction(message_id, emoji, user_id, added=False))
+
+    async def remove_reaction_async(
+        self, room_id: str, message_id: str | int, emoji: str, user_id: str | int
+    ) -> bool:
+        return await self._edit_async(
+            room_id, self._reaction(message_id, emoji, user_id, added=False)
+        )
+
+    def clear_reactions(
+        self, room_id: str, message_id: str | int, emoji: str | None = None
+    ) -> bool:
+        """Forget every tracked reaction of the message, or only those with ``emoji``."""
+        op = self._writes.clear_reactions(message_id, emoji, local=self._store is None)
+        return self._submit(room_id, op)
+
+    async def clear_reactions_async(
+        self, room_id: str, message_id: str | int, emoji: str | None = None
+    ) -> bool:
+        op = self._writes.clear_reactions(message_id, emoji, local=self._store is None)
+        return await self._edit_async(room_id, op)
+
+    def _reaction(
+        self, message_id: str | int, emoji: str, user_id: str | int, *, added: bool
+    ) -> ReactionOp:
+        return self._writes.reaction(
+            message_id, emoji, user_id, added=added, local=self._store is None
+        )
 
     def clear(self, room_id: str) -> None:
         self._submit(room_id, ClearOp())
@@ -439,7 +489,7 @@ class ConversationManager:
             resumed,
         )
 
-    async def _edit_async(self, room_id: str, op: EditOp) -> bool:
+    async def _edit_async(self, room_id: str, op: EditOp | ReactionOp) -> bool:
         if self._submit(room_id, op, inline=True):
             return bool(await self._backend.settle(self._rooms.open(room_id), op))
         if self._store is None:

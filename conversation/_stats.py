@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 class Stats:
     appends: int = 0
     edits: int = 0
+    reactions: int = 0
     persists: int = 0
     persist_failures: int = 0
     persist_retries: int = 0

@@ -12,6 +12,8 @@
 --               iseq counter (the newest IDEM_CAP at least are kept)
 --   [5] archive LIST: a header, then fold records (see "The archive" below); only
 --               fold.lua and archive_stage.lua write it, every write refreshes its TTL
+--   [6] reactions HASH message identity -> that message's tracked reactions (only
+--               react.lua writes it, replace.lua forgets a field, clear.lua drops it)
 -- ARGV (every script): [1] caller epoch ('' = knows nothing), [2] caller version,
 --   [3] caller head, [4] caller length (the caller's synced window), [5] idempotency
 --   token ('' = none), [6] TTL in ms (0 = keys do not expire), [7] default window
@@ -38,6 +40,7 @@
 local unpack = unpack or table.unpack
 
 local WINDOW, META, LOG, IDEM, ARCHIVE = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local REACTIONS = KEYS[6]
 local C_EPOCH = ARGV[1]
 local C_VERSION = tonumber(ARGV[2])
 local C_HEAD = tonumber(ARGV[3])
@@ -145,6 +148,7 @@ local function touch()
     redis.call('PEXPIRE', META, TTL)
     redis.call('PEXPIRE', LOG, TTL)
     redis.call('PEXPIRE', IDEM, TTL)
+    redis.call('PEXPIRE', REACTIONS, TTL)
   end
   if ARCHIVE_TTL > 0 then
     redis.call('PEXPIRE', ARCHIVE, ARCHIVE_TTL)

@@ -29,6 +29,7 @@ TIERS = {
         "test_consolidation",
         "test_sessions",
         "test_integrations",
+        "test_reactions",
     ),
     "faults": ("test_faults", "test_chaos", "test_replication", "test_sentinel"),
     "scale": ("test_cluster", "test_cluster_basics", "test_multiprocess"),

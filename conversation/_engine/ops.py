@@ -18,8 +18,17 @@ from typing import Any, ClassVar, Protocol
 
 import orjson
 
-from .._entries import Entry, Transform, encode, is_summary
+from .._entries import Entry, Transform, encode, is_summary, reactions_transform
 from .._errors import InvalidMessage, PersistError
+from .._reactions import (
+    MAX_EMOJI_PER_MESSAGE,
+    MAX_REACTIONS_PER_MESSAGE,
+    MessageReactions,
+    ReactionEvent,
+    RoomReactions,
+    TooManyReactions,
+    tag_slot,
+)
 from .._redis.keys import RoomKeys
 from .._redis.replies import SyncReply
 from .._redis.rooms import RoomStore
@@ -136,6 +145,8 @@ class EditOp(Op):
     identity: str
     transform: Transform
     max_bytes: int
+    # patch_reactions: the new summary replaces whatever reactions were tracked.
+    forgets_reactions: bool = False
     # Transforms are pure: the same base row (the same bytes object: the view and
     # the synced window share rows) always gives the same edited row.
     _base: bytes | None = field(default=None, init=False, repr=False)
@@ -156,6 +167,8 @@ class EditOp(Op):
             return False
         role = window.roles[index]
         window.set(index, self.edited_row(window.rows[index]), self.identity, role)
+        if self.forgets_reactions and state.reactions is not None:
+            state.reactions.forget(self.identity)
         return True
 
     def count(self, stats: Stats) -> None:
@@ -174,6 +187,7 @@ class EditOp(Op):
 
     async def send(self, batch: list[Op], link: Link, epoch: str, direct: bool) -> list[Any]:
         edits = [op for op in batch if isinstance(op, EditOp)]
+        forget = self.identity if any(edit.forgets_reactions for edit in edits) else ""
         synced = link.synced
         for _attempt in range(MAX_CONFLICTS):
             index = synced.window.find_last(self.identity)
@@ -189,7 +203,14 @@ class EditOp(Op):
                 return [exc] * len(edits)
             position = synced.head + index
             reply = await link.store.replace(
-                link.keys, synced, self.token, position, old_row, new_row, direct=direct
+                link.keys,
+                synced,
+                self.token,
+                position,
+                old_row,
+                new_row,
+                forget_reactions_of=forget,
+                direct=direct,
             )
             link.absorb(reply)
             if reply.status == 1 and reply.kind == 1:
@@ -208,9 +229,103 @@ class EditOp(Op):
 
 
 @dataclass(eq=False, slots=True)
+class ReactionOp(Op):
+    """One reaction event on one message.
+
+    With Redis the count is the room's, not this worker's: ``lua/react.lua``
+    updates the message's reaction state and re-renders the tag together, and the
+    reply brings the row back, so the view shows the tag only once Redis answered.
+    Memory-only (``local``) the room's ``RoomReactions`` is the state.
+    """
+
+    identity: str
+    event: ReactionEvent
+    max_bytes: int
+    local: bool
+
+    def apply(self, state: RoomState, default_limit: int) -> bool:
+        window = state.window
+        index = window.find_last(self.identity)
+        if index is None:
+            return False
+        if not self.local:
+            return True
+        if state.reactions is None:
+            state.reactions = RoomReactions()
+        tracked = state.reactions.get(self.identity)
+        # Applied to a copy first: a refused event (or a row that would grow too
+        # big) leaves the tracked reactions and the row as they were.
+        trial = MessageReactions([(key, shown, list(users)) for key, shown, users in tracked.emoji])
+        if trial.apply(self.event):
+            entry: Entry = orjson.loads(window.rows[index])
+            row = encode(reactions_transform(trial.summary())(entry, self.identity), self.max_bytes)
+            window.set(index, row, self.identity, window.roles[index])
+            tracked.emoji = trial.emoji
+        state.reactions.settle(self.identity)
+        return True
+
+    def count(self, stats: Stats) -> None:
+        stats.reactions += 1
+
+    async def send(self, batch: list[Op], link: Link, epoch: str, direct: bool) -> list[Any]:
+        synced = link.synced
+        for _attempt in range(MAX_CONFLICTS):
+            index = synced.window.find_last(self.identity)
+            if index is None:
+                link.mark_view_stale()
+                return [False]
+            try:
+                slot = tag_slot(
+                    synced.window.rows[index], self.identity, reactions_transform, self.max_bytes
+                )
+            except InvalidMessage as exc:
+                return [exc]
+            reply = await link.store.react(
+                link.keys,
+                synced,
+                self.token,
+                synced.head + index,
+                self.identity,
+                slot,
+                self.max_bytes,
+                self.event,
+                direct=direct,
+            )
+            link.absorb(reply)
+            if reply.status in (1, 2, 3):
+                return [True]
+            if reply.status == 4:
+                return [
+                    TooManyReactions(
+                        f"room {link.room_id}: message {self.identity} already has "
+                        f"{MAX_REACTIONS_PER_MESSAGE} reactions or {MAX_EMOJI_PER_MESSAGE} "
+                        "distinct emoji",
+                        field="emoji",
+                    )
+                ]
+            if reply.status == 5:
+                return [
+                    InvalidMessage(
+                        f"room {link.room_id}: message {self.identity} would outgrow "
+                        f"{self.max_bytes} bytes with its reactions tag",
+                        field="content",
+                    )
+                ]
+            # The row changed other than in its tag (an edit), or moved: the reply
+            # brought us up to date; cut it open again.
+            link.stats.conflicts += 1
+        error = PersistError(
+            f"room {link.room_id}: reaction on {self.identity} kept conflicting",
+            room_id=link.room_id,
+        )
+        return [error]
+
+
+@dataclass(eq=False, slots=True)
 class ClearOp(Op):
     def apply(self, state: RoomState, default_limit: int) -> bool:
         state.window.clear()
+        state.reactions = None
         return True
 
     async def send(self, batch: list[Op], link: Link, epoch: str, direct: bool) -> list[Any]:

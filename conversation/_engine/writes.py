@@ -17,7 +17,16 @@ from .._entries import (
     reactions_transform,
 )
 from .._errors import InvalidMessage
-from .ops import AppendOp, EditOp, LimitOp, Row
+from .._reactions import (
+    ADD,
+    CLEAR_ALL,
+    CLEAR_EMOJI,
+    REMOVE,
+    ReactionEvent,
+    normalise_emoji,
+    normalise_user_id,
+)
+from .ops import AppendOp, EditOp, LimitOp, ReactionOp, Row
 
 MIN_CHANNEL_LIMIT, MAX_CHANNEL_LIMIT = 50, 1000
 MAX_IDEMPOTENCY_KEY_CHARS = 128
@@ -86,9 +95,29 @@ class Writes:
         )
 
     def reactions(self, message_id: object, reactions_str: object) -> EditOp:
-        return self.edit(
+        op = self.edit(
             message_id, reactions_transform(clean_tag_value(reactions_str, "reactions_str"))
         )
+        op.forgets_reactions = True
+        return op
+
+    def reaction(
+        self, message_id: object, emoji: object, user_id: object, *, added: bool, local: bool
+    ) -> ReactionOp:
+        """One user's reaction added (or removed); ``local``: a memory-only room."""
+        event = ReactionEvent(
+            ADD if added else REMOVE, normalise_emoji(emoji), normalise_user_id(user_id)
+        )
+        return ReactionOp(normalise_message_id(message_id), event, self.max_entry_bytes, local)
+
+    def clear_reactions(self, message_id: object, emoji: object, *, local: bool) -> ReactionOp:
+        """Every reaction of the message (``emoji`` None), or every one with ``emoji``."""
+        event = (
+            ReactionEvent(CLEAR_ALL)
+            if emoji is None
+            else ReactionEvent(CLEAR_EMOJI, normalise_emoji(emoji))
+        )
+        return ReactionOp(normalise_message_id(message_id), event, self.max_entry_bytes, local)
 
 
 def clamp_limit(limit: object) -> int:

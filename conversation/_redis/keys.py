@@ -15,6 +15,7 @@ MAX_ROOM_ID_BYTES = 512
 
 #: Suffixes of a room's companion keys, in the order every script receives them.
 WINDOW, META, LOG, IDEM, ARCHIVE, LEASE = "", ":meta", ":log", ":idem", ":archive", ":lease"
+REACTIONS = ":reactions"
 
 
 def glob_escape(text: str) -> str:
@@ -49,9 +50,10 @@ class RoomKeys:
     log: str
     idem: str
     archive: str
+    reactions: str
 
     def as_list(self) -> list[str]:
-        return [self.window, self.meta, self.log, self.idem, self.archive]
+        return [self.window, self.meta, self.log, self.idem, self.archive, self.reactions]
 
 
 class KeySpace:
@@ -67,7 +69,9 @@ class KeySpace:
 
     def room(self, room_id: str) -> RoomKeys:
         base = self.room_base(room_id)
-        return RoomKeys(base + WINDOW, base + META, base + LOG, base + IDEM, base + ARCHIVE)
+        return RoomKeys(
+            base + WINDOW, base + META, base + LOG, base + IDEM, base + ARCHIVE, base + REACTIONS
+        )
 
     def archive(self, room_id: str) -> str:
         return self.room_base(room_id) + ARCHIVE

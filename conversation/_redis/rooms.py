@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from .._reactions import ReactionEvent, TagSlot
 from .._stats import Stats
 from .keys import RoomKeys
 from .pipeliner import Pipeliner, forget_pooled_connections
@@ -173,8 +174,11 @@ class RoomStore:
         old_row: bytes,
         new_row: bytes,
         *,
+        forget_reactions_of: str = "",
         direct: bool = False,
     ) -> SyncReply:
+        """Swap the row at ``position`` if it is still ``old_row``; ``forget_reactions_of``
+        names the identity whose tracked reactions the new row's tag supersedes."""
         if self._has_sha1hex is None:
             async with asyncio.timeout(self._timeout):
                 probe = await self.redis.eval("return redis.sha1hex and 1 or 0", 0)
@@ -186,8 +190,27 @@ class RoomStore:
         expected: bytes | str = (
             hashlib.sha1(old_row).hexdigest()[:16] if self._has_sha1hex else b"=" + old_row
         )
-        extra = (position, expected, new_row)
+        extra = (position, expected, new_row, forget_reactions_of)
         return await self._run("replace", keys, state, token, "", extra, direct=direct)
+
+    async def react(
+        self,
+        keys: RoomKeys,
+        state: SyncedState,
+        token: str,
+        position: int,
+        identity: str,
+        slot: TagSlot,
+        max_bytes: int,
+        event: ReactionEvent,
+        *,
+        direct: bool = False,
+    ) -> SyncReply:
+        """Apply one reaction event to the row at ``position`` (held by the caller as
+        ``slot`` cut open where its tag goes) and re-render its tag (``lua/react.lua``)."""
+        extra = (position, identity, slot.before, slot.after, slot.form, max_bytes,
+                 *event.as_args())  # fmt: skip
+        return await self._run("react", keys, state, token, "", extra, direct=direct)
 
     async def clear(self, keys: RoomKeys, state: SyncedState, token: str, epoch: str) -> SyncReply:
         return await self._run("clear", keys, state, token, epoch, ())

@@ -17,6 +17,7 @@ ROOM_SCRIPT_NAMES = (
     "sync",
     "append",
     "replace",
+    "react",
     "clear",
     "set_limit",
     "rewrite",

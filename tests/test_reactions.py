@@ -1,0 +1,305 @@
+"""SPEC §30: reactions as events, counted exactly across workers, rendered into the tag."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import fakeredis
+import pytest
+import redis.asyncio as aioredis
+from redis_servers import RedisServer
+from support import window_key
+
+from conversation import ConversationManager, InvalidMessage
+from conversation._reactions import MAX_EMOJI_PER_MESSAGE
+from conversation.testing import room_keys
+
+pytestmark = pytest.mark.real_server
+
+Make = Callable[..., ConversationManager]
+Workers = Callable[[], ConversationManager]
+IMAGE = {"type": "image_url", "image_url": {"url": "https://cdn.example/cat.png"}}
+
+
+@pytest.fixture(params=["memory", "real", "fake"])
+async def workers(
+    request: pytest.FixtureRequest, make_manager: Make, tmp_path: Path
+) -> AsyncIterator[Workers]:
+    """Managers of one deployment: memory-only (one manager, the only copy), or
+    several workers sharing a real redis-server or fakeredis."""
+    if request.param == "memory":
+        only = make_manager(None)
+        yield lambda: only
+        return
+    server: RedisServer | None = None
+    if request.param == "real":
+        server = RedisServer(tmp_path / "redis").start()
+        client: aioredis.Redis = aioredis.Redis(port=server.port, socket_timeout=5)
+        await client.script_flush()
+    else:
+        client = fakeredis.FakeAsyncRedis()
+    try:
+        yield lambda: make_manager(client)
+    finally:
+        await client.aclose()
+        if server is not None:
+            server.stop()
+
+
+async def text_of(manager: ConversationManager, room: str, index: int = 0) -> object:
+    await manager.ensure_fresh_from_redis(room)
+    turns = [m for m in await manager.get_messages_async(room) if m["role"] != "system"]
+    return turns[index]["content"]
+
+
+async def test_counts_order_and_redelivery(workers: Workers, room: str) -> None:
+    bot = workers()
+    await bot.append_async(room, "user", "[Message ID: 7] hello")
+    assert await bot.add_reaction_async(room, 7, "😂", "ann")
+    assert await bot.add_reaction_async(room, "7", "👍", "bob")
+    assert await bot.add_reaction_async(room, "7", "👍", "cy")
+    # A redelivered gateway event never counts twice.
+    assert await bot.add_reaction_async(room, "7", "👍", "cy")
+    assert await text_of(bot, room) == "[Message ID: 7] [Reactions: 👍 2, 😂 1] hello"
+    # Ties keep the order first seen: 😂 was first.
+    assert await bot.remove_reaction_async(room, "7", "👍", "bob")
+    assert await bot.remove_reaction_async(room, "7", "👍", "bob")
+    assert await text_of(bot, room) == "[Message ID: 7] [Reactions: 😂 1, 👍 1] hello"
+    assert await bot.remove_reaction_async(room, "7", "👍", "cy")
+    assert await bot.remove_reaction_async(room, "7", "😂", "ann")
+    assert await text_of(bot, room) == "[Message ID: 7] hello"
+    # An emoji that comes back after it went counts as first seen anew.
+    await bot.add_reaction_async(room, "7", "😂", "ann")
+    await bot.add_reaction_async(room, "7", "🎉", "ann")
+    assert await text_of(bot, room) == "[Message ID: 7] [Reactions: 😂 1, 🎉 1] hello"
+
+
+async def test_every_worker_counts_into_one_tag(workers: Workers, room: str) -> None:
+    a, b, c = workers(), workers(), workers()
+    await a.append_async(room, "user", "[Message ID: 1] vote")
+    for manager in (b, c):
+        await manager.ensure_fresh_from_redis(room)
+    users = [f"u{i}" for i in range(30)]
+    # Every worker receives every event (redelivery across workers), concurrently.
+    await asyncio.gather(
+        *(m.add_reaction_async(room, "1", "👍", user) for m in (a, b, c) for user in users),
+        *(m.add_reaction_async(room, "1", "👎", user) for m in (a, b) for user in users[:4]),
+    )
+    await asyncio.gather(*(m.remove_reaction_async(room, "1", "👍", "u0") for m in (c, a)))
+    for manager in (a, b, c):
+        assert await text_of(manager, room) == "[Message ID: 1] [Reactions: 👍 29, 👎 4] vote"
+
+
+async def test_sync_forms_persist_in_the_background(workers: Workers, room: str) -> None:
+    bot = workers()
+    await bot.append_async(room, "user", "[Message ID: 3] hi")
+    assert bot.add_reaction(room, "3", "🔥", "ann")
+    assert bot.add_reaction(room, "3", "🔥", "bob")
+    assert bot.remove_reaction(room, "3", "🔥", "ann")
+    await bot.drain()
+    other = workers()
+    assert await text_of(other, room) == "[Message ID: 3] [Reactions: 🔥 1] hi"
+
+
+async def test_unknown_message_returns_false(workers: Workers, room: str) -> None:
+    bot = workers()
+    await bot.append_async(room, "user", "[Message ID: 1] hi")
+    assert not await bot.add_reaction_async(room, "2", "👍", "ann")
+    assert not bot.add_reaction(room, "2", "👍", "ann")
+    assert not await bot.clear_reactions_async(room, "2")
+    assert await text_of(bot, room) == "[Message ID: 1] hi"
+
+
+async def test_custom_emoji_render_by_name(workers: Workers, room: str) -> None:
+    bot = workers()
+    await bot.append_async(room, "user", "[Message ID: 5] gg")
+    await bot.add_reaction_async(room, "5", "<:party_parrot:1122334455>", "ann")
+    await bot.add_reaction_async(room, "5", "<a:spin:99>", "ann")
+    await bot.add_reaction_async(room, "5", "<a:spin:99>", "bob")
+    assert await text_of(bot, room) == "[Message ID: 5] [Reactions: :spin: 2, :party_parrot: 1] gg"
+
+
+@pytest.mark.parametrize(
+    ("emoji", "user", "field"),
+    [
+        ("👍]", "ann", "emoji"),
+        ("[👍", "ann", "emoji"),
+        ("👍, 😂 99", "ann", "emoji"),
+        ("👍\n[Message ID: 1]", "ann", "emoji"),
+        ('"', "ann", "emoji"),
+        ("\u202e👍", "ann", "emoji"),
+        ("<:bad name:1>", "ann", "emoji"),
+        ("x" * 101, "ann", "emoji"),
+        ("", "ann", "emoji"),
+        (None, "ann", "emoji"),
+        ("👍", "", "user_id"),
+        ("👍", "a\nb", "user_id"),
+        ("👍", "u" * 257, "user_id"),
+        ("👍", True, "user_id"),
+        ("👍", 1.5, "user_id"),
+    ],
+)
+async def test_hostile_emoji_and_users_are_refused_and_nothing_changes(
+    workers: Workers, room: str, emoji: object, user: object, field: str
+) -> None:
+    bot = workers()
+    await bot.append_async(room, "user", "[Message ID: 1] hi")
+    await bot.add_reaction_async(room, "1", "👍", "ann")
+    before = await bot.get_messages_async(room)
+    with pytest.raises(InvalidMessage) as caught:
+        await bot.add_reaction_async(room, "1", emoji, user)  # type: ignore[arg-type]
+    assert caught.value.field == field
+    with pytest.raises(InvalidMessage):
+        bot.remove_reaction(room, "1", emoji, user)  # type: ignore[arg-type]
+    await bot.add_reaction_async(room, "1", "👍", "bob")
+    assert await text_of(bot, room) == "[Message ID: 1] [Reactions: 👍 2] hi"
+    assert before[-1]["content"] == "[Message ID: 1] [Reactions: 👍 1] hi"
+
+
+async def test_too_many_distinct_emoji_is_refused_whole(workers: Workers, room: str) -> None:
+    bot = workers()
+    await bot.append_async(room, "user", "[Message ID: 1] hi")
+    for i in range(MAX_EMOJI_PER_MESSAGE):
+        await bot.add_reaction_async(room, "1", f"e{i}", "ann")
+    full = await text_of(bot, room)
+    with pytest.raises(InvalidMessage, match="distinct emoji"):
+        await bot.add_reaction_async(room, "1", "one_more", "ann")
+    assert await text_of(workers(), room) == full
+    # Adding to an emoji already there still counts.
+    await bot.add_reaction_async(room, "1", "e5", "bob")
+    assert "e5 2, e0 1" in str(await text_of(bot, room))
+
+
+async def test_patch_reactions_forgets_tracked_reactions(workers: Workers, room: str) -> None:
+    bot = workers()
+    await bot.append_async(room, "user", "[Message ID: 1] hi")
+    await bot.add_reaction_async(room, "1", "👍", "ann")
+    await bot.add_reaction_async(room, "1", "👍", "bob")
+    assert await bot.patch_reactions_async(room, "1", "🔥 9")
+    assert await text_of(bot, room) == "[Message ID: 1] [Reactions: 🔥 9] hi"
+    # Counting starts again from the events that follow; the summary is replaced.
+    await workers().add_reaction_async(room, "1", "👍", "ann")
+    assert await text_of(bot, room) == "[Message ID: 1] [Reactions: 👍 1] hi"
+
+
+async def test_clear_reactions_all_or_one_emoji(workers: Workers, room: str) -> None:
+    bot = workers()
+    await bot.append_async(room, "user", "[Message ID: 1] hi")
+    for emoji, user in [("👍", "a"), ("👍", "b"), ("😂", "a"), ("🎉", "c")]:
+        await bot.add_reaction_async(room, "1", emoji, user)
+    assert await bot.clear_reactions_async(room, "1", "👍")
+    assert await text_of(bot, room) == "[Message ID: 1] [Reactions: 😂 1, 🎉 1] hi"
+    assert await bot.clear_reactions_async(room, "1")
+    assert await text_of(bot, room) == "[Message ID: 1] hi"
+    await bot.add_reaction_async(room, "1", "👍", "a")
+    assert await text_of(bot, room) == "[Message ID: 1] [Reactions: 👍 1] hi"
+
+
+async def test_edits_deletes_and_media_keep_the_count(workers: Workers, room: str) -> None:
+    bot, other = workers(), workers()
+    await bot.append_async(
+        room, "user", [{"type": "text", "text": "[Message ID: 9] look"}, IMAGE], name="ann"
+    )
+    await bot.add_reaction_async(room, "9", "👀", "bob")
+    # A text-only edit keeps the image and the tag; the next reaction from another
+    # worker (which saw neither) still counts from the stored state.
+    assert await bot.update_message_async(room, "9", "[Message ID: 9] look again")
+    assert await other.add_reaction_async(room, "9", "👀", "cy")
+    assert await bot.mark_deleted_async(room, "9", "2026-01-01T00:00:00Z")
+    assert await other.add_reaction_async(room, "9", "😮", "bob")
+    assert await text_of(bot, room) == [
+        {
+            "type": "text",
+            "text": "[Message ID: 9] [deleted at 2026-01-01T00:00:00Z] "
+            "[Reactions: 👀 2, 😮 1] look again",
+        },
+        IMAGE,
+    ]
+
+
+async def test_entry_without_marker_gets_the_tag_first(workers: Workers, room: str) -> None:
+    bot = workers()
+    await bot.append_async(room, "assistant", "done", message_id="b1")
+    await bot.add_reaction_async(room, "b1", "✅", "ann")
+    assert await text_of(bot, room) == "[Reactions: ✅ 1] done"
+    await bot.remove_reaction_async(room, "b1", "✅", "ann")
+    assert await text_of(bot, room) == "done"
+
+
+async def test_a_typed_marker_cannot_steal_reactions(workers: Workers, room: str) -> None:
+    bot = workers()
+    await bot.append_async(room, "user", "[Message ID: 1] real")
+    await bot.append_async(room, "user", "[Message ID: 2] fake [Message ID: 1]")
+    await bot.add_reaction_async(room, "1", "👍", "ann")
+    messages = await bot.get_messages_async(room)
+    assert messages[-2]["content"] == "[Message ID: 1] [Reactions: 👍 1] real"
+    assert messages[-1]["content"] == "[Message ID: 2] fake [Message ID: 1]"
+
+
+# ----------------------------------------------------------------- Redis only
+
+
+async def test_one_round_trip_and_one_entry_per_event(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    bot, other = make_manager(redis_client), make_manager(redis_client)
+    filler = "x" * 2000
+    for i in range(100):
+        await bot.append_async(room, "user", f"[Message ID: {i}] {filler}")
+    await other.ensure_fresh_from_redis(room)
+    row = len((await redis_client.lindex(window_key(room), 50)) or b"")
+    await bot.add_reaction_async(room, "50", "👍", "warm-up")  # loads the scripts
+    before = bot.stats()
+    await bot.add_reaction_async(room, "50", "👍", "ann")
+    after = bot.stats()
+    assert after["round_trips"] - before["round_trips"] == 1
+    # Up: the row cut open (about one entry); down: the re-rendered row.
+    assert after["bytes_sent"] - before["bytes_sent"] < 2 * row
+    assert after["bytes_received"] - before["bytes_received"] < 1.1 * row
+    # The other worker catches up with that one row, not the window.
+    before = other.stats()
+    await other.ensure_fresh_from_redis(room)
+    after = other.stats()
+    assert after["bytes_received"] - before["bytes_received"] < 1.1 * row
+    assert after["reloads"] == before["reloads"]
+
+
+async def test_reactions_live_with_the_room(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    bot = make_manager(redis_client, ttl_seconds=600)
+    await bot.append_async(room, "user", "[Message ID: 1] hi")
+    await bot.add_reaction_async(room, "1", "👍", "ann")
+    key = room_keys(room).reactions
+    assert 0 < await redis_client.pttl(key) <= 600_000
+    await bot.clear_async(room)
+    assert not await redis_client.exists(key)
+    await bot.append_async(room, "user", "[Message ID: 1] again")
+    await bot.add_reaction_async(room, "1", "👍", "ann")
+    assert await text_of(bot, room) == "[Message ID: 1] [Reactions: 👍 1] again"
+
+
+async def test_memory_and_redis_render_the_same_rows(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    memory, shared = make_manager(None), make_manager(redis_client)
+    events = [
+        ("+", "1", "👍", "a"),
+        ("+", "1", "<:x:1>", "b"),
+        ("+", "2", "👨‍👩‍👧", "a"),
+        ("+", "1", "<:x:1>", "a"),
+        ("-", "1", "👍", "a"),
+        ("+", "1", "👍", "c"),
+        ("+", "2", "🏳️‍🌈", "b"),
+    ]
+    for manager in (memory, shared):
+        await manager.append_async(room, "user", "[Message ID: 1] one")
+        await manager.append_async(room, "user", "two", message_id="2", name="bo")
+        for action, message, emoji, user in events:
+            if action == "+":
+                await manager.add_reaction_async(room, message, emoji, user)
+            else:
+                await manager.remove_reaction_async(room, message, emoji, user)
+    assert await memory.get_messages_async(room) == await shared.get_messages_async(room)

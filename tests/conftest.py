@@ -32,7 +32,7 @@ TIERS = {
         "test_reactions",
     ),
     "faults": ("test_faults", "test_chaos", "test_replication", "test_sentinel"),
-    "scale": ("test_cluster", "test_cluster_basics", "test_multiprocess"),
+    "scale": ("test_cluster", "test_cluster_basics", "test_multiprocess", "test_reaction_storm"),
     "tools": ("test_cli", "test_demo", "test_bench_smoke", "test_wheel", "test_servers"),
 }
 _TIER_OF = {module: tier for tier, modules in TIERS.items() for module in modules}

@@ -16,10 +16,11 @@ from ._budget import fit_to_budget
 from ._consolidation.config import ConsolidationConfig
 from ._consolidation.consolidator import Consolidator
 from ._consolidation.records import ArchiveBatch, ConsolidationResult, Summarizer
+from ._deferred import MAX_DEFERRED_EVENT_BYTES
 from ._engine.core import Core
 from ._engine.loop import LoopBinding, running_loop
 from ._engine.ops import BackfillOp, ClearOp, EditOp, LimitOp, Op, ReactionOp, Row
-from ._engine.replicator import Backend, MemoryBackend, Replicator
+from ._engine.replicator import Backend, Deferral, MemoryBackend, Replicator
 from ._engine.rooms import Room, RoomTable
 from ._engine.settings import checked_settings
 from ._engine.writes import Writes, limit_write
@@ -29,6 +30,7 @@ from ._entries import (
     to_messages_yielding,
 )
 from ._errors import (
+    ConfigurationError,
     DrainTimeout,
     PersistError,
     describe_error,
@@ -77,6 +79,7 @@ class ConversationManager:
         min_replicas: int = 0,
         replica_timeout_ms: int = 1000,
         max_pending_writes: int = 100_000,
+        defer_unknown_events_seconds: float = 600,
     ) -> None:
         self._settings = checked_settings(
             redis=redis,
@@ -90,6 +93,7 @@ class ConversationManager:
             min_replicas=min_replicas,
             replica_timeout_ms=replica_timeout_ms,
         )
+        self._defer_ms = _defer_ms(defer_unknown_events_seconds)
         self._renderer = prompt_renderer
         self._redis = redis
         self._keyspace = KeySpace(key_prefix)
@@ -492,11 +496,21 @@ class ConversationManager:
     async def _edit_async(self, room_id: str, op: EditOp | ReactionOp) -> bool:
         if self._submit(room_id, op, inline=True):
             return bool(await self._backend.settle(self._rooms.open(room_id), op))
-        if self._store is None:
+        if self._store is not None:
+            # Not in memory: the room may be cold or behind another worker.
+            await self.ensure_fresh_from_redis(room_id)
+            if self._submit(room_id, op, inline=True):
+                return bool(await self._backend.settle(self._rooms.open(room_id), op))
+        event = op.deferred_event()
+        if not self._defer_ms or event is None:
             return False
-        # Not in memory: the room may be cold or behind another worker.
-        await self.ensure_fresh_from_redis(room_id)
-        if self._submit(room_id, op, inline=True):
+        if len(event) > MAX_DEFERRED_EVENT_BYTES:
+            self._stats.deferred_refused += 1
+            return False
+        # The message has not arrived (gateway events reach workers out of order):
+        # keep the event for the append that brings it (SPEC §31).
+        outcome = await self._backend.defer(self._room(room_id), op.identity, event, self._defer_ms)
+        if outcome is Deferral.FOUND and self._submit(room_id, op, inline=True):
             return bool(await self._backend.settle(self._rooms.open(room_id), op))
         return False
 
@@ -514,6 +528,14 @@ def _system(text: str) -> Entry:
 
 def _context(room_id: str, room_context: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"room_id": room_id, **(room_context or {})}
+
+
+def _defer_ms(seconds: object) -> int:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+        raise ConfigurationError(
+            f"defer_unknown_events_seconds must be a number >= 0 (0: off), got {seconds!r}"
+        )
+    return int(seconds * 1000)
 
 
 def _archive_ttl_ms(config: ConsolidationConfig | None) -> int | None:

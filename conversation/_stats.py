@@ -10,6 +10,9 @@ class Stats:
     appends: int = 0
     edits: int = 0
     reactions: int = 0
+    deferred_events: int = 0
+    deferred_applied: int = 0
+    deferred_refused: int = 0
     persists: int = 0
     persist_failures: int = 0
     persist_retries: int = 0

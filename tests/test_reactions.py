@@ -1,10 +1,13 @@
-"""SPEC §30: reactions as events, counted exactly across workers, rendered into the tag."""
+"""SPEC §30-31: reactions as events, counted exactly across workers and rendered into
+the tag; events that arrive before their message, kept until it comes."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import pytest
@@ -12,9 +15,10 @@ import redis.asyncio as aioredis
 from redis_servers import RedisServer
 from support import window_key
 
-from conversation import ConversationManager, InvalidMessage
+from conversation import ConfigurationError, ConversationManager, InvalidMessage
+from conversation._deferred import MAX_DEFERRED_PER_MESSAGE
 from conversation._reactions import MAX_EMOJI_PER_MESSAGE
-from conversation.testing import room_keys
+from conversation.testing import room_keys, wait_until
 
 pytestmark = pytest.mark.real_server
 
@@ -303,3 +307,155 @@ async def test_memory_and_redis_render_the_same_rows(
             else:
                 await manager.remove_reaction_async(room, message, emoji, user)
     assert await memory.get_messages_async(room) == await shared.get_messages_async(room)
+
+
+# ------------------------------------------- SPEC §31: events before their message
+
+
+async def test_events_before_their_message_apply_in_arrival_order(
+    workers: Workers, room: str
+) -> None:
+    gateway, inference = workers(), workers()
+    await inference.append_async(room, "user", "[Message ID: 1] earlier")
+    assert not await gateway.update_message_async(room, "2", "[Message ID: 2] first edit")
+    assert not await gateway.add_reaction_async(room, "2", "👍", "ann")
+    assert not await gateway.update_message_async(room, "2", "[Message ID: 2] second edit")
+    assert not await gateway.add_reaction_async(room, "2", "👍", "bob")
+    assert not await gateway.add_reaction_async(room, "2", "👍", "bob")  # redelivered
+    assert not await gateway.mark_deleted_async(room, "2", "2026-01-02T03:04:05Z")
+    assert gateway.stats()["deferred_events"] == 6
+    await inference.append_async(
+        room, "user", [{"type": "text", "text": "[Message ID: 2] hi"}, IMAGE]
+    )
+    expected = [
+        {
+            "type": "text",
+            "text": "[Message ID: 2] [deleted at 2026-01-02T03:04:05Z] [Reactions: 👍 2] "
+            "second edit",
+        },
+        IMAGE,
+    ]
+    for manager in (inference, gateway, workers()):
+        assert await text_of(manager, room, 1) == expected
+    assert inference.stats()["deferred_applied"] == 6
+    # The reactions that waited are tracked: the next event counts on from them.
+    assert await gateway.add_reaction_async(room, "2", "👍", "cy")
+    assert "[Reactions: 👍 3]" in str(await text_of(inference, room, 1))
+
+
+async def test_a_patch_and_reactions_that_waited_keep_their_order(
+    workers: Workers, room: str
+) -> None:
+    bot = workers()
+    await bot.add_reaction_async(room, "a", "👍", "ann")
+    await bot.patch_reactions_async(room, "a", "🔥 9")
+    await bot.patch_reactions_async(room, "b", "🔥 9")
+    await bot.add_reaction_async(room, "b", "😂", "ann")
+    await bot.append_async(room, "user", "[Message ID: a] A")
+    await bot.append_async(room, "user", "[Message ID: b] B")
+    assert await text_of(bot, room, 0) == "[Message ID: a] [Reactions: 🔥 9] A"
+    assert await text_of(bot, room, 1) == "[Message ID: b] [Reactions: 😂 1] B"
+    # The patch came last on a: nothing is tracked there, counting starts again.
+    await bot.add_reaction_async(room, "a", "👍", "bob")
+    assert await text_of(bot, room, 0) == "[Message ID: a] [Reactions: 👍 1] A"
+
+
+async def test_queued_appends_take_their_waiting_events(workers: Workers, room: str) -> None:
+    bot, gateway = workers(), workers()
+    assert not await gateway.update_message_async(room, "m3", "[Message ID: m3] edited")
+    for i in range(6):
+        bot.append(room, "user", f"[Message ID: m{i}] turn {i}")
+    await bot.drain()
+    texts = [await text_of(gateway, room, i) for i in range(6)]
+    assert texts == [
+        "[Message ID: m3] edited" if i == 3 else f"[Message ID: m{i}] turn {i}" for i in range(6)
+    ]
+
+
+async def test_edits_racing_their_message_are_never_lost(workers: Workers, room: str) -> None:
+    inference, agents = workers(), workers()
+    for i in range(40):
+        append = inference.append_async(room, "user", f"[Message ID: r{i}] original")
+        edit = agents.update_message_async(room, f"r{i}", f"[Message ID: r{i}] edited")
+        # Either may start first: the edit's look may come just before the append.
+        await asyncio.gather(*((append, edit) if i % 2 else (edit, append)))
+    for manager in (inference, agents):
+        await manager.ensure_fresh_from_redis(room)
+        assert [m["content"] for m in manager.get_messages(room)] == [
+            f"[Message ID: r{i}] edited" for i in range(40)
+        ]
+
+
+async def test_events_kept_are_bounded_per_message(workers: Workers, room: str) -> None:
+    bot = workers()
+    for i in range(MAX_DEFERRED_PER_MESSAGE + 3):
+        assert not await bot.add_reaction_async(room, "later", "👍", f"u{i}")
+    stats = bot.stats()
+    assert (stats["deferred_events"], stats["deferred_refused"]) == (MAX_DEFERRED_PER_MESSAGE, 3)
+    await bot.append_async(room, "user", "[Message ID: later] hi")
+    assert (
+        await text_of(bot, room)
+        == f"[Message ID: later] [Reactions: 👍 {MAX_DEFERRED_PER_MESSAGE}] hi"
+    )
+
+
+async def test_events_for_a_message_that_never_comes_expire(
+    workers: Workers, make_manager: Make, room: str
+) -> None:
+    client = workers()._redis  # the deployment's client (None: memory-only)
+    bot = make_manager(client, defer_unknown_events_seconds=0.2)
+    kept_at = time.time()
+    assert not await bot.update_message_async(room, "gone", "[Message ID: gone] edited")
+    if client is not None:
+        key = room_keys(room).deferred
+        assert 0 < await client.pttl(key) <= 200
+        await wait_until(lambda: _gone(client, key), what="the deferred events' expiry")
+    else:
+        await wait_until(lambda: time.time() > kept_at + 0.25, what="the event's expiry")
+    await bot.append_async(room, "user", "[Message ID: gone] original")
+    assert await text_of(bot, room) == "[Message ID: gone] original"
+    assert bot.stats()["deferred_applied"] == 0
+
+
+async def _gone(client: aioredis.Redis, key: str) -> bool:
+    return not await client.exists(key)
+
+
+async def test_deferring_can_be_turned_off(workers: Workers, make_manager: Make, room: str) -> None:
+    client = workers()._redis
+    bot = make_manager(client, defer_unknown_events_seconds=0)
+    assert not await bot.update_message_async(room, "x", "[Message ID: x] edited")
+    assert not await bot.add_reaction_async(room, "x", "👍", "ann")
+    await bot.append_async(room, "user", "[Message ID: x] original")
+    assert await text_of(bot, room) == "[Message ID: x] original"
+    assert bot.stats()["deferred_events"] == 0
+    with pytest.raises(ConfigurationError, match="defer_unknown_events_seconds"):
+        make_manager(client, defer_unknown_events_seconds=-1)
+
+
+async def test_clear_drops_the_events_that_wait(workers: Workers, room: str) -> None:
+    bot = workers()
+    assert not await bot.update_message_async(room, "x", "[Message ID: x] edited")
+    await bot.clear_async(room)
+    await bot.append_async(room, "user", "[Message ID: x] original")
+    assert await text_of(bot, room) == "[Message ID: x] original"
+
+
+async def test_an_append_between_the_look_and_the_keep_is_not_missed(
+    any_client: aioredis.Redis, make_manager: Make, room: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The message lands after the gateway worker looked for it and before its event
+    is kept: the keep must notice, and the edit apply now."""
+    inference, gateway = make_manager(any_client), make_manager(any_client)
+    store = gateway._store
+    assert store is not None
+    real_defer = store.defer
+
+    async def defer_after_the_append(*args: Any, **kwargs: Any) -> Any:
+        await inference.append_async(room, "user", "[Message ID: late] original")
+        return await real_defer(*args, **kwargs)
+
+    monkeypatch.setattr(store, "defer", defer_after_the_append)
+    assert await gateway.update_message_async(room, "late", "[Message ID: late] edited")
+    assert gateway.stats()["deferred_events"] == 0
+    assert await text_of(inference, room) == "[Message ID: late] edited"

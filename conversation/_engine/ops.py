@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import orjson
 
+from .._deferred import apply_events, identity_field, reaction_event, stored_events
 from .._entries import Entry, Transform, encode, is_summary, reactions_transform
 from .._errors import InvalidMessage, PersistError
 from .._reactions import (
@@ -31,13 +33,47 @@ from .._reactions import (
 )
 from .._redis.keys import RoomKeys
 from .._redis.replies import SyncReply
-from .._redis.rooms import RoomStore
+from .._redis.rooms import DeferredEventsWaiting, RoomStore
 from .._stats import Stats
 from .window import RoomState, Window
 
 Row = tuple[bytes, str | None, str]  # stored bytes, identity, role
 
 MAX_BATCH_ROWS = 512
+
+
+def now_ms() -> int:
+    """The wall clock deferred events expire by (workers compare it across processes)."""
+    return int(time.time() * 1000)
+
+
+def apply_waiting(
+    appends: Sequence[AppendOp], pending: dict[bytes, bytes]
+) -> list[tuple[bytes, bytes, str, str]]:
+    """Apply the events the append script handed over to the last row of each message
+    (of the rows as first made), and say what was applied, as the script checks it."""
+    consumed: list[tuple[bytes, bytes, str, str]] = []
+    last: dict[bytes, tuple[AppendOp, int]] = {}
+    for op in appends:
+        if not op.original:
+            op.original = list(op.rows)
+        for index, (_row, identity, _role) in enumerate(op.original):
+            if identity is not None:
+                last[identity_field(identity)] = (op, index)
+    for op in appends:
+        op.rows = list(op.original)
+    for field_name, value in pending.items():
+        if field_name not in last:
+            continue
+        op, index = last[field_name]
+        row, identity, role = op.original[index]
+        assert identity is not None
+        applied = apply_events(row, identity, stored_events(value), op.max_bytes)
+        op.rows[index] = (applied.row, identity, role)
+        consumed.append((field_name, value, identity, applied.reaction_state()))
+    return consumed
+
+
 # A compare-and-set write (an edit, a backfill) re-applies itself on top of what
 # another worker changed at most this many times in a row.
 MAX_CONFLICTS = 32
@@ -82,6 +118,10 @@ class Op:
     def count(self, stats: Stats) -> None:
         """Count the write in ``stats`` as it is made."""
 
+    def deferred_event(self) -> bytes | None:
+        """The event to keep when the write's message has not arrived (None: not kept)."""
+        return None
+
     def appended_rows(self) -> list[Row] | None:
         """The rows a plain append adds (a run of them is replayed at once), else None."""
         return None
@@ -98,16 +138,43 @@ class Op:
 @dataclass(eq=False, slots=True)
 class AppendOp(Op):
     rows: list[Row]
+    max_bytes: int = 8 * 1024 * 1024  # what a deferred event may grow a row to
+    applied_deferred: int = field(default=0, init=False)
+    # The rows as made, before any deferred event was applied to them.
+    original: list[Row] = field(default_factory=list, init=False, repr=False)
     keeps_own_token: ClassVar[bool] = True
 
     def apply(self, state: RoomState, default_limit: int) -> bool:
+        if state.deferred:
+            self.apply_deferred(state)
         for row in self.rows:
             state.window.push(*row)
         state.window.trim(state.limit or default_limit)
         return True
 
+    def apply_deferred(self, state: RoomState) -> None:
+        """Memory-only: apply the events that wait for these rows, and drop them."""
+        assert state.deferred is not None
+        now = now_ms()
+        for index, (row, identity, role) in enumerate(self.rows):
+            if identity is None or identity not in state.deferred:
+                continue
+            events = [event for expiry, event in state.deferred.pop(identity) if expiry > now]
+            if not events:
+                continue
+            applied = apply_events(row, identity, events, self.max_bytes)
+            self.rows[index] = (applied.row, identity, role)
+            self.applied_deferred += len(events)
+            if applied.reactions is not None or applied.forget:
+                if state.reactions is None:
+                    state.reactions = RoomReactions()
+                state.reactions.forget(identity)
+                if applied.reactions is not None and applied.reactions.emoji:
+                    state.reactions.get(identity).emoji = applied.reactions.emoji
+
     def count(self, stats: Stats) -> None:
         stats.appends += len(self.rows)
+        stats.deferred_applied += self.applied_deferred
 
     def appended_rows(self) -> list[Row]:
         return self.rows
@@ -128,8 +195,33 @@ class AppendOp(Op):
 
     async def send(self, batch: list[Op], link: Link, epoch: str, direct: bool) -> list[Any]:
         appends = [op for op in batch if isinstance(op, AppendOp)]
-        writes = [(op.token, [row[0] for row in op.rows]) for op in appends]
-        reply, flags = await link.store.append(link.keys, link.synced, epoch, writes, direct=direct)
+        consumed: list[tuple[bytes, bytes, str, str]] = []
+        for _attempt in range(MAX_CONFLICTS):
+            writes = [(op.token, [row[0] for row in op.rows]) for op in appends]
+            try:
+                reply, flags = await link.store.append(
+                    link.keys,
+                    link.synced,
+                    epoch,
+                    writes,
+                    now_ms=now_ms(),
+                    consumed=consumed,
+                    direct=direct,
+                )
+                break
+            except DeferredEventsWaiting as waiting:
+                # Events came before these messages: apply them to our rows (the
+                # view showed the rows without them) and send the rows again.
+                consumed = apply_waiting(appends, waiting.pending)
+                link.mark_view_stale()
+        else:
+            error = PersistError(
+                f"room {link.room_id}: events for these messages kept arriving",
+                room_id=link.room_id,
+            )
+            return [error] * len(batch)
+        if consumed:
+            link.stats.deferred_applied += sum(len(stored_events(c[1])) for c in consumed)
         # Rows of a write whose token had applied are in Redis where its first
         # attempt put them (the reply carries them); only the others are ours now.
         pushed = [row for op, flag in zip(appends, flags, strict=True) if flag == "1"
@@ -147,6 +239,8 @@ class EditOp(Op):
     max_bytes: int
     # patch_reactions: the new summary replaces whatever reactions were tracked.
     forgets_reactions: bool = False
+    # What to keep if the message has not arrived yet (see _deferred).
+    event: bytes | None = None
     # Transforms are pure: the same base row (the same bytes object: the view and
     # the synced window share rows) always gives the same edited row.
     _base: bytes | None = field(default=None, init=False, repr=False)
@@ -173,6 +267,9 @@ class EditOp(Op):
 
     def count(self, stats: Stats) -> None:
         stats.edits += 1
+
+    def deferred_event(self) -> bytes | None:
+        return self.event
 
     def gather(self, queue: Iterable[Op]) -> list[Op]:
         # A reaction storm on one message becomes one replace of its row.
@@ -267,6 +364,9 @@ class ReactionOp(Op):
     def count(self, stats: Stats) -> None:
         stats.reactions += 1
 
+    def deferred_event(self) -> bytes | None:
+        return reaction_event(self.event)
+
     async def send(self, batch: list[Op], link: Link, epoch: str, direct: bool) -> list[Any]:
         synced = link.synced
         for _attempt in range(MAX_CONFLICTS):
@@ -326,6 +426,7 @@ class ClearOp(Op):
     def apply(self, state: RoomState, default_limit: int) -> bool:
         state.window.clear()
         state.reactions = None
+        state.deferred = None
         return True
 
     async def send(self, batch: list[Op], link: Link, epoch: str, direct: bool) -> list[Any]:

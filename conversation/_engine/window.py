@@ -139,6 +139,9 @@ class RoomState:
     # A memory-only room's tracked reactions (shared by copies: there is one
     # copy of the room). With Redis they live in the room's reactions hash.
     reactions: RoomReactions | None = None
+    # A memory-only room's deferred events: identity -> (expiry ms, event), in
+    # arrival order. With Redis they live in the room's deferred hash.
+    deferred: dict[str, list[tuple[int, bytes]]] | None = None
 
     @property
     def size(self) -> int:
@@ -153,6 +156,7 @@ class RoomState:
             self.limit,
             self.rebackfill,
             self.reactions,
+            self.deferred,
         )
 
 

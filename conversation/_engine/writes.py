@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .._deferred import delete_event, edit_event, patch_event
 from .._entries import (
     Transform,
     build_entry,
@@ -70,7 +71,7 @@ class Writes:
         return self.row(role, content, **fields)
 
     def append(self, rows: list[Row], idempotency_key: str | None = None) -> AppendOp:
-        op = AppendOp(rows)
+        op = AppendOp(rows, self.max_entry_bytes)
         if idempotency_key is not None:
             if (
                 not isinstance(idempotency_key, str)
@@ -87,18 +88,22 @@ class Writes:
         return EditOp(normalise_message_id(message_id), transform, self.max_entry_bytes)
 
     def update(self, message_id: object, new_content: object) -> EditOp:
-        return self.edit(message_id, edit_transform(check_new_content(new_content)))
+        content = check_new_content(new_content)
+        op = self.edit(message_id, edit_transform(content))
+        op.event = edit_event(content)
+        return op
 
     def deleted(self, message_id: object, deleted_at_iso: object) -> EditOp:
-        return self.edit(
-            message_id, deleted_transform(clean_tag_value(deleted_at_iso, "deleted_at_iso"))
-        )
+        when = clean_tag_value(deleted_at_iso, "deleted_at_iso")
+        op = self.edit(message_id, deleted_transform(when))
+        op.event = delete_event(when)
+        return op
 
     def reactions(self, message_id: object, reactions_str: object) -> EditOp:
-        op = self.edit(
-            message_id, reactions_transform(clean_tag_value(reactions_str, "reactions_str"))
-        )
+        summary = clean_tag_value(reactions_str, "reactions_str")
+        op = self.edit(message_id, reactions_transform(summary))
         op.forgets_reactions = True
+        op.event = patch_event(summary)
         return op
 
     def reaction(

@@ -15,7 +15,7 @@ MAX_ROOM_ID_BYTES = 512
 
 #: Suffixes of a room's companion keys, in the order every script receives them.
 WINDOW, META, LOG, IDEM, ARCHIVE, LEASE = "", ":meta", ":log", ":idem", ":archive", ":lease"
-REACTIONS = ":reactions"
+REACTIONS, DEFERRED = ":reactions", ":deferred"
 
 
 def glob_escape(text: str) -> str:
@@ -51,9 +51,18 @@ class RoomKeys:
     idem: str
     archive: str
     reactions: str
+    deferred: str
 
     def as_list(self) -> list[str]:
-        return [self.window, self.meta, self.log, self.idem, self.archive, self.reactions]
+        return [
+            self.window,
+            self.meta,
+            self.log,
+            self.idem,
+            self.archive,
+            self.reactions,
+            self.deferred,
+        ]
 
 
 class KeySpace:
@@ -70,7 +79,13 @@ class KeySpace:
     def room(self, room_id: str) -> RoomKeys:
         base = self.room_base(room_id)
         return RoomKeys(
-            base + WINDOW, base + META, base + LOG, base + IDEM, base + ARCHIVE, base + REACTIONS
+            base + WINDOW,
+            base + META,
+            base + LOG,
+            base + IDEM,
+            base + ARCHIVE,
+            base + REACTIONS,
+            base + DEFERRED,
         )
 
     def archive(self, room_id: str) -> str:

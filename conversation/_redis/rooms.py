@@ -41,6 +41,15 @@ def index_ranges(indexes: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
+class DeferredEventsWaiting(Exception):
+    """The append refused: events wait for some of its rows (``pending``: each
+    message's identity field and its events as stored). Apply them and send again."""
+
+    def __init__(self, pending: dict[bytes, bytes]) -> None:
+        super().__init__(f"deferred events wait for {len(pending)} message(s)")
+        self.pending = pending
+
+
 class RoomStore:
     """One typed method per Lua script; every reply is a parsed ``SyncReply``."""
 
@@ -146,19 +155,32 @@ class RoomStore:
         epoch: str,
         writes: Sequence[tuple[str, Sequence[bytes]]],
         *,
+        now_ms: int = 0,
+        consumed: Sequence[tuple[bytes, bytes, str, str]] = (),
         direct: bool = False,
     ) -> tuple[SyncReply, str]:
         """Push each write's rows under its own token; also returns one flag per
-        write: ``"1"`` pushed now, ``"2"`` its token had already applied."""
+        write: ``"1"`` pushed now, ``"2"`` its token had already applied.
+
+        ``consumed``: per message whose deferred events the rows have applied, its
+        identity field, the events as the script handed them, its identity and
+        its reaction state. Raises ``DeferredEventsWaiting`` (nothing pushed) when
+        events wait for these rows that ``consumed`` does not match exactly.
+        """
         extra: list[Arg] = [len(writes)]
         for token, rows in writes:
             extra.append(token)
             extra.append(len(rows))
         for _token, rows in writes:
             extra.extend(rows)
+        extra.extend((now_ms, len(consumed)))
+        for applied in consumed:
+            extra.extend(applied)
         args = self._common(state, "", epoch)
         args.extend(extra)
         raw = await self._pipeliner.run(self.scripts["append"], keys.as_list(), args, direct)
+        if raw[0] == b"D":
+            raise DeferredEventsWaiting({raw[i]: raw[i + 1] for i in range(1, len(raw) - 1, 2)})
         flags = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
         raw[0] = 1 if "1" in flags else 2
         reply = SyncReply.parse(raw)
@@ -211,6 +233,23 @@ class RoomStore:
         extra = (position, identity, slot.before, slot.after, slot.form, max_bytes,
                  *event.as_args())  # fmt: skip
         return await self._run("react", keys, state, token, "", extra, direct=direct)
+
+    async def defer(
+        self,
+        keys: RoomKeys,
+        state: SyncedState,
+        field: bytes,
+        event: bytes,
+        *,
+        now_ms: int,
+        keep_ms: int,
+        max_messages: int,
+        max_events: int,
+    ) -> SyncReply:
+        """Keep ``event`` for the message ``field`` names, if the room still lacks it at
+        ``state``'s version (``lua/defer.lua``)."""
+        extra = (field, event, now_ms, keep_ms, max_messages, max_events)
+        return await self._run("defer", keys, state, "", "", extra)
 
     async def clear(self, keys: RoomKeys, state: SyncedState, token: str, epoch: str) -> SyncReply:
         return await self._run("clear", keys, state, token, epoch, ())

@@ -18,6 +18,7 @@ ROOM_SCRIPT_NAMES = (
     "append",
     "replace",
     "react",
+    "defer",
     "clear",
     "set_limit",
     "rewrite",

@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("engine", ("_engine",)),
     ("services", ("_renderer", "_consolidation", "_sessions")),
     ("facade", ("_manager",)),
-    ("public", ("__init__", "integrations", "testing")),
+    ("public", ("__init__", "integrations", "testing", "platforms")),
     ("tooling", ("_tools", "__main__")),
 )
 

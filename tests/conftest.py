@@ -31,6 +31,7 @@ TIERS = {
         "test_integrations",
         "test_reactions",
         "test_platform_discord",
+        "test_platform_slack",
     ),
     "faults": ("test_faults", "test_chaos", "test_replication", "test_sentinel"),
     "scale": ("test_cluster", "test_cluster_basics", "test_multiprocess", "test_reaction_storm"),

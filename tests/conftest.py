@@ -32,6 +32,7 @@ TIERS = {
         "test_reactions",
         "test_platform_discord",
         "test_platform_slack",
+        "test_platform_telegram",
     ),
     "faults": ("test_faults", "test_chaos", "test_replication", "test_sentinel"),
     "scale": ("test_cluster", "test_cluster_basics", "test_multiprocess", "test_reaction_storm"),

@@ -112,7 +112,7 @@ class Binding:
     async def on_message(self, message: discord.Message) -> bool | None:
         turn = self.turn(message)
         room = self.room(message.channel.id)
-        return await self._guard(
+        appended = await self._guard(
             room,
             self.manager.append_async(
                 room,
@@ -124,6 +124,7 @@ class Binding:
                 idempotency_key=f"{self.room_prefix}:{message.id}",
             ),
         )
+        return appended is not False  # append_async answers None
 
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> bool | None:
         data: dict[str, Any] = dict(payload.data)

@@ -122,7 +122,7 @@ class Binding:
         self._remember_thread(channel, str(event["ts"]), thread)
         turn = await self.turn(event, bot)
         room = self.room(channel, thread)
-        return await self._guard(
+        appended = await self._guard(
             room,
             self.manager.append_async(
                 room,
@@ -134,6 +134,7 @@ class Binding:
                 idempotency_key=f"{self.room_prefix}:{channel}:{turn.message_id}",
             ),
         )
+        return appended is not False  # append_async answers None
 
     async def _changed(self, event: Mapping[str, Any], bot: str | None) -> bool | None:
         message = event.get("message")

@@ -312,7 +312,10 @@ class ConversationManager:
         ``message_id``, ...). Entries the window already holds are skipped, and
         turns appended meanwhile by any worker are kept (compare-and-set).
         """
-        op = BackfillOp([self._writes.row_from_mapping(m) for m in older_messages])
+        op = BackfillOp(
+            [self._writes.row_from_mapping(m) for m in older_messages],
+            self._writes.max_entry_bytes,
+        )
         await self._write_async(room_id, op)
 
     # ------------------------------------------------------------------- reads

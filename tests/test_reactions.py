@@ -459,3 +459,24 @@ async def test_an_append_between_the_look_and_the_keep_is_not_missed(
     assert await gateway.update_message_async(room, "late", "[Message ID: late] edited")
     assert gateway.stats()["deferred_events"] == 0
     assert await text_of(inference, room) == "[Message ID: late] edited"
+
+
+async def test_an_event_waits_for_a_message_that_comes_by_backfill(
+    workers: Workers, room: str
+) -> None:
+    """The message an edit and a reaction wait for arrives as older platform history
+    (a worker backfilling after a restart), not as an append: they apply to it."""
+    gateway, restarted = workers(), workers()
+    await restarted.append_async(room, "user", "[Message ID: new] newest")
+    assert not await gateway.update_message_async(room, "old", "[Message ID: old] edited")
+    assert not await gateway.add_reaction_async(room, "old", "👍", "ann")
+    await restarted.backfill_async(
+        room, [{"role": "user", "content": "[Message ID: old] original"}]
+    )
+    for manager in (restarted, gateway, workers()):
+        assert await text_of(manager, room, 0) == "[Message ID: old] [Reactions: 👍 1] edited"
+        assert await text_of(manager, room, 1) == "[Message ID: new] newest"
+    assert restarted.stats()["deferred_applied"] == 2
+    # The reaction that waited is tracked: the next one counts on from it.
+    assert await gateway.add_reaction_async(room, "old", "👍", "bob")
+    assert await text_of(restarted, room, 0) == "[Message ID: old] [Reactions: 👍 2] edited"

@@ -74,6 +74,53 @@ def apply_waiting(
     return consumed
 
 
+def apply_memory_deferred(state: RoomState, rows: list[Row], max_bytes: int) -> int:
+    """Memory-only: apply to ``rows`` (in place) the events that wait for them, drop
+    them from ``state`` and track the reactions they built; how many applied."""
+    assert state.deferred is not None
+    now = now_ms()
+    count = 0
+    for index, (row, identity, role) in enumerate(rows):
+        if identity is None or identity not in state.deferred:
+            continue
+        events = [event for expiry, event in state.deferred.pop(identity) if expiry > now]
+        if not events:
+            continue
+        applied = apply_events(row, identity, events, max_bytes)
+        rows[index] = (applied.row, identity, role)
+        count += len(events)
+        if applied.reactions is not None or applied.forget:
+            if state.reactions is None:
+                state.reactions = RoomReactions()
+            state.reactions.forget(identity)
+            if applied.reactions is not None and applied.reactions.emoji:
+                state.reactions.get(identity).emoji = applied.reactions.emoji
+    return count
+
+
+def apply_pending(
+    rows: list[Row], pending: dict[bytes, bytes], max_bytes: int
+) -> tuple[list[Row], list[tuple[bytes, bytes, str, str]]]:
+    """``rows`` with the events a script handed over applied to the last row of each
+    message, and what was applied, as the script checks it."""
+    last: dict[bytes, int] = {}
+    for index, (_row, identity, _role) in enumerate(rows):
+        if identity is not None:
+            last[identity_field(identity)] = index
+    applied_rows = list(rows)
+    consumed: list[tuple[bytes, bytes, str, str]] = []
+    for field_name, value in pending.items():
+        at = last.get(field_name)
+        if at is None:
+            continue
+        row, identity, role = rows[at]
+        assert identity is not None
+        applied = apply_events(row, identity, stored_events(value), max_bytes)
+        applied_rows[at] = (applied.row, identity, role)
+        consumed.append((field_name, value, identity, applied.reaction_state()))
+    return applied_rows, consumed
+
+
 # A compare-and-set write (an edit, a backfill) re-applies itself on top of what
 # another worker changed at most this many times in a row.
 MAX_CONFLICTS = 32
@@ -154,23 +201,7 @@ class AppendOp(Op):
 
     def apply_deferred(self, state: RoomState) -> None:
         """Memory-only: apply the events that wait for these rows, and drop them."""
-        assert state.deferred is not None
-        now = now_ms()
-        for index, (row, identity, role) in enumerate(self.rows):
-            if identity is None or identity not in state.deferred:
-                continue
-            events = [event for expiry, event in state.deferred.pop(identity) if expiry > now]
-            if not events:
-                continue
-            applied = apply_events(row, identity, events, self.max_bytes)
-            self.rows[index] = (applied.row, identity, role)
-            self.applied_deferred += len(events)
-            if applied.reactions is not None or applied.forget:
-                if state.reactions is None:
-                    state.reactions = RoomReactions()
-                state.reactions.forget(identity)
-                if applied.reactions is not None and applied.reactions.emoji:
-                    state.reactions.get(identity).emoji = applied.reactions.emoji
+        self.applied_deferred += apply_memory_deferred(state, self.rows, self.max_bytes)
 
     def count(self, stats: Stats) -> None:
         stats.appends += len(self.rows)
@@ -462,6 +493,8 @@ class BackfillOp(Op):
     """Prepend older platform history to the window (compare-and-set rewrite)."""
 
     older: list[Row]
+    max_bytes: int = 8 * 1024 * 1024  # what a deferred event may grow a row to
+    applied_deferred: int = field(default=0, init=False)
 
     def merged(self, window: Window) -> list[Row]:
         present = {identity for identity in window.ids if identity is not None}
@@ -486,6 +519,9 @@ class BackfillOp(Op):
 
     def apply(self, state: RoomState, default_limit: int) -> bool:
         rows = self.merged(state.window)
+        if state.deferred:
+            # Older history may bring a message that events wait for (SPEC §31).
+            self.applied_deferred += apply_memory_deferred(state, rows, self.max_bytes)
         state.window.clear()
         for row, identity, role in rows:
             state.window.push(row, identity, role)
@@ -493,13 +529,32 @@ class BackfillOp(Op):
         state.rebackfill = False
         return True
 
+    def count(self, stats: Stats) -> None:
+        stats.deferred_applied += self.applied_deferred
+
     async def send(self, batch: list[Op], link: Link, epoch: str, direct: bool) -> list[Any]:
+        pending: dict[bytes, bytes] = {}
         for _attempt in range(MAX_CONFLICTS):
-            rows = self.merged(link.synced.window)
-            reply = await link.store.rewrite(
-                link.keys, link.synced, self.token, epoch, [row[0] for row in rows]
-            )
+            rows, consumed = apply_pending(self.merged(link.synced.window), pending, self.max_bytes)
+            try:
+                reply = await link.store.rewrite(
+                    link.keys,
+                    link.synced,
+                    self.token,
+                    epoch,
+                    [row[0] for row in rows],
+                    now_ms=now_ms(),
+                    consumed=consumed,
+                )
+            except DeferredEventsWaiting as waiting:
+                # Older history brings a message that events wait for: apply them
+                # (the view showed the rows without them) and send again.
+                pending = waiting.pending
+                link.mark_view_stale()
+                continue
             link.absorb(reply)
+            if reply.status == 1 and consumed:
+                link.stats.deferred_applied += sum(len(stored_events(c[1])) for c in consumed)
             if reply.status != 0:
                 return [True]
             link.stats.conflicts += 1

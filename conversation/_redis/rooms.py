@@ -267,9 +267,30 @@ class RoomStore:
         return await self._run("set_limit", keys, state, token, epoch, (limit, flag))
 
     async def rewrite(
-        self, keys: RoomKeys, state: SyncedState, token: str, epoch: str, rows: Sequence[bytes]
+        self,
+        keys: RoomKeys,
+        state: SyncedState,
+        token: str,
+        epoch: str,
+        rows: Sequence[bytes],
+        *,
+        now_ms: int = 0,
+        consumed: Sequence[tuple[bytes, bytes, str, str]] = (),
     ) -> SyncReply:
-        return await self._run("rewrite", keys, state, token, epoch, (state.version, *rows))
+        """Replace the window by ``rows`` if nobody wrote since ``state``; ``consumed``
+        and ``DeferredEventsWaiting`` as for ``append`` (backfilled history may bring
+        a message events wait for)."""
+        extra: list[Arg] = [state.version, len(rows), *rows, now_ms, len(consumed)]
+        for applied in consumed:
+            extra.extend(applied)
+        args = self._common(state, token, epoch)
+        args.extend(extra)
+        raw = await self._pipeliner.run(self.scripts["rewrite"], keys.as_list(), args, False)
+        if raw[0] == b"D":
+            raise DeferredEventsWaiting({raw[i]: raw[i + 1] for i in range(1, len(raw) - 1, 2)})
+        reply = SyncReply.parse(raw)
+        self._stats.bytes_received += reply.payload_bytes()
+        return reply
 
     async def fold(
         self,

@@ -35,12 +35,19 @@ MAX_EMOJI_PER_MESSAGE: Final = 64
 #: (user, emoji) pairs one message may carry: each event re-reads the message's
 #: reaction state, so this bounds its cost (about 100 KB of state at most).
 MAX_REACTIONS_PER_MESSAGE: Final = 5000
-#: Messages whose reactions a room tracks; the least recently reacted go first.
-#: A reaction needs its message in the window (at most 1000 rows), and at any
-#: moment the messages reacted since any window row arrived span at most two
-#: windows, so tracking 4096 never forgets a message that is still shown.
+#: Messages whose reactions a room tracks at least; the least recently reacted go
+#: first. A reaction needs its message in the window, and at any moment the
+#: messages reacted since the oldest window row arrived span at most two windows
+#: (the window then, and what came since), so a room tracks twice its window
+#: limit when that is more (``tracked_messages``): it never forgets a message
+#: that is still shown, whatever ``max_history`` is.
 MAX_TRACKED_MESSAGES: Final = 4096
-#: Must match the same constants in lua/react.lua.
+
+
+def tracked_messages(window_limit: int) -> int:
+    """How many messages a room with this window limit tracks (lua/react.lua alike)."""
+    return max(MAX_TRACKED_MESSAGES, 2 * window_limit)
+
 
 # Discord custom emoji as the gateway and message text write them.
 _CUSTOM_EMOJI_RE: Final = re.compile(r"<(a?):([A-Za-z0-9_]{1,64}):([0-9]{1,25})>")
@@ -182,11 +189,11 @@ class RoomReactions:
     def __iter__(self) -> Iterator[str]:
         return iter(self._messages)
 
-    def get(self, identity: str) -> MessageReactions:
+    def get(self, identity: str, window_limit: int = 0) -> MessageReactions:
         """The message's reactions, now the most recently used (created if new)."""
         message = self._messages.pop(identity, None) or MessageReactions()
         self._messages[identity] = message
-        while len(self._messages) > MAX_TRACKED_MESSAGES:
+        while len(self._messages) > tracked_messages(window_limit):
             del self._messages[next(iter(self._messages))]
         return message
 

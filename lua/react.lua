@@ -7,7 +7,9 @@
 -- follows the marker (' [Reactions: s]'), '2' it opens the text ('[Reactions: s] ');
 -- ARGV[15]: the largest row allowed; ARGV[16]: the action ('+' add, '-' remove,
 -- 'c' clear one emoji, 'C' clear all); ARGV[17]: the emoji as events name it;
--- ARGV[18]: the emoji as the tag shows it; ARGV[19]: the user.
+-- ARGV[18]: the emoji as the tag shows it; ARGV[19]: the user; ARGV[20]: how many
+-- messages a room tracks reactions for at least (MAX_TRACKED_MESSAGES in
+-- conversation/_reactions.py; it tracks twice its window limit if that is more).
 -- The caller checked emoji and user (conversation/_reactions.py): the display
 -- needs no JSON escaping, so it is spliced into the row as it is.
 -- State: field = "<version last reacted>|" .. cjson [[emoji, display, [users...]], ...],
@@ -22,8 +24,6 @@
 -- (user, emoji) whoever sends it, however often.
 local MAX_EMOJI_PER_MESSAGE = 64
 local MAX_REACTIONS_PER_MESSAGE = 5000
-local MAX_TRACKED_MESSAGES = 4096
-local EVICT_BATCH = 256
 
 local m = ensure_meta()
 if replayed() then
@@ -33,6 +33,8 @@ local pos = tonumber(ARGV[10])
 local identity, before, after, form = ARGV[11], ARGV[12], ARGV[13], ARGV[14]
 local max_bytes = tonumber(ARGV[15])
 local action, key, display, user = ARGV[16], ARGV[17], ARGV[18], ARGV[19]
+local window_limit = m.limit > 0 and m.limit or DEFAULT_LIMIT
+local tracked = math.max(tonumber(ARGV[20]), 2 * window_limit)
 
 local function tag_zone_ok(zone)
   if zone == '' then
@@ -165,8 +167,9 @@ if #emoji == 0 then
 else
   redis.call('HSET', REACTIONS, identity, m.version .. '|' .. cjson.encode(emoji))
   -- Least recently reacted messages go once the room tracks too many (they left
-  -- the window long ago: see MAX_TRACKED_MESSAGES in conversation/_reactions.py).
-  if redis.call('HLEN', REACTIONS) > MAX_TRACKED_MESSAGES + EVICT_BATCH then
+  -- the window long ago: see MAX_TRACKED_MESSAGES in conversation/_reactions.py),
+  -- a sixteenth more at a time, so the sort runs once per that many new messages.
+  if redis.call('HLEN', REACTIONS) > tracked + math.ceil(tracked / 16) then
     local all = redis.call('HGETALL', REACTIONS)
     local ages = {}
     for i = 1, #all, 2 do
@@ -174,7 +177,7 @@ else
       ages[#ages + 1] = {tonumber(string.sub(v, 1, string.find(v, '|', 1, true) - 1)), all[i]}
     end
     table.sort(ages, function(a, b) return a[1] < b[1] end)
-    for i = 1, #ages - MAX_TRACKED_MESSAGES do
+    for i = 1, #ages - tracked do
       redis.call('HDEL', REACTIONS, ages[i][2])
     end
   end

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from redis_servers import RedisServer
 from support import window_key
 
+import conversation._reactions
 from conversation import ConfigurationError, ConversationManager, InvalidMessage
 from conversation._deferred import MAX_DEFERRED_PER_MESSAGE
 from conversation._reactions import MAX_EMOJI_PER_MESSAGE
@@ -480,3 +481,30 @@ async def test_an_event_waits_for_a_message_that_comes_by_backfill(
     # The reaction that waited is tracked: the next one counts on from it.
     assert await gateway.add_reaction_async(room, "old", "👍", "bob")
     assert await text_of(restarted, room, 0) == "[Message ID: old] [Reactions: 👍 2] edited"
+
+
+async def test_a_long_window_never_forgets_the_reactions_it_shows(
+    workers: Workers, room: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``max_history`` has no upper bound: with a window longer than the messages a
+    room tracks reactions for, a reaction on each shown message must not push the
+    oldest one's out, or its next event would count from nothing. (The floor is
+    lowered here so the test stays small; with the default 4096 a 4400-row window
+    lost them.)"""
+    monkeypatch.setattr(conversation._reactions, "MAX_TRACKED_MESSAGES", 16)
+    bot = workers()  # max_history=100
+    await bot.append_many_async(
+        room, [{"role": "user", "content": f"[Message ID: {i}] m{i}"} for i in range(100)]
+    )
+    for i in range(100):
+        assert await bot.add_reaction_async(room, str(i), "👍", "ann")
+    assert await bot.add_reaction_async(room, "0", "👍", "bob")
+    assert await text_of(bot, room, 0) == "[Message ID: 0] [Reactions: 👍 2] m0"
+    # What left the window long ago is still forgotten: the state stays bounded.
+    for i in range(100, 400):
+        await bot.append_async(room, "user", f"[Message ID: {i}] m{i}")
+        assert await bot.add_reaction_async(room, str(i), "👍", "ann")
+    assert await text_of(bot, room, 0) == "[Message ID: 300] [Reactions: 👍 1] m300"
+    client = bot._redis
+    if client is not None:
+        assert 200 <= await client.hlen(room_keys(room).reactions) <= 200 + 13

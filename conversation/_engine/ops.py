@@ -74,7 +74,9 @@ def apply_waiting(
     return consumed
 
 
-def apply_memory_deferred(state: RoomState, rows: list[Row], max_bytes: int) -> int:
+def apply_memory_deferred(
+    state: RoomState, rows: list[Row], max_bytes: int, window_limit: int
+) -> int:
     """Memory-only: apply to ``rows`` (in place) the events that wait for them, drop
     them from ``state`` and track the reactions they built; how many applied."""
     assert state.deferred is not None
@@ -94,7 +96,7 @@ def apply_memory_deferred(state: RoomState, rows: list[Row], max_bytes: int) -> 
                 state.reactions = RoomReactions()
             state.reactions.forget(identity)
             if applied.reactions is not None and applied.reactions.emoji:
-                state.reactions.get(identity).emoji = applied.reactions.emoji
+                state.reactions.get(identity, window_limit).emoji = applied.reactions.emoji
     return count
 
 
@@ -193,15 +195,17 @@ class AppendOp(Op):
 
     def apply(self, state: RoomState, default_limit: int) -> bool:
         if state.deferred:
-            self.apply_deferred(state)
+            self.apply_deferred(state, state.limit or default_limit)
         for row in self.rows:
             state.window.push(*row)
         state.window.trim(state.limit or default_limit)
         return True
 
-    def apply_deferred(self, state: RoomState) -> None:
+    def apply_deferred(self, state: RoomState, window_limit: int) -> None:
         """Memory-only: apply the events that wait for these rows, and drop them."""
-        self.applied_deferred += apply_memory_deferred(state, self.rows, self.max_bytes)
+        self.applied_deferred += apply_memory_deferred(
+            state, self.rows, self.max_bytes, window_limit
+        )
 
     def count(self, stats: Stats) -> None:
         stats.appends += len(self.rows)
@@ -380,7 +384,7 @@ class ReactionOp(Op):
             return True
         if state.reactions is None:
             state.reactions = RoomReactions()
-        tracked = state.reactions.get(self.identity)
+        tracked = state.reactions.get(self.identity, state.limit or default_limit)
         # Applied to a copy first: a refused event (or a row that would grow too
         # big) leaves the tracked reactions and the row as they were.
         trial = MessageReactions([(key, shown, list(users)) for key, shown, users in tracked.emoji])
@@ -521,7 +525,9 @@ class BackfillOp(Op):
         rows = self.merged(state.window)
         if state.deferred:
             # Older history may bring a message that events wait for (SPEC §31).
-            self.applied_deferred += apply_memory_deferred(state, rows, self.max_bytes)
+            self.applied_deferred += apply_memory_deferred(
+                state, rows, self.max_bytes, state.limit or default_limit
+            )
         state.window.clear()
         for row, identity, role in rows:
             state.window.push(row, identity, role)

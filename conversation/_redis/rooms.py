@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from .. import _reactions
 from .._reactions import ReactionEvent, TagSlot
 from .._stats import Stats
 from .keys import RoomKeys
@@ -231,7 +232,7 @@ class RoomStore:
         """Apply one reaction event to the row at ``position`` (held by the caller as
         ``slot`` cut open where its tag goes) and re-render its tag (``lua/react.lua``)."""
         extra = (position, identity, slot.before, slot.after, slot.form, max_bytes,
-                 *event.as_args())  # fmt: skip
+                 *event.as_args(), _reactions.MAX_TRACKED_MESSAGES)  # fmt: skip
         return await self._run("react", keys, state, token, "", extra, direct=direct)
 
     async def defer(

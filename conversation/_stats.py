@@ -16,6 +16,7 @@ class Stats:
     persists: int = 0
     persist_failures: int = 0
     persist_retries: int = 0
+    writes_refused: int = 0
     durable_failures: int = 0
     unreplicated_writes: int = 0
     reloads: int = 0

@@ -177,6 +177,31 @@ async def test_too_many_distinct_emoji_is_refused_whole(workers: Workers, room: 
     assert "e5 2, e0 1" in str(await text_of(bot, room))
 
 
+async def test_a_sync_reaction_refused_in_the_background_is_not_silent(
+    workers: Workers, room: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sync form cannot know the room's count before Redis answers: when Redis
+    refuses the event (the message is full) nobody awaits it, so it must be logged
+    and counted, never dropped without a trace. Memory-only, it raises at once."""
+    bot = workers()
+    await bot.append_async(room, "user", "[Message ID: 1] hi")
+    for i in range(MAX_EMOJI_PER_MESSAGE):
+        await bot.add_reaction_async(room, "1", f"e{i}", "ann")
+    full = await text_of(bot, room)
+    if bot._redis is None:
+        with pytest.raises(InvalidMessage, match="distinct emoji"):
+            bot.add_reaction(room, "1", "one_more", "ann")
+    else:
+        assert bot.add_reaction(room, "1", "one_more", "ann")
+        await bot.drain()
+        assert bot.stats()["writes_refused"] == 1
+        assert any(
+            room in r.getMessage() and "distinct emoji" in r.getMessage() for r in caplog.records
+        )
+    assert await text_of(workers(), room) == full
+    assert await text_of(bot, room) == full
+
+
 async def test_patch_reactions_forgets_tracked_reactions(workers: Workers, room: str) -> None:
     bot = workers()
     await bot.append_async(room, "user", "[Message ID: 1] hi")

@@ -156,6 +156,8 @@ class Op:
     # an attempt that timed out after Redis took it): the view must not apply it
     # again on top of a synced state that holds it.
     landed: bool = field(default=False, kw_only=True)
+    # A caller awaits the write (an _async form): its errors reach that caller.
+    awaited: bool = field(default=False, kw_only=True)
 
     # Whether each write of a batch keeps its own idempotency token in Redis
     # (lua/append.lua); other batches are sent, and remembered, under the first's.

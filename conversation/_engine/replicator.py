@@ -209,6 +209,7 @@ class Replicator:
             return found
         op.done = loop.create_future()
         op.done.add_done_callback(consume_exception)
+        op.awaited = inline
         if inline and not room.pending and room.task is None and not room.lock.locked():
             # An idle room and a caller about to await: it persists the write
             # itself (persist_inline), skipping a task, a shield and four loop
@@ -440,6 +441,13 @@ class Replicator:
                     op.done.set_exception(result)
                 else:
                     op.done.set_result(result)
+            if isinstance(result, Exception) and not op.awaited:
+                # A sync write that Redis refused (a reaction on a full message, an
+                # edit outgrowing the row limit once merged): nobody awaits it, so
+                # say so rather than drop it without a trace.
+                self.stats.writes_refused += 1
+                logger.warning("room %s: a write was refused: %s", room.room_id,
+                               describe_error(result))  # fmt: skip
         room.inflight = None
         if room.view_stale:
             self.rebuild_view(room)

@@ -79,7 +79,10 @@ def normalise_emoji(emoji: object) -> Emoji:
         raise InvalidMessage(f"longer than {MAX_EMOJI_CHARS} characters", field="emoji")
     custom = _CUSTOM_EMOJI_RE.fullmatch(emoji)
     if custom is not None:
-        return Emoji(emoji, f":{custom.group(2)}:")
+        # Keyed by its id alone: the name can change (a rename, a deleted emoji
+        # sent without one) between a user's add and remove; the tag shows the
+        # name first seen.
+        return Emoji(f"<:{custom.group(3)}>", f":{custom.group(2)}:")
     for char in emoji:
         category = unicodedata.category(char)
         if (

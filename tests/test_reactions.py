@@ -126,6 +126,23 @@ async def test_custom_emoji_render_by_name(workers: Workers, room: str) -> None:
     assert await text_of(bot, room) == "[Message ID: 5] [Reactions: :spin: 2, :party_parrot: 1] gg"
 
 
+async def test_a_renamed_custom_emoji_is_still_one_emoji(workers: Workers, room: str) -> None:
+    """Discord names a custom emoji by its id: a server admin may rename it (or a
+    deleted one comes without a name) between a user's add and remove. The remove
+    must still find the reaction, or the count stays up forever."""
+    bot = workers()
+    await bot.append_async(room, "user", "[Message ID: 5] gg")
+    await bot.add_reaction_async(room, "5", "<:party:42>", "ann")
+    await bot.add_reaction_async(room, "5", "<:fiesta:42>", "bob")  # renamed meanwhile
+    await bot.add_reaction_async(room, "5", "<:fiesta:43>", "bob")  # another emoji
+    assert await text_of(bot, room) == "[Message ID: 5] [Reactions: :party: 2, :fiesta: 1] gg"
+    assert await bot.remove_reaction_async(room, "5", "<:fiesta:42>", "ann")
+    assert await bot.remove_reaction_async(room, "5", "<a:emoji:42>", "bob")
+    assert await text_of(bot, room) == "[Message ID: 5] [Reactions: :fiesta: 1] gg"
+    assert await bot.clear_reactions_async(room, "5", "<:renamed:43>")
+    assert await text_of(bot, room) == "[Message ID: 5] gg"
+
+
 @pytest.mark.parametrize(
     ("emoji", "user", "field"),
     [

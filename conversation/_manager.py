@@ -195,6 +195,7 @@ class ConversationManager:
         if durable and self._redis is not None:
             deadline = asyncio.get_running_loop().time() + self._settings.durable_timeout
             op.durable_deadline = deadline
+            op.awaited = True  # not inline (the deadline rules), but its caller waits
             self._submit(room_id, op)
             await self._backend.settle_durable(self._rooms.open(room_id), op, deadline)
         else:

@@ -209,7 +209,7 @@ class Replicator:
             return found
         op.done = loop.create_future()
         op.done.add_done_callback(consume_exception)
-        op.awaited = inline
+        op.awaited = op.awaited or inline
         if inline and not room.pending and room.task is None and not room.lock.locked():
             # An idle room and a caller about to await: it persists the write
             # itself (persist_inline), skipping a task, a shield and four loop

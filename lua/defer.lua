@@ -13,6 +13,11 @@
 -- between the caller's look and the event being kept, and be missed by it.
 -- Changes no row and no version.
 local m = ensure_meta()
+-- An event may name a room nothing was ever written to (a channel the bot never
+-- recorded): the meta ensure_meta just made must expire like any room's.
+if TTL > 0 and redis.call('PTTL', META) < 0 then
+  redis.call('PEXPIRE', META, TTL)
+end
 if C_EPOCH ~= m.epoch or C_VERSION ~= m.version then
   return sync_reply(0, m, 0, -1)
 end

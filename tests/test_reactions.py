@@ -550,3 +550,18 @@ async def test_a_long_window_never_forgets_the_reactions_it_shows(
     client = bot._redis
     if client is not None:
         assert 200 <= await client.hlen(room_keys(room).reactions) <= 200 + 13
+
+
+async def test_an_event_for_a_room_never_written_leaves_no_key_forever(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    """Platforms send events for channels the bot never recorded (Discord sends
+    reactions in every channel it can see): keeping one must not leave a key that
+    outlives ttl_seconds."""
+    bot = make_manager(redis_client, ttl_seconds=60)
+    assert not await bot.add_reaction_async(room, "1", "👍", "ann")
+    assert bot.stats()["deferred_events"] == 1
+    keys = [key for key in room_keys(room).as_list() if await redis_client.exists(key)]
+    assert keys, "the event is kept"
+    for key in keys:
+        assert 0 < await redis_client.pttl(key) <= 600_000, key

@@ -12,11 +12,17 @@ from typing import Any
 import fakeredis
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis_servers import RedisServer
 from support import window_key
 
 import conversation._reactions
-from conversation import ConfigurationError, ConversationManager, InvalidMessage
+from conversation import (
+    ConfigurationError,
+    ConversationManager,
+    InvalidMessage,
+    RedisUnavailable,
+)
 from conversation._deferred import MAX_DEFERRED_PER_MESSAGE
 from conversation._reactions import MAX_EMOJI_PER_MESSAGE
 from conversation.testing import room_keys, wait_until
@@ -565,3 +571,37 @@ async def test_an_event_for_a_room_never_written_leaves_no_key_forever(
     assert keys, "the event is kept"
     for key in keys:
         assert 0 < await redis_client.pttl(key) <= 600_000, key
+
+
+async def test_keeping_an_event_survives_a_dropped_connection(
+    redis_client: aioredis.Redis, make_manager: Make, room: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart, a failover or CLIENT KILL closes pooled connections: keeping the
+    event takes another one, as a catch-up does. If Redis stays unreachable the
+    caller gets RedisUnavailable, as from a catch-up, never a raw client error."""
+    gateway = make_manager(redis_client)
+    store = gateway._store
+    assert store is not None
+    real_defer = store.defer
+    kills = 0
+
+    async def defer_after_a_kill(*args: Any, **kwargs: Any) -> Any:
+        nonlocal kills
+        if kills == 0:
+            kills += 1
+            async with aioredis.Redis(
+                port=redis_client.connection_pool.connection_kwargs["port"]
+            ) as admin:
+                await admin.client_kill_filter(_type="normal", skipme=True)
+        return await real_defer(*args, **kwargs)
+
+    monkeypatch.setattr(store, "defer", defer_after_a_kill)
+    assert not await gateway.update_message_async(room, "x", "[Message ID: x] edited")
+    assert gateway.stats()["deferred_events"] == 1
+
+    async def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise redis.exceptions.ConnectionError("Connection closed by server.")
+
+    monkeypatch.setattr(store, "defer", unreachable)
+    with pytest.raises(RedisUnavailable, match=room):
+        await gateway.add_reaction_async(room, "y", "👍", "ann")

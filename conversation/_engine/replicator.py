@@ -523,6 +523,7 @@ class Replicator:
     async def defer(self, room: Room, identity: str, event: bytes, keep_ms: int) -> Deferral:
         """Keep ``event`` in Redis until its message comes, if the room still lacks it."""
         field = identity_field(identity)
+        lost = 0
         for _attempt in range(MAX_CONFLICTS):
             async with room.lock:
                 if (
@@ -530,16 +531,29 @@ class Replicator:
                     or room.view.window.find_last(identity) is not None
                 ):
                     return Deferral.FOUND
-                reply = await self.store.defer(
-                    room.keys,
-                    room.synced,
-                    field,
-                    event,
-                    now_ms=now_ms(),
-                    keep_ms=keep_ms,
-                    max_messages=MAX_DEFERRED_MESSAGES,
-                    max_events=MAX_DEFERRED_PER_MESSAGE,
-                )
+                try:
+                    reply = await self.store.defer(
+                        room.keys,
+                        room.synced,
+                        field,
+                        event,
+                        now_ms=now_ms(),
+                        keep_ms=keep_ms,
+                        max_messages=MAX_DEFERRED_MESSAGES,
+                        max_events=MAX_DEFERRED_PER_MESSAGE,
+                    )
+                except TRANSIENT_ERRORS as exc:
+                    # As a catch-up: a pooled connection a restart or failover closed
+                    # fails at once (having sent nothing); the next attempt takes
+                    # another. Anything else: the caller learns Redis could not be asked.
+                    lost += 1
+                    if isinstance(exc, _LOST_CONNECTION) and lost < _SYNC_ATTEMPTS:
+                        continue
+                    raise RedisUnavailable(
+                        f"room {room.room_id}: cannot keep an event for message "
+                        f"{identity!r:.80}: {describe_error(exc)}",
+                        room_id=room.room_id,
+                    ) from exc
                 self.absorb(room, reply)
                 if room.view_stale:
                     self.rebuild_view(room)

@@ -20,10 +20,11 @@ from ._changes.named import NamedCursors
 from ._consolidation.config import ConsolidationConfig
 from ._consolidation.consolidator import Consolidator
 from ._consolidation.records import ArchiveBatch, ConsolidationResult, Summarizer
+from ._deferred import MAX_DEFERRED_EVENT_BYTES
 from ._engine.core import Core
 from ._engine.loop import LoopBinding, running_loop
-from ._engine.ops import BackfillOp, ClearOp, EditOp, LimitOp, Op, Row
-from ._engine.replicator import Backend, MemoryBackend, Replicator
+from ._engine.ops import BackfillOp, ClearOp, EditOp, LimitOp, Op, ReactionOp, Row
+from ._engine.replicator import Backend, Deferral, MemoryBackend, Replicator
 from ._engine.rooms import Room, RoomInfo, RoomTable
 from ._engine.settings import checked_settings
 from ._engine.writes import Writes, limit_write
@@ -83,6 +84,7 @@ class ConversationManager:
         min_replicas: int = 0,
         replica_timeout_ms: int = 1000,
         max_pending_writes: int = 100_000,
+        defer_unknown_events_seconds: float = 600,
     ) -> None:
         self._settings = checked_settings(
             redis=redis,
@@ -96,6 +98,7 @@ class ConversationManager:
             min_replicas=min_replicas,
             replica_timeout_ms=replica_timeout_ms,
         )
+        self._defer_ms = _defer_ms(defer_unknown_events_seconds)
         self._renderer = prompt_renderer
         self._redis = redis
         self._keyspace = KeySpace(key_prefix)
@@ -241,6 +244,71 @@ class ConversationManager:
         op = self._writes.reactions(message_id, reactions_str)
         return await self._edit_async(room_id, op, durable)
 
+    def add_reaction(
+        self, room_id: str, message_id: str | int, emoji: str, user_id: str | int
+    ) -> bool:
+        """Count ``user_id``'s ``emoji`` on the message once, however often the event comes.
+
+        The ``[Reactions: …]`` tag lists emoji by count, highest first (ties: first
+        seen), rendered from what every worker added. With Redis the new tag shows
+        once Redis answers (the sync form persists in the background).
+        """
+        return self._submit(room_id, self._reaction(message_id, emoji, user_id, added=True))
+
+    async def add_reaction_async(
+        self,
+        room_id: str,
+        message_id: str | int,
+        emoji: str,
+        user_id: str | int,
+        *,
+        durable: bool = False,
+    ) -> bool:
+        op = self._reaction(message_id, emoji, user_id, added=True)
+        return await self._edit_async(room_id, op, durable)
+
+    def remove_reaction(
+        self, room_id: str, message_id: str | int, emoji: str, user_id: str | int
+    ) -> bool:
+        return self._submit(room_id, self._reaction(message_id, emoji, user_id, added=False))
+
+    async def remove_reaction_async(
+        self,
+        room_id: str,
+        message_id: str | int,
+        emoji: str,
+        user_id: str | int,
+        *,
+        durable: bool = False,
+    ) -> bool:
+        op = self._reaction(message_id, emoji, user_id, added=False)
+        return await self._edit_async(room_id, op, durable)
+
+    def clear_reactions(
+        self, room_id: str, message_id: str | int, emoji: str | None = None
+    ) -> bool:
+        """Forget every tracked reaction of the message, or only those with ``emoji``."""
+        op = self._writes.clear_reactions(message_id, emoji, local=self._store is None)
+        return self._submit(room_id, op)
+
+    async def clear_reactions_async(
+        self,
+        room_id: str,
+        message_id: str | int,
+        emoji: str | None = None,
+        *,
+        durable: bool = False,
+    ) -> bool:
+        op = self._writes.clear_reactions(message_id, emoji, local=self._store is None)
+        return await self._edit_async(room_id, op, durable)
+
+    def _reaction(
+        self, message_id: str | int, emoji: str, user_id: str | int, *, added: bool
+    ) -> ReactionOp:
+        return self._writes.reaction(
+            message_id, emoji, user_id, added=added, local=self._store is None
+        )
+
     def clear(self, room_id: str) -> None:
         self._submit(room_id, ClearOp())
 
@@ -288,7 +356,10 @@ class ConversationManager:
         ``message_id``, ...). Entries the window already holds are skipped, and
         turns appended meanwhile by any worker are kept (compare-and-set).
         """
-        op = BackfillOp([self._writes.row_from_mapping(m) for m in older_messages])
+        op = BackfillOp(
+            [self._writes.row_from_mapping(m) for m in older_messages],
+            self._writes.max_entry_bytes,
+        )
         await self._write_async(room_id, op, durable)
 
     # ------------------------------------------------------------------- reads
@@ -575,16 +646,29 @@ class ConversationManager:
             resumed,
         )
 
-    async def _edit_async(self, room_id: str, op: EditOp, durable: bool) -> bool:
+    async def _edit_async(self, room_id: str, op: EditOp | ReactionOp, durable: bool) -> bool:
         found, result = await self._try_write(room_id, op, durable)
         if found:
             return bool(result)
-        if self._store is None:
+        if self._store is not None:
+            # Not in memory: the room may be cold or behind another worker.
+            await self.ensure_fresh_from_redis(room_id)
+            found, result = await self._try_write(room_id, op, durable)
+            if found:
+                return bool(result)
+        event = op.deferred_event()
+        if not self._defer_ms or event is None:
             return False
-        # Not in memory: the room may be cold or behind another worker.
-        await self.ensure_fresh_from_redis(room_id)
-        found, result = await self._try_write(room_id, op, durable)
-        return found and bool(result)
+        if len(event) > MAX_DEFERRED_EVENT_BYTES:
+            self._stats.deferred_refused += 1
+            return False
+        # The message has not arrived (gateway events reach workers out of order):
+        # keep the event for the append that brings it (SPEC §31).
+        outcome = await self._backend.defer(self._room(room_id), op.identity, event, self._defer_ms)
+        if outcome is Deferral.FOUND:
+            found, result = await self._try_write(room_id, op, durable)
+            return found and bool(result)
+        return False
 
     async def _write_async(self, room_id: str, op: Op, durable: bool = False) -> Any:
         return (await self._try_write(room_id, op, durable))[1]
@@ -601,6 +685,7 @@ class ConversationManager:
             return True, await self._backend.settle(self._rooms.open(room_id), op)
         deadline = asyncio.get_running_loop().time() + self._settings.durable_timeout
         op.durable_deadline = deadline
+        op.awaited = True  # not inline (the deadline rules), but its caller waits
         if not self._submit(room_id, op):
             return False, False
         return True, await self._backend.settle_durable(self._rooms.open(room_id), op, deadline)
@@ -625,6 +710,14 @@ def _system(text: str) -> Entry:
 
 def _context(room_id: str, room_context: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"room_id": room_id, **(room_context or {})}
+
+
+def _defer_ms(seconds: object) -> int:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+        raise ConfigurationError(
+            f"defer_unknown_events_seconds must be a number >= 0 (0: off), got {seconds!r}"
+        )
+    return int(seconds * 1000)
 
 
 def _archive_ttl_ms(config: ConsolidationConfig | None) -> int | None:

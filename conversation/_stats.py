@@ -9,9 +9,14 @@ from dataclasses import asdict, dataclass
 class Stats:
     appends: int = 0
     edits: int = 0
+    reactions: int = 0
+    deferred_events: int = 0
+    deferred_applied: int = 0
+    deferred_refused: int = 0
     persists: int = 0
     persist_failures: int = 0
     persist_retries: int = 0
+    writes_refused: int = 0
     durable_failures: int = 0
     unreplicated_writes: int = 0
     reloads: int = 0

@@ -33,7 +33,8 @@ def memory_manager(
 
 def room_keys(room_id: str, key_prefix: str = "sg") -> RoomKeys:
     """The keys the engine keeps for ``room_id`` under ``key_prefix``: ``.window``
-    (the list of rows), ``.meta``, ``.log``, ``.idem`` and ``.archive``."""
+    (the list of rows), ``.meta``, ``.log``, ``.idem``, ``.archive``, ``.reactions``
+    and ``.deferred``."""
     return KeySpace(key_prefix).room(room_id)
 
 

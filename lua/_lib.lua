@@ -14,6 +14,10 @@
 --               iseq counter (the newest IDEM_CAP at least are kept)
 --   [5] archive LIST: a header, then fold records (see "The archive" below); only
 --               fold.lua and archive_stage.lua write it, every write refreshes its TTL
+--   [6] reactions HASH message identity -> that message's tracked reactions (only
+--               react.lua writes it, replace.lua forgets a field, clear.lua drops it)
+--   [7] deferred HASH events for messages the room does not hold yet (see "Deferred
+--               events" below); defer.lua writes it, append.lua applies and drops it
 -- ARGV (every script): [1] caller epoch ('' = knows nothing), [2] caller version,
 --   [3] caller head, [4] caller length (the caller's synced window), [5] idempotency
 --   token ('' = none), [6] TTL in ms (0 = keys do not expire), [7] default window
@@ -40,6 +44,8 @@
 local unpack = unpack or table.unpack
 
 local WINDOW, META, LOG, IDEM, ARCHIVE = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local REACTIONS = KEYS[6]
+local DEFERRED = KEYS[7]
 local C_EPOCH = ARGV[1]
 local C_VERSION = tonumber(ARGV[2])
 local C_HEAD = tonumber(ARGV[3])
@@ -147,6 +153,7 @@ local function touch()
     redis.call('PEXPIRE', META, TTL)
     redis.call('PEXPIRE', LOG, TTL)
     redis.call('PEXPIRE', IDEM, TTL)
+    redis.call('PEXPIRE', REACTIONS, TTL)
   end
   if ARCHIVE_TTL > 0 then
     redis.call('PEXPIRE', ARCHIVE, ARCHIVE_TTL)
@@ -550,4 +557,121 @@ local function archive_push_rows(from)
     end
   end
   return count, bytes
+end
+
+-- ---------------------------------------------------------------- deferred events
+
+-- The deferred hash (KEYS[7]) maps the JSON of a message identity, exactly as a row
+-- starts with it ('"42"' in '{"message_id":"42","role":...'), to that message's
+-- events in arrival order, one per line: "<expiry, ms since the epoch> <event>",
+-- each event an orjson object (orjson never writes a raw newline). The hash expires
+-- with its newest event; each event also carries its own expiry, checked against
+-- the caller's clock.
+
+-- The identity of a row as the deferred hash names it, or nil (no identity).
+local function identity_field(row)
+  if string.sub(row, 1, 14) ~= '{"message_id":' then
+    return nil
+  end
+  -- Inside the JSON string of the identity every quote is escaped, so the first
+  -- ',"role":"' ends it.
+  local at = string.find(row, ',"role":"', 15, true)
+  if not at then
+    return nil
+  end
+  local field = string.sub(row, 15, at - 1)
+  if field == 'null' then
+    return nil
+  end
+  return field
+end
+
+-- The unexpired events of field (value: what the hash holds), stored back without
+-- the expired ones; nil when none is left (the field is dropped).
+local function deferred_live(field, value, now)
+  local kept = {}
+  for line in string.gmatch(value, '[^\n]+') do
+    local sp = string.find(line, ' ', 1, true)
+    if sp and (tonumber(string.sub(line, 1, sp - 1)) or 0) > now then
+      kept[#kept + 1] = line
+    end
+  end
+  if #kept == 0 then
+    redis.call('HDEL', DEFERRED, field)
+    return nil
+  end
+  local live = table.concat(kept, '\n')
+  if live ~= value then
+    redis.call('HSET', DEFERRED, field, live)
+  end
+  return live, #kept
+end
+
+-- For append.lua: whether the rows of ARGV ranges (pairs {first, last}) may be
+-- pushed now. ARGV[at]: the caller's clock (ms); ARGV[at + 1]: c, how many
+-- messages' events the caller applied to its rows; then per message its field, the
+-- events as it saw them, its identity and its reaction state to store ('' none,
+-- '-' forget the tracked reactions: a deferred patch_reactions came last).
+-- Returns nil when they may (the consumed events are dropped, the reaction states
+-- stored; m: the room's meta), else the reply that hands the caller every pending event of its rows:
+-- {'D', field_1, events_1, ...}. Nothing is pushed then; the caller applies them
+-- and calls again.
+local function deferred_ready(m, ranges, at)
+  local now = tonumber(ARGV[at])
+  local consumed = {}
+  for i = at + 2, at + 1 + 4 * tonumber(ARGV[at + 1]), 4 do
+    consumed[ARGV[i]] = {ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]}
+  end
+  if redis.call('EXISTS', DEFERRED) == 0 then
+    if next(consumed) == nil then
+      return nil
+    end
+    return {'D'} -- what the caller applied expired meanwhile
+  end
+  local fields, seen = {}, {}
+  for r = 1, #ranges do
+    for i = ranges[r][1], ranges[r][2] do
+      local field = identity_field(ARGV[i])
+      if field and not seen[field] then
+        seen[field] = true
+        fields[#fields + 1] = field
+      end
+    end
+  end
+  if #fields == 0 then
+    return nil
+  end
+  local values = redis.call('HMGET', DEFERRED, unpack(fields))
+  local pending = {'D'}
+  local stale = false
+  for i = 1, #fields do
+    local live = values[i] and deferred_live(fields[i], values[i], now)
+    local applied = consumed[fields[i]]
+    if live and (not applied or applied[1] ~= live) then
+      stale = true
+    elseif applied and not live then
+      stale = true -- what the caller applied expired meanwhile: it must not stand
+    end
+    if live then
+      pending[#pending + 1] = fields[i]
+      pending[#pending + 1] = live
+    end
+  end
+  for field in pairs(consumed) do
+    if not seen[field] then
+      stale = true
+    end
+  end
+  if stale then
+    return pending
+  end
+  for field, applied in pairs(consumed) do
+    redis.call('HDEL', DEFERRED, field)
+    if applied[3] == '-' then
+      redis.call('HDEL', REACTIONS, applied[2])
+    elseif applied[3] ~= '' then
+      redis.call('HSET', REACTIONS, applied[2], m.version .. '|' .. applied[3])
+    end
+  end
+  return nil
 end

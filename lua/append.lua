@@ -2,9 +2,11 @@
 -- write once per its own idempotency token.
 -- KEYS, common ARGV and reply: see _lib.lua (ARGV[5] is unused: tokens come per write).
 -- ARGV[10]: g, how many writes; ARGV[11 .. 10 + 2g]: per write, its token and how
--- many rows it has; then every write's rows, oldest first.
+-- many rows it has; then every write's rows, oldest first; then the deferred
+-- events the caller applied to them (see deferred_ready in _lib.lua).
 -- Status: one character per write, in order: '1' pushed now, '2' its token had
--- already applied (its rows were not pushed again).
+-- already applied (its rows were not pushed again); or the reply {'D', ...}: events
+-- wait for some of these rows (nothing was pushed; apply them and call again).
 -- Invariant: a write is pushed whole or not at all, exactly once per token, and a
 -- replayed write is skipped alone (the others of the batch land); the window never
 -- starts with tool results whose assistant call was trimmed.
@@ -23,6 +25,7 @@ local replays = 0
 local pushed = 0
 local len
 local row = first_row
+local ranges = {}
 for i = 1, writes do
   local token = tokens[i]
   local count = tonumber(ARGV[10 + 2 * i])
@@ -34,11 +37,20 @@ for i = 1, writes do
     in_batch[token] = true
     fresh[#fresh + 1] = token
     if count > 0 then
-      len = push_rows(row, row + count - 1)
-      pushed = pushed + count
+      ranges[#ranges + 1] = {row, row + count - 1}
     end
   end
   row = row + count
+end
+-- Events that came before these messages (defer.lua) are applied to the rows by
+-- the caller, which this call checks; else it hands them over and pushes nothing.
+local waiting = deferred_ready(m, ranges, row)
+if waiting then
+  return waiting
+end
+for r = 1, #ranges do
+  len = push_rows(ranges[r][1], ranges[r][2])
+  pushed = pushed + ranges[r][2] - ranges[r][1] + 1
 end
 local status = table.concat(flags)
 if replays > 0 then

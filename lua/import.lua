@@ -18,7 +18,8 @@ if ARGV[10] ~= '1' and held > 0 then
 end
 local old = tonumber(redis.call('HGET', META, 'version')) or 0
 local n = tonumber(ARGV[14])
-redis.call('DEL', WINDOW, LOG, META)
+-- Tracked reactions and waiting events belong to the rows being replaced.
+redis.call('DEL', WINDOW, LOG, META, REACTIONS, DEFERRED)
 if ARGV[15] == '1' or ARGV[10] == '1' then
   redis.call('DEL', ARCHIVE)
 end

@@ -3,7 +3,9 @@
 -- ARGV[10]: absolute position of the row; ARGV[11]: the first 16 hex digits of the
 -- SHA1 of the row the caller
 -- holds there, or '=' followed by that whole row (for servers without
--- redis.sha1hex, such as fakeredis); ARGV[12]: the new row.
+-- redis.sha1hex, such as fakeredis); ARGV[12]: the new row; ARGV[13]: the
+-- identity whose tracked reactions (KEYS[6]) the new row supersedes, or ''
+-- (patch_reactions sets the summary itself: the tracked users no longer count).
 -- Status: 1 replaced, 0 conflict (the reply brings the caller up to date so it
 -- can re-apply its edit and retry), 2 the token was already applied.
 -- Invariant: concurrent appends never conflict (positions are absolute); an edit
@@ -25,6 +27,9 @@ if C_EPOCH == m.epoch and C_VERSION >= m.base and pos >= m.head then
   if same then
     local was_current = C_VERSION == m.version and C_HEAD == m.head
     redis.call('LSET', WINDOW, pos - m.head, ARGV[12])
+    if ARGV[13] and ARGV[13] ~= '' then
+      redis.call('HDEL', REACTIONS, ARGV[13])
+    end
     bump(m)
     log_replace(m, pos)
     remember(m)

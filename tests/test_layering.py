@@ -22,12 +22,15 @@ PACKAGE = Path(conversation.__file__).resolve().parent
 # Bottom to top. A module belongs to the first layer one of whose prefixes it
 # equals or lies under.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation", ("_errors", "_stats", "_resources", "_entries", "_budget")),
+    (
+        "foundation",
+        ("_errors", "_stats", "_resources", "_entries", "_budget", "_reactions", "_deferred"),
+    ),
     ("redis", ("_redis",)),
     ("engine", ("_engine",)),
     ("services", ("_renderer", "_consolidation", "_sessions", "_changes", "_transfer")),
     ("facade", ("_manager",)),
-    ("public", ("__init__", "integrations", "testing", "blocking")),
+    ("public", ("__init__", "integrations", "testing", "blocking", "platforms")),
     ("tooling", ("_tools", "__main__")),
 )
 

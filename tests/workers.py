@@ -74,3 +74,37 @@ def append_tight(index: int, barrier: Any, port: int, room: str, count: int) -> 
         return {"stats": manager.stats(), "window": window}
 
     return asyncio.run(body())
+
+
+def react_storm(
+    index: int, barrier: Any, port: int, room: str, deliveries: list[tuple[str, str, str, str]]
+) -> dict[str, Any]:
+    """Feed ``deliveries`` ((action, message, emoji, user), in order) as reaction
+    events: process 0 with the sync forms (queued, persisted in the background),
+    the others awaiting each one, as a gateway handler would."""
+
+    async def body() -> dict[str, Any]:
+        manager, client = _manager(port)
+        await manager.ensure_fresh_from_redis(room)
+        barrier.wait()
+        for number, (action, message, emoji, user) in enumerate(deliveries):
+            if index == 0:
+                call = manager.add_reaction if action == "add" else manager.remove_reaction
+                assert call(room, message, emoji, user)
+                if number % 10 == 0:
+                    await asyncio.sleep(0)  # let the persist task interleave with others
+            else:
+                call_async = (
+                    manager.add_reaction_async if action == "add" else manager.remove_reaction_async
+                )
+                assert await call_async(room, message, emoji, user)
+        await manager.drain()
+        stats = manager.stats()
+        barrier.wait()  # every process is done: now all must converge
+        await manager.ensure_fresh_from_redis(room)
+        window = [m["content"] for m in manager.get_messages(room)]
+        await manager.aclose()
+        await client.aclose()
+        return {"stats": stats, "window": window}
+
+    return asyncio.run(body())

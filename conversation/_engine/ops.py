@@ -12,23 +12,117 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import orjson
 
-from .._entries import Entry, Transform, encode, is_summary
+from .._deferred import apply_events, identity_field, reaction_event, stored_events
+from .._entries import Entry, Transform, encode, is_summary, reactions_transform
 from .._errors import InvalidMessage, PersistError
+from .._reactions import (
+    MAX_EMOJI_PER_MESSAGE,
+    MAX_REACTIONS_PER_MESSAGE,
+    MessageReactions,
+    ReactionEvent,
+    RoomReactions,
+    TooManyReactions,
+    tag_slot,
+)
 from .._redis.keys import RoomKeys
 from .._redis.replies import SyncReply
-from .._redis.rooms import RoomStore
+from .._redis.rooms import DeferredEventsWaiting, RoomStore
 from .._stats import Stats
 from .window import RoomState, Window
 
 Row = tuple[bytes, str | None, str]  # stored bytes, identity, role
 
 MAX_BATCH_ROWS = 512
+
+
+def now_ms() -> int:
+    """The wall clock deferred events expire by (workers compare it across processes)."""
+    return int(time.time() * 1000)
+
+
+def apply_waiting(
+    appends: Sequence[AppendOp], pending: dict[bytes, bytes]
+) -> list[tuple[bytes, bytes, str, str]]:
+    """Apply the events the append script handed over to the last row of each message
+    (of the rows as first made), and say what was applied, as the script checks it."""
+    consumed: list[tuple[bytes, bytes, str, str]] = []
+    last: dict[bytes, tuple[AppendOp, int]] = {}
+    for op in appends:
+        if not op.original:
+            op.original = list(op.rows)
+        for index, (_row, identity, _role) in enumerate(op.original):
+            if identity is not None:
+                last[identity_field(identity)] = (op, index)
+    for op in appends:
+        op.rows = list(op.original)
+    for field_name, value in pending.items():
+        if field_name not in last:
+            continue
+        op, index = last[field_name]
+        row, identity, role = op.original[index]
+        assert identity is not None
+        applied = apply_events(row, identity, stored_events(value), op.max_bytes)
+        op.rows[index] = (applied.row, identity, role)
+        consumed.append((field_name, value, identity, applied.reaction_state()))
+    return consumed
+
+
+def apply_memory_deferred(
+    state: RoomState, rows: list[Row], max_bytes: int, window_limit: int
+) -> int:
+    """Memory-only: apply to ``rows`` (in place) the events that wait for them, drop
+    them from ``state`` and track the reactions they built; how many applied."""
+    assert state.deferred is not None
+    now = now_ms()
+    count = 0
+    for index, (row, identity, role) in enumerate(rows):
+        if identity is None or identity not in state.deferred:
+            continue
+        events = [event for expiry, event in state.deferred.pop(identity) if expiry > now]
+        if not events:
+            continue
+        applied = apply_events(row, identity, events, max_bytes)
+        rows[index] = (applied.row, identity, role)
+        count += len(events)
+        if applied.reactions is not None or applied.forget:
+            if state.reactions is None:
+                state.reactions = RoomReactions()
+            state.reactions.forget(identity)
+            if applied.reactions is not None and applied.reactions.emoji:
+                state.reactions.get(identity, window_limit).emoji = applied.reactions.emoji
+    return count
+
+
+def apply_pending(
+    rows: list[Row], pending: dict[bytes, bytes], max_bytes: int
+) -> tuple[list[Row], list[tuple[bytes, bytes, str, str]]]:
+    """``rows`` with the events a script handed over applied to the last row of each
+    message, and what was applied, as the script checks it."""
+    last: dict[bytes, int] = {}
+    for index, (_row, identity, _role) in enumerate(rows):
+        if identity is not None:
+            last[identity_field(identity)] = index
+    applied_rows = list(rows)
+    consumed: list[tuple[bytes, bytes, str, str]] = []
+    for field_name, value in pending.items():
+        at = last.get(field_name)
+        if at is None:
+            continue
+        row, identity, role = rows[at]
+        assert identity is not None
+        applied = apply_events(row, identity, stored_events(value), max_bytes)
+        applied_rows[at] = (applied.row, identity, role)
+        consumed.append((field_name, value, identity, applied.reaction_state()))
+    return applied_rows, consumed
+
+
 # A compare-and-set write (an edit, a backfill) re-applies itself on top of what
 # another worker changed at most this many times in a row.
 MAX_CONFLICTS = 32
@@ -62,6 +156,8 @@ class Op:
     # an attempt that timed out after Redis took it): the view must not apply it
     # again on top of a synced state that holds it.
     landed: bool = field(default=False, kw_only=True)
+    # A caller awaits the write (an _async form): its errors reach that caller.
+    awaited: bool = field(default=False, kw_only=True)
 
     # Whether each write of a batch keeps its own idempotency token in Redis
     # (lua/append.lua); other batches are sent, and remembered, under the first's.
@@ -72,6 +168,10 @@ class Op:
 
     def count(self, stats: Stats) -> None:
         """Count the write in ``stats`` as it is made."""
+
+    def deferred_event(self) -> bytes | None:
+        """The event to keep when the write's message has not arrived (None: not kept)."""
+        return None
 
     def appended_rows(self) -> list[Row] | None:
         """The rows a plain append adds (a run of them is replayed at once), else None."""
@@ -89,16 +189,29 @@ class Op:
 @dataclass(eq=False, slots=True)
 class AppendOp(Op):
     rows: list[Row]
+    max_bytes: int = 8 * 1024 * 1024  # what a deferred event may grow a row to
+    applied_deferred: int = field(default=0, init=False)
+    # The rows as made, before any deferred event was applied to them.
+    original: list[Row] = field(default_factory=list, init=False, repr=False)
     keeps_own_token: ClassVar[bool] = True
 
     def apply(self, state: RoomState, default_limit: int) -> bool:
+        if state.deferred:
+            self.apply_deferred(state, state.limit or default_limit)
         for row in self.rows:
             state.window.push(*row)
         state.window.trim(state.limit or default_limit)
         return True
 
+    def apply_deferred(self, state: RoomState, window_limit: int) -> None:
+        """Memory-only: apply the events that wait for these rows, and drop them."""
+        self.applied_deferred += apply_memory_deferred(
+            state, self.rows, self.max_bytes, window_limit
+        )
+
     def count(self, stats: Stats) -> None:
         stats.appends += len(self.rows)
+        stats.deferred_applied += self.applied_deferred
 
     def appended_rows(self) -> list[Row]:
         return self.rows
@@ -119,8 +232,33 @@ class AppendOp(Op):
 
     async def send(self, batch: list[Op], link: Link, epoch: str, direct: bool) -> list[Any]:
         appends = [op for op in batch if isinstance(op, AppendOp)]
-        writes = [(op.token, [row[0] for row in op.rows]) for op in appends]
-        reply, flags = await link.store.append(link.keys, link.synced, epoch, writes, direct=direct)
+        consumed: list[tuple[bytes, bytes, str, str]] = []
+        for _attempt in range(MAX_CONFLICTS):
+            writes = [(op.token, [row[0] for row in op.rows]) for op in appends]
+            try:
+                reply, flags = await link.store.append(
+                    link.keys,
+                    link.synced,
+                    epoch,
+                    writes,
+                    now_ms=now_ms(),
+                    consumed=consumed,
+                    direct=direct,
+                )
+                break
+            except DeferredEventsWaiting as waiting:
+                # Events came before these messages: apply them to our rows (the
+                # view showed the rows without them) and send the rows again.
+                consumed = apply_waiting(appends, waiting.pending)
+                link.mark_view_stale()
+        else:
+            error = PersistError(
+                f"room {link.room_id}: events for these messages kept arriving",
+                room_id=link.room_id,
+            )
+            return [error] * len(batch)
+        if consumed:
+            link.stats.deferred_applied += sum(len(stored_events(c[1])) for c in consumed)
         # Rows of a write whose token had applied are in Redis where its first
         # attempt put them (the reply carries them); only the others are ours now.
         pushed = [row for op, flag in zip(appends, flags, strict=True) if flag == "1"
@@ -136,6 +274,10 @@ class EditOp(Op):
     identity: str
     transform: Transform
     max_bytes: int
+    # patch_reactions: the new summary replaces whatever reactions were tracked.
+    forgets_reactions: bool = False
+    # What to keep if the message has not arrived yet (see _deferred).
+    event: bytes | None = None
     # Transforms are pure: the same base row (the same bytes object: the view and
     # the synced window share rows) always gives the same edited row.
     _base: bytes | None = field(default=None, init=False, repr=False)
@@ -156,10 +298,15 @@ class EditOp(Op):
             return False
         role = window.roles[index]
         window.set(index, self.edited_row(window.rows[index]), self.identity, role)
+        if self.forgets_reactions and state.reactions is not None:
+            state.reactions.forget(self.identity)
         return True
 
     def count(self, stats: Stats) -> None:
         stats.edits += 1
+
+    def deferred_event(self) -> bytes | None:
+        return self.event
 
     def gather(self, queue: Iterable[Op]) -> list[Op]:
         # A reaction storm on one message becomes one replace of its row.
@@ -174,6 +321,7 @@ class EditOp(Op):
 
     async def send(self, batch: list[Op], link: Link, epoch: str, direct: bool) -> list[Any]:
         edits = [op for op in batch if isinstance(op, EditOp)]
+        forget = self.identity if any(edit.forgets_reactions for edit in edits) else ""
         synced = link.synced
         for _attempt in range(MAX_CONFLICTS):
             index = synced.window.find_last(self.identity)
@@ -189,7 +337,14 @@ class EditOp(Op):
                 return [exc] * len(edits)
             position = synced.head + index
             reply = await link.store.replace(
-                link.keys, synced, self.token, position, old_row, new_row, direct=direct
+                link.keys,
+                synced,
+                self.token,
+                position,
+                old_row,
+                new_row,
+                forget_reactions_of=forget,
+                direct=direct,
             )
             link.absorb(reply)
             if reply.status == 1 and reply.kind == 1:
@@ -208,9 +363,107 @@ class EditOp(Op):
 
 
 @dataclass(eq=False, slots=True)
+class ReactionOp(Op):
+    """One reaction event on one message.
+
+    With Redis the count is the room's, not this worker's: ``lua/react.lua``
+    updates the message's reaction state and re-renders the tag together, and the
+    reply brings the row back, so the view shows the tag only once Redis answered.
+    Memory-only (``local``) the room's ``RoomReactions`` is the state.
+    """
+
+    identity: str
+    event: ReactionEvent
+    max_bytes: int
+    local: bool
+
+    def apply(self, state: RoomState, default_limit: int) -> bool:
+        window = state.window
+        index = window.find_last(self.identity)
+        if index is None:
+            return False
+        if not self.local:
+            return True
+        if state.reactions is None:
+            state.reactions = RoomReactions()
+        tracked = state.reactions.get(self.identity, state.limit or default_limit)
+        # Applied to a copy first: a refused event (or a row that would grow too
+        # big) leaves the tracked reactions and the row as they were.
+        trial = MessageReactions([(key, shown, list(users)) for key, shown, users in tracked.emoji])
+        if trial.apply(self.event):
+            entry: Entry = orjson.loads(window.rows[index])
+            row = encode(reactions_transform(trial.summary())(entry, self.identity), self.max_bytes)
+            window.set(index, row, self.identity, window.roles[index])
+            tracked.emoji = trial.emoji
+        state.reactions.settle(self.identity)
+        return True
+
+    def count(self, stats: Stats) -> None:
+        stats.reactions += 1
+
+    def deferred_event(self) -> bytes | None:
+        return reaction_event(self.event)
+
+    async def send(self, batch: list[Op], link: Link, epoch: str, direct: bool) -> list[Any]:
+        synced = link.synced
+        for _attempt in range(MAX_CONFLICTS):
+            index = synced.window.find_last(self.identity)
+            if index is None:
+                link.mark_view_stale()
+                return [False]
+            try:
+                slot = tag_slot(
+                    synced.window.rows[index], self.identity, reactions_transform, self.max_bytes
+                )
+            except InvalidMessage as exc:
+                return [exc]
+            reply = await link.store.react(
+                link.keys,
+                synced,
+                self.token,
+                synced.head + index,
+                self.identity,
+                slot,
+                self.max_bytes,
+                self.event,
+                direct=direct,
+            )
+            link.absorb(reply)
+            if reply.status in (1, 2, 3):
+                return [True]
+            if reply.status == 4:
+                return [
+                    TooManyReactions(
+                        f"room {link.room_id}: message {self.identity} already has "
+                        f"{MAX_REACTIONS_PER_MESSAGE} reactions or {MAX_EMOJI_PER_MESSAGE} "
+                        "distinct emoji",
+                        field="emoji",
+                    )
+                ]
+            if reply.status == 5:
+                return [
+                    InvalidMessage(
+                        f"room {link.room_id}: message {self.identity} would outgrow "
+                        f"{self.max_bytes} bytes with its reactions tag",
+                        field="content",
+                    )
+                ]
+            # The row changed other than in its tag (an edit), or moved: the reply
+            # brought us up to date; cut it open again.
+            link.stats.conflicts += 1
+        error = PersistError(
+            f"room {link.room_id}: reaction on {self.identity} kept conflicting",
+            room_id=link.room_id,
+        )
+        return [error]
+
+
+@dataclass(eq=False, slots=True)
 class ClearOp(Op):
     def apply(self, state: RoomState, default_limit: int) -> bool:
         state.window.clear()
+        state.reactions = None
+        state.deferred = None
         return True
 
     async def send(self, batch: list[Op], link: Link, epoch: str, direct: bool) -> list[Any]:
@@ -246,6 +499,8 @@ class BackfillOp(Op):
     """Prepend older platform history to the window (compare-and-set rewrite)."""
 
     older: list[Row]
+    max_bytes: int = 8 * 1024 * 1024  # what a deferred event may grow a row to
+    applied_deferred: int = field(default=0, init=False)
 
     def merged(self, window: Window) -> list[Row]:
         present = {identity for identity in window.ids if identity is not None}
@@ -270,6 +525,11 @@ class BackfillOp(Op):
 
     def apply(self, state: RoomState, default_limit: int) -> bool:
         rows = self.merged(state.window)
+        if state.deferred:
+            # Older history may bring a message that events wait for (SPEC §31).
+            self.applied_deferred += apply_memory_deferred(
+                state, rows, self.max_bytes, state.limit or default_limit
+            )
         state.window.clear()
         for row, identity, role in rows:
             state.window.push(row, identity, role)
@@ -277,13 +537,32 @@ class BackfillOp(Op):
         state.rebackfill = False
         return True
 
+    def count(self, stats: Stats) -> None:
+        stats.deferred_applied += self.applied_deferred
+
     async def send(self, batch: list[Op], link: Link, epoch: str, direct: bool) -> list[Any]:
+        pending: dict[bytes, bytes] = {}
         for _attempt in range(MAX_CONFLICTS):
-            rows = self.merged(link.synced.window)
-            reply = await link.store.rewrite(
-                link.keys, link.synced, self.token, epoch, [row[0] for row in rows]
-            )
+            rows, consumed = apply_pending(self.merged(link.synced.window), pending, self.max_bytes)
+            try:
+                reply = await link.store.rewrite(
+                    link.keys,
+                    link.synced,
+                    self.token,
+                    epoch,
+                    [row[0] for row in rows],
+                    now_ms=now_ms(),
+                    consumed=consumed,
+                )
+            except DeferredEventsWaiting as waiting:
+                # Older history brings a message that events wait for: apply them
+                # (the view showed the rows without them) and send again.
+                pending = waiting.pending
+                link.mark_view_stale()
+                continue
             link.absorb(reply)
+            if reply.status == 1 and consumed:
+                link.stats.deferred_applied += sum(len(stored_events(c[1])) for c in consumed)
             if reply.status != 0:
                 return [True]
             link.stats.conflicts += 1

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from .._deferred import MAX_DEFERRED_MESSAGES, MAX_DEFERRED_PER_MESSAGE, identity_field
 from .._errors import (
     BacklogFull,
     DurabilityError,
@@ -34,7 +35,7 @@ from .._redis.replies import SyncReply
 from .._redis.retry import TRANSIENT_ERRORS, is_permanent
 from .._redis.rooms import RoomStore
 from .._stats import Stats
-from .ops import Op, Row
+from .ops import MAX_CONFLICTS, Op, Row, now_ms
 from .rooms import Batch, Room, RoomTable
 from .settings import Settings
 from .window import RoomState, apply_reply
@@ -44,6 +45,14 @@ logger = logging.getLogger(__name__)
 # A batch that keeps failing with an exception no one expected (a bug here or in
 # the client library) is failed after this many attempts in a row.
 MAX_UNEXPECTED_FAILURES = 5
+
+
+class Deferral(enum.Enum):
+    """What became of an event for a message the room did not hold."""
+
+    KEPT = "kept"  # it waits for the message
+    FOUND = "found"  # the message arrived meanwhile: apply the event now
+    REFUSED = "refused"  # the room has as many events waiting as it may
 
 
 class Verdict(enum.Enum):
@@ -82,6 +91,8 @@ class Backend(Protocol):
 
     async def ensure_fresh(self, room: Room) -> None: ...
 
+    async def defer(self, room: Room, identity: str, event: bytes, keep_ms: int) -> Deferral: ...
+
     async def refresh(self, room: Room) -> None: ...
 
     def absorb(self, room: Room, reply: SyncReply, own_rows: Sequence[Row] = ()) -> None: ...
@@ -116,6 +127,28 @@ class MemoryBackend:
 
     async def ensure_fresh(self, room: Room) -> None:
         return None
+
+    async def defer(self, room: Room, identity: str, event: bytes, keep_ms: int) -> Deferral:
+        state = room.view
+        if state.window.find_last(identity) is not None:
+            return Deferral.FOUND
+        if state.deferred is None:
+            state.deferred = {}
+        now = now_ms()
+        waiting = [(expiry, e) for expiry, e in state.deferred.get(identity, []) if expiry > now]
+        if not waiting and len(state.deferred) >= MAX_DEFERRED_MESSAGES:
+            for other in list(state.deferred):
+                if all(expiry <= now for expiry, _ in state.deferred[other]):
+                    del state.deferred[other]
+        if (not waiting and len(state.deferred) >= MAX_DEFERRED_MESSAGES) or len(
+            waiting
+        ) >= MAX_DEFERRED_PER_MESSAGE:
+            self.stats.deferred_refused += 1
+            return Deferral.REFUSED
+        waiting.append((now + keep_ms, event))
+        state.deferred[identity] = waiting
+        self.stats.deferred_events += 1
+        return Deferral.KEPT
 
     async def refresh(self, room: Room) -> None:
         return None
@@ -176,6 +209,7 @@ class Replicator:
             return found
         op.done = loop.create_future()
         op.done.add_done_callback(consume_exception)
+        op.awaited = op.awaited or inline
         if inline and not room.pending and room.task is None and not room.lock.locked():
             # An idle room and a caller about to await: it persists the write
             # itself (persist_inline), skipping a task, a shield and four loop
@@ -406,6 +440,13 @@ class Replicator:
                     op.done.set_exception(result)
                 else:
                     op.done.set_result(result)
+            if isinstance(result, Exception) and not op.awaited:
+                # A sync write that Redis refused (a reaction on a full message, an
+                # edit outgrowing the row limit once merged): nobody awaits it, so
+                # say so rather than drop it without a trace.
+                self.stats.writes_refused += 1
+                logger.warning("room %s: a write was refused: %s", room.room_id,
+                               describe_error(result))  # fmt: skip
         room.inflight = None
         if room.view_stale:
             self.rebuild_view(room)
@@ -477,6 +518,53 @@ class Replicator:
             else:
                 self.stats.catch_ups += 1
             self.rebuild_view(room)
+
+    async def defer(self, room: Room, identity: str, event: bytes, keep_ms: int) -> Deferral:
+        """Keep ``event`` in Redis until its message comes, if the room still lacks it."""
+        field = identity_field(identity)
+        lost = 0
+        for _attempt in range(MAX_CONFLICTS):
+            async with room.lock:
+                if (
+                    room.synced.window.find_last(identity) is not None
+                    or room.view.window.find_last(identity) is not None
+                ):
+                    return Deferral.FOUND
+                try:
+                    reply = await self.store.defer(
+                        room.keys,
+                        room.synced,
+                        field,
+                        event,
+                        now_ms=now_ms(),
+                        keep_ms=keep_ms,
+                        max_messages=MAX_DEFERRED_MESSAGES,
+                        max_events=MAX_DEFERRED_PER_MESSAGE,
+                    )
+                except TRANSIENT_ERRORS as exc:
+                    # As a catch-up: a pooled connection a restart or failover closed
+                    # fails at once (having sent nothing); the next attempt takes
+                    # another. Anything else: the caller learns Redis could not be asked.
+                    lost += 1
+                    if isinstance(exc, _LOST_CONNECTION) and lost < _SYNC_ATTEMPTS:
+                        continue
+                    raise RedisUnavailable(
+                        f"room {room.room_id}: cannot keep an event for message "
+                        f"{identity!r:.80}: {describe_error(exc)}",
+                        room_id=room.room_id,
+                    ) from exc
+                self.absorb(room, reply)
+                if room.view_stale:
+                    self.rebuild_view(room)
+            if reply.status == 1:
+                self.stats.deferred_events += 1
+                return Deferral.KEPT
+            if reply.status == 3:
+                self.stats.deferred_refused += 1
+                return Deferral.REFUSED
+            # The room moved on since we looked: the reply brought us up to date.
+        self.stats.deferred_refused += 1
+        return Deferral.REFUSED
 
     def _unconfirmed(self, room: Room) -> tuple[list[str], list[list[Op]]]:
         """The tokens a catch-up asks about, with the writes each one names.

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .._entries import decode_row, is_summary, rows_to_drop
+from .._reactions import RoomReactions
 from .._redis.replies import SyncReply
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,12 @@ class RoomState:
     head: int = 0
     limit: int = 0  # 0: the manager's default (max_history)
     rebackfill: bool = False
+    # A memory-only room's tracked reactions (shared by copies: there is one
+    # copy of the room). With Redis they live in the room's reactions hash.
+    reactions: RoomReactions | None = None
+    # A memory-only room's deferred events: identity -> (expiry ms, event), in
+    # arrival order. With Redis they live in the room's deferred hash.
+    deferred: dict[str, list[tuple[int, bytes]]] | None = None
 
     @property
     def size(self) -> int:
@@ -142,7 +149,14 @@ class RoomState:
 
     def copy(self) -> RoomState:
         return RoomState(
-            self.window.copy(), self.epoch, self.version, self.head, self.limit, self.rebackfill
+            self.window.copy(),
+            self.epoch,
+            self.version,
+            self.head,
+            self.limit,
+            self.rebackfill,
+            self.reactions,
+            self.deferred,
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .._deferred import delete_event, edit_event, patch_event
 from .._entries import (
     Transform,
     build_entry,
@@ -17,7 +18,16 @@ from .._entries import (
     reactions_transform,
 )
 from .._errors import InvalidMessage
-from .ops import AppendOp, EditOp, LimitOp, Row
+from .._reactions import (
+    ADD,
+    CLEAR_ALL,
+    CLEAR_EMOJI,
+    REMOVE,
+    ReactionEvent,
+    normalise_emoji,
+    normalise_user_id,
+)
+from .ops import AppendOp, EditOp, LimitOp, ReactionOp, Row
 
 MIN_CHANNEL_LIMIT, MAX_CHANNEL_LIMIT = 50, 1000
 MAX_IDEMPOTENCY_KEY_CHARS = 128
@@ -63,7 +73,7 @@ class Writes:
         return self.row(role, content, **fields)
 
     def append(self, rows: list[Row], idempotency_key: str | None = None) -> AppendOp:
-        op = AppendOp(rows)
+        op = AppendOp(rows, self.max_entry_bytes)
         if idempotency_key is not None:
             if (
                 not isinstance(idempotency_key, str)
@@ -80,17 +90,41 @@ class Writes:
         return EditOp(normalise_message_id(message_id), transform, self.max_entry_bytes)
 
     def update(self, message_id: object, new_content: object) -> EditOp:
-        return self.edit(message_id, edit_transform(check_new_content(new_content)))
+        content = check_new_content(new_content)
+        op = self.edit(message_id, edit_transform(content))
+        op.event = edit_event(content)
+        return op
 
     def deleted(self, message_id: object, deleted_at_iso: object) -> EditOp:
-        return self.edit(
-            message_id, deleted_transform(clean_tag_value(deleted_at_iso, "deleted_at_iso"))
-        )
+        when = clean_tag_value(deleted_at_iso, "deleted_at_iso")
+        op = self.edit(message_id, deleted_transform(when))
+        op.event = delete_event(when)
+        return op
 
     def reactions(self, message_id: object, reactions_str: object) -> EditOp:
-        return self.edit(
-            message_id, reactions_transform(clean_tag_value(reactions_str, "reactions_str"))
+        summary = clean_tag_value(reactions_str, "reactions_str")
+        op = self.edit(message_id, reactions_transform(summary))
+        op.forgets_reactions = True
+        op.event = patch_event(summary)
+        return op
+
+    def reaction(
+        self, message_id: object, emoji: object, user_id: object, *, added: bool, local: bool
+    ) -> ReactionOp:
+        """One user's reaction added (or removed); ``local``: a memory-only room."""
+        event = ReactionEvent(
+            ADD if added else REMOVE, normalise_emoji(emoji), normalise_user_id(user_id)
         )
+        return ReactionOp(normalise_message_id(message_id), event, self.max_entry_bytes, local)
+
+    def clear_reactions(self, message_id: object, emoji: object, *, local: bool) -> ReactionOp:
+        """Every reaction of the message (``emoji`` None), or every one with ``emoji``."""
+        event = (
+            ReactionEvent(CLEAR_ALL)
+            if emoji is None
+            else ReactionEvent(CLEAR_EMOJI, normalise_emoji(emoji))
+        )
+        return ReactionOp(normalise_message_id(message_id), event, self.max_entry_bytes, local)
 
 
 def clamp_limit(limit: object) -> int:

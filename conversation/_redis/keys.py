@@ -13,8 +13,9 @@ from .._errors import InvalidRoomId
 
 MAX_ROOM_ID_BYTES = 512
 
-#: Suffixes of a room's companion keys, in the order every script receives them.
+#: Suffixes of a room's companion keys (``RoomKeys`` gives scripts their order).
 WINDOW, META, LOG, IDEM, ARCHIVE, LEASE = "", ":meta", ":log", ":idem", ":archive", ":lease"
+REACTIONS, DEFERRED = ":reactions", ":deferred"
 #: The room's named change-feed cursors (a HASH: name -> cursor).
 CURSORS = ":cursors"
 
@@ -51,9 +52,19 @@ class RoomKeys:
     log: str
     idem: str
     archive: str
+    reactions: str
+    deferred: str
 
     def as_list(self) -> list[str]:
-        return [self.window, self.meta, self.log, self.idem, self.archive]
+        return [
+            self.window,
+            self.meta,
+            self.log,
+            self.idem,
+            self.archive,
+            self.reactions,
+            self.deferred,
+        ]
 
 
 class KeySpace:
@@ -69,7 +80,15 @@ class KeySpace:
 
     def room(self, room_id: str) -> RoomKeys:
         base = self.room_base(room_id)
-        return RoomKeys(base + WINDOW, base + META, base + LOG, base + IDEM, base + ARCHIVE)
+        return RoomKeys(
+            base + WINDOW,
+            base + META,
+            base + LOG,
+            base + IDEM,
+            base + ARCHIVE,
+            base + REACTIONS,
+            base + DEFERRED,
+        )
 
     def archive(self, room_id: str) -> str:
         return self.room_base(room_id) + ARCHIVE

@@ -12,6 +12,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from .. import _reactions
+from .._reactions import ReactionEvent, TagSlot
 from .._stats import Stats
 from .keys import RoomKeys
 from .pipeliner import Pipeliner, forget_pooled_connections
@@ -38,6 +40,15 @@ def index_ranges(indexes: Sequence[int]) -> list[tuple[int, int]]:
         else:
             runs.append((index, index))
     return runs
+
+
+class DeferredEventsWaiting(Exception):
+    """The append refused: events wait for some of its rows (``pending``: each
+    message's identity field and its events as stored). Apply them and send again."""
+
+    def __init__(self, pending: dict[bytes, bytes]) -> None:
+        super().__init__(f"deferred events wait for {len(pending)} message(s)")
+        self.pending = pending
 
 
 class RoomStore:
@@ -209,19 +220,32 @@ class RoomStore:
         epoch: str,
         writes: Sequence[tuple[str, Sequence[bytes]]],
         *,
+        now_ms: int = 0,
+        consumed: Sequence[tuple[bytes, bytes, str, str]] = (),
         direct: bool = False,
     ) -> tuple[SyncReply, str]:
         """Push each write's rows under its own token; also returns one flag per
-        write: ``"1"`` pushed now, ``"2"`` its token had already applied."""
+        write: ``"1"`` pushed now, ``"2"`` its token had already applied.
+
+        ``consumed``: per message whose deferred events the rows have applied, its
+        identity field, the events as the script handed them, its identity and
+        its reaction state. Raises ``DeferredEventsWaiting`` (nothing pushed) when
+        events wait for these rows that ``consumed`` does not match exactly.
+        """
         extra: list[Arg] = [len(writes)]
         for token, rows in writes:
             extra.append(token)
             extra.append(len(rows))
         for _token, rows in writes:
             extra.extend(rows)
+        extra.extend((now_ms, len(consumed)))
+        for applied in consumed:
+            extra.extend(applied)
         args = self._common(state, "", epoch)
         args.extend(extra)
         raw = await self._pipeliner.run(self.scripts["append"], keys.as_list(), args, direct)
+        if raw[0] == b"D":
+            raise DeferredEventsWaiting({raw[i]: raw[i + 1] for i in range(1, len(raw) - 1, 2)})
         flags = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
         raw[0] = 1 if "1" in flags else 2
         reply = SyncReply.parse(raw)
@@ -237,8 +261,11 @@ class RoomStore:
         old_row: bytes,
         new_row: bytes,
         *,
+        forget_reactions_of: str = "",
         direct: bool = False,
     ) -> SyncReply:
+        """Swap the row at ``position`` if it is still ``old_row``; ``forget_reactions_of``
+        names the identity whose tracked reactions the new row's tag supersedes."""
         if self._has_sha1hex is None:
             async with asyncio.timeout(self._timeout):
                 probe = await self.redis.eval("return redis.sha1hex and 1 or 0", 0)
@@ -250,8 +277,44 @@ class RoomStore:
         expected: bytes | str = (
             hashlib.sha1(old_row).hexdigest()[:16] if self._has_sha1hex else b"=" + old_row
         )
-        extra = (position, expected, new_row)
+        extra = (position, expected, new_row, forget_reactions_of)
         return await self._run("replace", keys, state, token, "", extra, direct=direct)
+
+    async def react(
+        self,
+        keys: RoomKeys,
+        state: SyncedState,
+        token: str,
+        position: int,
+        identity: str,
+        slot: TagSlot,
+        max_bytes: int,
+        event: ReactionEvent,
+        *,
+        direct: bool = False,
+    ) -> SyncReply:
+        """Apply one reaction event to the row at ``position`` (held by the caller as
+        ``slot`` cut open where its tag goes) and re-render its tag (``lua/react.lua``)."""
+        extra = (position, identity, slot.before, slot.after, slot.form, max_bytes,
+                 *event.as_args(), _reactions.MAX_TRACKED_MESSAGES)  # fmt: skip
+        return await self._run("react", keys, state, token, "", extra, direct=direct)
+
+    async def defer(
+        self,
+        keys: RoomKeys,
+        state: SyncedState,
+        field: bytes,
+        event: bytes,
+        *,
+        now_ms: int,
+        keep_ms: int,
+        max_messages: int,
+        max_events: int,
+    ) -> SyncReply:
+        """Keep ``event`` for the message ``field`` names, if the room still lacks it at
+        ``state``'s version (``lua/defer.lua``)."""
+        extra = (field, event, now_ms, keep_ms, max_messages, max_events)
+        return await self._run("defer", keys, state, "", "", extra)
 
     async def clear(self, keys: RoomKeys, state: SyncedState, token: str, epoch: str) -> SyncReply:
         return await self._run("clear", keys, state, token, epoch, ())
@@ -269,9 +332,30 @@ class RoomStore:
         return await self._run("set_limit", keys, state, token, epoch, (limit, flag))
 
     async def rewrite(
-        self, keys: RoomKeys, state: SyncedState, token: str, epoch: str, rows: Sequence[bytes]
+        self,
+        keys: RoomKeys,
+        state: SyncedState,
+        token: str,
+        epoch: str,
+        rows: Sequence[bytes],
+        *,
+        now_ms: int = 0,
+        consumed: Sequence[tuple[bytes, bytes, str, str]] = (),
     ) -> SyncReply:
-        return await self._run("rewrite", keys, state, token, epoch, (state.version, *rows))
+        """Replace the window by ``rows`` if nobody wrote since ``state``; ``consumed``
+        and ``DeferredEventsWaiting`` as for ``append`` (backfilled history may bring
+        a message events wait for)."""
+        extra: list[Arg] = [state.version, len(rows), *rows, now_ms, len(consumed)]
+        for applied in consumed:
+            extra.extend(applied)
+        args = self._common(state, token, epoch)
+        args.extend(extra)
+        raw = await self._pipeliner.run(self.scripts["rewrite"], keys.as_list(), args, False)
+        if raw[0] == b"D":
+            raise DeferredEventsWaiting({raw[i]: raw[i + 1] for i in range(1, len(raw) - 1, 2)})
+        reply = SyncReply.parse(raw)
+        self._stats.bytes_received += reply.payload_bytes()
+        return reply
 
     async def fold(
         self,

@@ -17,6 +17,8 @@ ROOM_SCRIPT_NAMES = (
     "sync",
     "append",
     "replace",
+    "react",
+    "defer",
     "clear",
     "set_limit",
     "rewrite",

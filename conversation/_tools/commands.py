@@ -527,7 +527,7 @@ async def _room_stats(
             for key in keys.as_list():
                 pipe.execute_command("MEMORY", "USAGE", key)
         replies = await pipe.execute(raise_on_error=False)
-        per_room = 6 + 5
+        per_room = 6 + len(keyspace.room("x").as_list())
         archive_sizes = await _archive_sizes(target, keyspace, chunk, replies, per_room)
         for index, room in enumerate(chunk):
             reply = replies[index * per_room : (index + 1) * per_room]

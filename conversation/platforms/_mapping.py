@@ -1,0 +1,100 @@
+"""What every binding maps the same way: rooms, markers, names, attachments."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+#: The pattern OpenAI checks ``messages[].name`` against (the API's own error text:
+#: "Expected a string that matches the pattern '^[a-zA-Z0-9_-]+$'"), 64 at most.
+NAME_RE: Final = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_NOT_NAME: Final = re.compile(r"[^a-zA-Z0-9_-]+")
+# What a platform user's text may not put into the prompt's structure: brackets
+# would forge markers and tags, control characters would break lines.
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+MAX_LABEL_CHARS: Final = 80
+# Latin letters that NFKD does not split into an ASCII letter and a mark.
+_FOLD: Final = str.maketrans(
+    {"ø": "o", "Ø": "O", "ß": "ss", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "đ": "d",
+     "Đ": "D", "ł": "l", "Ł": "L", "þ": "th", "Þ": "Th", "ð": "d", "Ð": "D"}
+)  # fmt: skip
+
+
+def safe_name(display: str | None, fallback: object) -> str:
+    """``display`` as an OpenAI ``name``: accents folded to ASCII, anything else
+    outside ``[a-zA-Z0-9_-]`` collapsed to ``_``, at most 64 characters; a name
+    with nothing left is ``user_<fallback>``."""
+    text = (display or "").translate(_FOLD)
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    name = _NOT_NAME.sub("_", folded).strip("_")[:64].strip("_")
+    if not name:
+        name = _NOT_NAME.sub("_", f"user_{fallback}")[:64]
+    return name
+
+
+def label(text: str | None) -> str:
+    """A platform string shown inline (an author's name, a file name): one line, no
+    brackets, bounded."""
+    cleaned = _CONTROL.sub(" ", (text or "").replace("\n", " ").replace("\r", " "))
+    cleaned = cleaned.replace("[", "(").replace("]", ")").strip()
+    return cleaned[:MAX_LABEL_CHARS] or "unknown"
+
+
+def room_id(prefix: str, channel: object) -> str:
+    return f"{prefix}:{channel}"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass(slots=True)
+class Attachment:
+    """A file a message carries, as every platform describes one."""
+
+    name: str
+    url: str
+    content_type: str | None = None
+    size: int | None = None
+
+    @property
+    def is_image(self) -> bool:
+        return (self.content_type or "").startswith("image/")
+
+    def line(self) -> str:
+        kind = f", {label(self.content_type)}" if self.content_type else ""
+        size = f", {self.size} bytes" if self.size is not None else ""
+        return f"(file: {label(self.name)}{kind}{size}) {self.url}"
+
+
+@dataclass(slots=True)
+class Turn:
+    """One platform message, mapped: what ``append`` takes."""
+
+    message_id: str
+    text: str
+    role: str = "user"
+    name: str | None = None
+    author: str | None = None  # shown before the text (None: the bot's own message)
+    attachments: Sequence[Attachment] = field(default_factory=list)
+
+    def content(self) -> str | list[dict[str, Any]]:
+        """``[Message ID: id] Author: text`` (files as text lines), and each image
+        as an ``image_url`` part after it."""
+        head = f"[Message ID: {self.message_id}] "
+        if self.author is not None:
+            head += f"{self.author}: "
+        lines = [self.text] if self.text else []
+        lines.extend(a.line() for a in self.attachments if not a.is_image)
+        text = head + "\n".join(lines)
+        images = [a for a in self.attachments if a.is_image]
+        if not images:
+            return text.rstrip()
+        return [
+            {"type": "text", "text": text.rstrip()},
+            *({"type": "image_url", "image_url": {"url": a.url}} for a in images),
+        ]

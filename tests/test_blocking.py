@@ -103,6 +103,9 @@ def test_every_write_form_is_confirmed_and_visible_to_another_worker(
     )
     assert worker.mark_deleted("r", 0, "2026-01-01T00:00:00Z") is True
     assert worker.patch_reactions("r", 1, "👍 2") is True
+    for user in ("ana", "bo", "ana"):  # a redelivered event counts once
+        assert worker.add_reaction("r", 2, "😂", user) is True
+    assert worker.remove_reaction("r", 2, "😂", "bo") is True
     assert worker.update_message("r", "missing", "x") is False
     assert worker.set_channel_limit("r", 500) == 500
     assert worker.is_rebackfill_requested("r") is True
@@ -111,6 +114,9 @@ def test_every_write_form_is_confirmed_and_visible_to_another_worker(
         contents = [m["content"] for m in other.get_messages("r")]
         assert "[deleted at 2026-01-01T00:00:00Z]" in contents[0]
         assert "[Reactions: 👍 2]" in contents[1]
+        assert "[Reactions: 😂 1]" in contents[2]
+        assert other.clear_reactions("r", 2) is True
+        assert "[Reactions:" not in other.get_messages("r")[2]["content"]
         assert other.get_channel_limit("r") == 500
         assert other.is_rebackfill_requested("r") is False
         other.clear("r")

@@ -146,6 +146,10 @@ def build_entry(
     if metadata is not None:
         if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
             raise InvalidMessage("must be a dict with str keys", field="metadata")
+        try:  # checked here, so the error names metadata, not the message's text
+            orjson.dumps(metadata)
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            raise InvalidMessage(f"cannot be serialised to JSON: {exc}", field="metadata") from exc
         if metadata:
             entry[METADATA_FIELD] = dict(metadata)
     return entry

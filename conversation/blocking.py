@@ -32,10 +32,12 @@ above, with the same parameters.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import concurrent.futures
 import functools
 import logging
+import os
 import threading
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -111,7 +113,14 @@ class BlockingConversationManager:
 
     Safe to call from any number of threads at once. Calling it from inside a
     running event loop would block that loop: async code uses
-    ``ConversationManager`` itself.
+    ``ConversationManager`` itself (or ``submit``). A call from the engine's own
+    thread (inside ``run``) would wait for itself, and is refused.
+
+    It belongs to the process that built it: a child forked after (a pre-fork
+    server's worker) has no engine thread, so there it counts as ``closed``,
+    every call raises ``ConfigurationError``, and the child builds its own
+    (``from_url`` adapters do that by themselves). Writes the parent made are
+    the parent's to flush.
     """
 
     def __init__(
@@ -128,7 +137,8 @@ class BlockingConversationManager:
             )
         self._lock = threading.Lock()
         self._closed = False
-        self._portal, self._thread = _start_portal()
+        self._pid = os.getpid()
+        self._portal, self._thread, self._loop = _start_portal()
         self._client: Any = None
         try:
             if client_factory is not None:
@@ -201,20 +211,24 @@ class BlockingConversationManager:
         For async code on another loop: ``await asyncio.wrap_future(submit(fn))``
         waits without blocking that loop.
         """
-        if self._closed:
-            raise ConfigurationError("this BlockingConversationManager is closed")
+        self._check_usable()
         return self._portal.start_task_soon(fn, self._manager)
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        """Whether calls are refused: closed, or this process is a fork of its builder's."""
+        return self._closed or os.getpid() != self._pid
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Flush every pending write (bounded by ``timeout``), close the client, stop the thread.
 
         Raises ``DrainTimeout`` (after stopping all the same) when Redis did not
-        confirm everything in time. Closing twice is a no-op.
+        confirm everything in time. Closing twice is a no-op, and so is closing
+        in a forked child (the engine thread and its writes are the parent's).
         """
+        if os.getpid() != self._pid:
+            self._closed = True
+            return
         with self._lock:
             if self._closed:
                 return
@@ -270,9 +284,25 @@ class BlockingConversationManager:
         return self._portal_call(on_loop)
 
     def _portal_call(self, fn: Callable[[], Awaitable[R]]) -> R:
+        self._check_usable()
+        return self._portal.call(fn)
+
+    def _check_usable(self) -> None:
+        if os.getpid() != self._pid:
+            # The portal's thread was not copied by fork: a call would wait for ever.
+            raise ConfigurationError(
+                f"this BlockingConversationManager was built in process {self._pid}, "
+                f"and this is {os.getpid()}, a fork of it: its engine thread does not "
+                "exist here; build a new manager in this process (after the fork)"
+            )
         if self._closed:
             raise ConfigurationError("this BlockingConversationManager is closed")
-        return self._portal.call(fn)
+        if threading.current_thread() is self._thread:
+            raise ConfigurationError(
+                "a BlockingConversationManager was called from its engine's own thread "
+                "(inside run() or submit()), where a blocking call would wait for itself: "
+                "use the ConversationManager that run() passes in, and await it"
+            )
 
     def _stop(self) -> None:
         _OPEN.discard(self)
@@ -280,7 +310,7 @@ class BlockingConversationManager:
         self._thread.join()
 
 
-def _start_portal() -> tuple[BlockingPortal, threading.Thread]:
+def _start_portal() -> tuple[BlockingPortal, threading.Thread, asyncio.AbstractEventLoop]:
     """anyio's blocking portal, served by a daemon thread.
 
     ``anyio.from_thread.start_blocking_portal`` runs it on a ThreadPoolExecutor
@@ -288,11 +318,12 @@ def _start_portal() -> tuple[BlockingPortal, threading.Thread]:
     a script that never called ``close()`` would hang on exit. A daemon thread
     lets the ``atexit`` hook below flush and stop it instead.
     """
-    ready: concurrent.futures.Future[BlockingPortal] = concurrent.futures.Future()
+    ready: concurrent.futures.Future[tuple[BlockingPortal, asyncio.AbstractEventLoop]]
+    ready = concurrent.futures.Future()
 
     async def serve() -> None:
         async with BlockingPortal() as portal:
-            ready.set_result(portal)
+            ready.set_result((portal, asyncio.get_running_loop()))
             await portal.sleep_until_stopped()
 
     def run() -> None:
@@ -305,7 +336,8 @@ def _start_portal() -> tuple[BlockingPortal, threading.Thread]:
 
     thread = threading.Thread(target=run, name="conversation-engine", daemon=True)
     thread.start()
-    return ready.result(), thread
+    portal, loop = ready.result()
+    return portal, thread, loop
 
 
 # Managers not closed yet, held until they are: the program's exit flushes them
@@ -313,6 +345,24 @@ def _start_portal() -> tuple[BlockingPortal, threading.Thread]:
 # does not hang). A strong reference, as a running thread is one anyway: a
 # manager dropped unclosed still has its writes flushed at exit.
 _OPEN: set[BlockingConversationManager] = set()
+
+
+def _forget_parents_managers() -> None:
+    """In a forked child: the parent's managers are not this process's to flush at exit.
+
+    Their loops are marked closed here without closing them: the child shares
+    the parent's epoll instance, and closing (or collecting) a live loop
+    unregisters its sockets from it, which stalled the PARENT's engine (its
+    replies were never read). A closed loop's ``__del__`` and its transports'
+    removals do nothing; the child's copies of the file descriptors are only
+    closed, which leaves the parent's open.
+    """
+    for manager in _OPEN:
+        manager._loop._closed = True  # type: ignore[attr-defined]
+    _OPEN.clear()
+
+
+os.register_at_fork(after_in_child=_forget_parents_managers)
 
 
 @atexit.register

@@ -237,3 +237,77 @@ def test_metadata_comes_back_only_when_asked_and_survives_edits(
     with pytest.raises(InvalidMessage, match="JSON"):
         worker.append("meta", "user", "x", metadata={"set": {1, 2}})
     assert worker.get_history_message_count("meta") == 2
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [{"set": {1, 2}}, {"nested": {1: "int key"}}, {"raw": b"\x00bytes"}],
+    ids=["set", "non-str-nested-key", "bytes"],
+)
+def test_metadata_that_cannot_be_stored_is_refused_naming_metadata(
+    worker: BlockingConversationManager, metadata: dict[str, Any]
+) -> None:
+    worker.append("hostile-meta", "user", "kept")
+    with pytest.raises(InvalidMessage) as single:
+        worker.append("hostile-meta", "user", "fine text", metadata=metadata)
+    # The caller is told which field is wrong: the text they sent was fine.
+    assert single.value.field == "metadata"
+    batch: list[dict[str, Any]] = [
+        {"role": "user", "content": "ok"},
+        {"role": "user", "content": "x", "metadata": metadata},
+    ]
+    with pytest.raises(InvalidMessage) as many:
+        worker.append_many("hostile-meta", batch)
+    assert many.value.field == "metadata"
+    assert [m["content"] for m in worker.get_messages("hostile-meta")] == ["kept"]
+
+
+def test_a_call_from_the_engines_own_thread_is_refused_clearly(
+    worker: BlockingConversationManager,
+) -> None:
+    async def reenter(manager: ConversationManager) -> object:
+        return worker.get_messages("r")  # a blocking call from inside the engine's loop
+
+    with pytest.raises(ConfigurationError, match="engine's own thread"):
+        worker.run(reenter)
+    worker.append("r", "user", "still serving")  # the engine is unharmed
+    assert worker.get_history_message_count("r") == 1
+
+
+_FORK_SCRIPT = """
+import os, signal, sys
+from conversation import ConfigurationError
+from conversation.integrations._common import shared_engine
+
+url = sys.argv[1]
+parent = shared_engine(url, {})
+parent.append("forked", "user", "before fork")
+pid = os.fork()
+if pid == 0:  # a pre-fork server's worker: the engine thread was not copied
+    signal.alarm(20)  # a hang ends this child instead of outliving the test
+    try:
+        parent.get_messages("forked")
+    except ConfigurationError as exc:
+        assert "fork" in str(exc), exc
+    else:
+        os._exit(3)
+    assert parent.closed
+    child = shared_engine(url, {})
+    assert child is not parent
+    assert [m["content"] for m in child.get_messages("forked")] == ["before fork"]
+    child.append("forked", "user", "from the child", durable=False)
+    sys.exit(0)  # atexit flushes the child's engine and skips the parent's
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+parent.append("forked", "user", "parent after fork")
+"""
+
+
+def test_a_forked_child_is_told_to_build_its_own_engine_and_from_url_does(url: str) -> None:
+    subprocess.run([sys.executable, "-c", _FORK_SCRIPT, url], check=True, timeout=60)
+    with BlockingConversationManager.from_url(url) as reader:
+        assert [m["content"] for m in reader.get_messages("forked")] == [
+            "before fork",
+            "from the child",
+            "parent after fork",
+        ]

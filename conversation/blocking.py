@@ -22,7 +22,9 @@ Redis takes.
 
 A manager left open when the program exits is closed by an ``atexit`` hook
 (its writes flushed), so a script that forgets ``close()`` neither hangs nor
-loses what it wrote.
+loses what it wrote. The flush is bounded by the manager's ``exit_timeout``
+(30 s unless told otherwise), and every open manager flushes at the same time:
+with Redis down, exit waits the longest ``exit_timeout``, not their sum.
 
 The Redis client is built by ``client_factory`` ON the engine's thread, so its
 connections belong to the loop that uses them. ``tests/test_blocking.py``
@@ -41,7 +43,7 @@ import os
 import threading
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 import anyio
 from anyio.from_thread import BlockingPortal
@@ -60,6 +62,9 @@ R = TypeVar("R")
 C = TypeVar("C", bound=Callable[..., Any])
 
 ClientFactory = Callable[[], Any]
+
+#: Seconds the exit hook flushes a manager left open (``exit_timeout=``).
+DEFAULT_EXIT_TIMEOUT: Final = 30.0
 
 
 def _waits(
@@ -109,7 +114,8 @@ class BlockingConversationManager:
     off) and is called on the engine's thread; ``None`` keeps everything in
     memory. ``settings`` are ``ConversationManager``'s keyword arguments
     (``max_history``, ``key_prefix``, ``ttl_seconds``, ...). The client a factory
-    builds belongs to this manager: ``close()`` closes it.
+    builds belongs to this manager: ``close()`` closes it. ``exit_timeout``
+    bounds the flush at program exit when ``close()`` was never called.
 
     Safe to call from any number of threads at once. Calling it from inside a
     running event loop would block that loop: async code uses
@@ -127,8 +133,19 @@ class BlockingConversationManager:
         self,
         client_factory: ClientFactory | None,
         prompt_renderer: Renderer | None = None,
+        *,
+        exit_timeout: float = DEFAULT_EXIT_TIMEOUT,
         **settings: Any,
     ) -> None:
+        if (
+            isinstance(exit_timeout, bool)
+            or not isinstance(exit_timeout, int | float)
+            or not 0 <= exit_timeout < float("inf")
+        ):
+            raise ConfigurationError(
+                f"exit_timeout is a number of seconds >= 0, got {exit_timeout!r:.40}"
+            )
+        self._exit_timeout = float(exit_timeout)
         if client_factory is not None and not callable(client_factory):
             raise ConfigurationError(
                 "client_factory must be a callable that builds a redis.asyncio client "
@@ -155,7 +172,12 @@ class BlockingConversationManager:
 
     @classmethod
     def from_url(
-        cls, url: str, prompt_renderer: Renderer | None = None, **settings: Any
+        cls,
+        url: str,
+        prompt_renderer: Renderer | None = None,
+        *,
+        exit_timeout: float = DEFAULT_EXIT_TIMEOUT,
+        **settings: Any,
     ) -> BlockingConversationManager:
         """A manager on a ``redis.asyncio.Redis.from_url(url)`` client (``redis://``,
         ``rediss://``, ``unix://``)."""
@@ -165,7 +187,7 @@ class BlockingConversationManager:
         def client() -> Any:
             return Redis.from_url(url, decode_responses=False)
 
-        return cls(client, prompt_renderer, **settings)
+        return cls(client, prompt_renderer, exit_timeout=exit_timeout, **settings)
 
     # --------------------------------------------------------------- the rule
 
@@ -226,21 +248,9 @@ class BlockingConversationManager:
         confirm everything in time. Closing twice is a no-op, and so is closing
         in a forked child (the engine thread and its writes are the parent's).
         """
-        if os.getpid() != self._pid:
-            self._closed = True
-            return
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        try:
-            self._portal.call(self._manager.aclose, timeout)
-        finally:
-            try:
-                if self._client is not None:
-                    self._portal.call(self._client.aclose)
-            finally:
-                self._stop()
+        flushing = self._begin_close(timeout)
+        if flushing is not None:
+            self._finish_close(flushing)
 
     def __enter__(self) -> BlockingConversationManager:
         return self
@@ -303,6 +313,35 @@ class BlockingConversationManager:
                 "(inside run() or submit()), where a blocking call would wait for itself: "
                 "use the ConversationManager that run() passes in, and await it"
             )
+
+    def _begin_close(self, timeout: float | None) -> concurrent.futures.Future[None] | None:
+        """Mark closed and start the flush; None when there is nothing to close here."""
+        if os.getpid() != self._pid:
+            self._closed = True
+            return None
+        with self._lock:
+            if self._closed:
+                return None
+            self._closed = True
+        try:
+            return self._portal.start_task_soon(self._manager.aclose, timeout)
+        except BaseException:
+            self._release()
+            raise
+
+    def _finish_close(self, flushing: concurrent.futures.Future[None]) -> None:
+        """Wait for the flush, then close the client and stop the thread (whatever happened)."""
+        try:
+            flushing.result()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        try:
+            if self._client is not None:
+                self._portal.call(self._client.aclose)
+        finally:
+            self._stop()
 
     def _stop(self) -> None:
         _OPEN.discard(self)
@@ -367,8 +406,19 @@ os.register_at_fork(after_in_child=_forget_parents_managers)
 
 @atexit.register
 def _close_at_exit() -> None:
+    # Every flush starts before any is waited for (on each manager's own thread):
+    # with Redis down, exit takes the longest exit_timeout, not the sum of them.
+    flushing: list[tuple[BlockingConversationManager, concurrent.futures.Future[None]]] = []
     for manager in list(_OPEN):
         try:
-            manager.close()
+            started = manager._begin_close(manager._exit_timeout)
+        except Exception:
+            logger.exception("flushing a BlockingConversationManager at exit failed")
+            continue
+        if started is not None:
+            flushing.append((manager, started))
+    for manager, started in flushing:
+        try:
+            manager._finish_close(started)
         except Exception:  # one manager's failed flush must not keep the others open
             logger.exception("flushing a BlockingConversationManager at exit failed")

@@ -11,6 +11,7 @@ import inspect
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -311,3 +312,38 @@ def test_a_forked_child_is_told_to_build_its_own_engine_and_from_url_does(url: s
             "from the child",
             "parent after fork",
         ]
+
+
+_EXIT_WITH_REDIS_DOWN = """
+import sys
+from conversation.blocking import BlockingConversationManager
+
+async def queue(manager):
+    manager.append("left-open", "user", "never confirmed")  # the background form
+
+for _ in range(4):
+    manager = BlockingConversationManager.from_url(sys.argv[1], exit_timeout=2.0)
+    manager.run(queue)
+"""
+
+
+def test_exit_with_redis_down_waits_exit_timeout_once_not_per_manager() -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_WITH_REDIS_DOWN, dead],
+        check=False,
+        timeout=60,
+        capture_output=True,
+        text=True,
+    )
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    # Four managers flushed one after another would take 8 s; side by side, 2.
+    assert took < 6.0, took
+    assert done.stderr.count("DrainTimeout") >= 4, done.stderr  # each failure is logged
+
+
+def test_exit_timeout_must_be_a_number_of_seconds() -> None:
+    with pytest.raises(ConfigurationError, match="exit_timeout"):
+        BlockingConversationManager(None, exit_timeout=-1)

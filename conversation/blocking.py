@@ -396,9 +396,13 @@ def _forget_parents_managers() -> None:
     removals do nothing; the child's copies of the file descriptors are only
     closed, which leaves the parent's open.
     """
-    for manager in _OPEN:
-        manager._loop._closed = True  # type: ignore[attr-defined]
-    _OPEN.clear()
+    inherited = list(_OPEN)
+    _OPEN.clear()  # first: whatever happens below, the child's exit never waits on them
+    for manager in inherited:
+        try:
+            manager._loop._closed = True  # type: ignore[attr-defined]
+        except AttributeError:  # a loop implementation without the flag (uvloop)
+            logger.debug("cannot mark an inherited engine loop closed: %r", manager._loop)
 
 
 os.register_at_fork(after_in_child=_forget_parents_managers)

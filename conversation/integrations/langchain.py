@@ -51,7 +51,7 @@ import asyncio
 import hashlib
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import orjson
 from langchain_core.chat_history import BaseChatMessageHistory
@@ -219,26 +219,34 @@ def _hand_off(
 
     The loop must take the work within ``sync_timeout``: one that is blocked
     (by sync code on it, perhaps waiting for this very call) or stopped would
-    otherwise keep this thread waiting for ever. Once started, the work is
-    bounded by the engine's own timeouts.
+    otherwise keep this thread waiting for ever. Taking the work and giving up
+    on it are decided under one lock, so work is either done in full or never
+    begun. Once started, it is bounded by the engine's own timeouts.
     """
-    started = threading.Event()
+    decided = threading.Lock()
+    taken = threading.Event()
+    abandoned = False
 
-    async def run() -> T:
-        started.set()
+    async def run() -> T | None:
+        with decided:
+            if abandoned:
+                return None
+            taken.set()
         return await work(manager)
 
     future = asyncio.run_coroutine_threadsafe(run(), loop)
     timeout = hand_off_timeout(manager)
-    if not started.wait(timeout):
-        future.cancel()  # still queued: it will not run, so nothing is half done
-        if not started.is_set():
+    if not taken.wait(timeout):
+        with decided:
+            abandoned = not taken.is_set()
+        if abandoned:
+            future.cancel()
             raise TimeoutError(
                 f"the manager's event loop did not take this call within sync_timeout "
                 f"({timeout} s): it is blocked (sync code running on it, perhaps waiting "
                 "for this call) or no longer running; call the a* members from that loop"
             )
-    return future.result()
+    return cast("T", future.result())
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

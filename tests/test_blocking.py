@@ -347,3 +347,16 @@ def test_exit_with_redis_down_waits_exit_timeout_once_not_per_manager() -> None:
 def test_exit_timeout_must_be_a_number_of_seconds() -> None:
     with pytest.raises(ConfigurationError, match="exit_timeout"):
         BlockingConversationManager(None, exit_timeout=-1)
+
+
+def test_an_entry_too_big_because_of_its_metadata_says_so() -> None:
+    with BlockingConversationManager(None, max_entry_bytes=4096) as memory:
+        memory.append("big-meta", "user", "kept")
+        with pytest.raises(InvalidMessage) as refused:
+            memory.append("big-meta", "user", "short text", metadata={"blob": "y" * 8000})
+        assert refused.value.field == "metadata"
+        assert "metadata" in refused.value.reason and "4096" in refused.value.reason
+        with pytest.raises(InvalidMessage) as text_too_big:
+            memory.append("big-meta", "user", "z" * 8000)
+        assert text_too_big.value.field == "content"
+        assert [m["content"] for m in memory.get_messages("big-meta")] == ["kept"]

@@ -146,6 +146,10 @@ def build_entry(
     if metadata is not None:
         if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
             raise InvalidMessage("must be a dict with str keys", field="metadata")
+        try:  # checked here, so the error names metadata, not the message's text
+            orjson.dumps(metadata)
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            raise InvalidMessage(f"cannot be serialised to JSON: {exc}", field="metadata") from exc
         if metadata:
             entry[METADATA_FIELD] = dict(metadata)
     return entry
@@ -162,6 +166,16 @@ def encode(entry: Entry, max_bytes: int) -> bytes:
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise InvalidMessage(f"cannot be serialised to JSON: {exc}", field="content") from exc
     if len(row) > max_bytes:
+        metadata = entry.get(METADATA_FIELD)
+        if metadata is not None:
+            # Name the part that made it too big: the caller's text may be short.
+            own = len(orjson.dumps(metadata))
+            if len(row) - own <= max_bytes:
+                raise InvalidMessage(
+                    f"makes the entry {len(row)} bytes serialised ({own} of them "
+                    f"metadata); the limit is {max_bytes}",
+                    field="metadata",
+                )
         raise InvalidMessage(
             f"is {len(row)} bytes serialised; the limit is {max_bytes}", field="content"
         )

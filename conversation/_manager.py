@@ -704,6 +704,11 @@ def engine_loop(manager: ConversationManager) -> asyncio.AbstractEventLoop | Non
     return manager._loop.current()
 
 
+def hand_off_timeout(manager: ConversationManager) -> float:
+    """How long a thread waits for the manager's loop to take work (``sync_timeout``)."""
+    return manager._settings.sync_timeout
+
+
 def _system(text: str) -> Entry:
     return {"role": "system", "content": text}
 

@@ -27,7 +27,9 @@ Redis takes.
 
 A manager left open when the program exits is closed by an ``atexit`` hook
 (its writes flushed), so a script that forgets ``close()`` neither hangs nor
-loses what it wrote.
+loses what it wrote. The flush is bounded by the manager's ``exit_timeout``
+(30 s unless told otherwise), and every open manager flushes at the same time:
+with Redis down, exit waits the longest ``exit_timeout``, not their sum.
 
 The Redis client is built by ``client_factory`` ON the engine's thread, so its
 connections belong to the loop that uses them. ``tests/test_blocking.py``
@@ -37,14 +39,16 @@ above, with the same parameters.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import concurrent.futures
 import functools
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 import anyio
 from anyio.from_thread import BlockingPortal
@@ -63,6 +67,9 @@ R = TypeVar("R")
 C = TypeVar("C", bound=Callable[..., Any])
 
 ClientFactory = Callable[[], Any]
+
+#: Seconds the exit hook flushes a manager left open (``exit_timeout=``).
+DEFAULT_EXIT_TIMEOUT: Final = 30.0
 
 
 def _waits(
@@ -128,19 +135,38 @@ class BlockingConversationManager:
     off) and is called on the engine's thread; ``None`` keeps everything in
     memory. ``settings`` are ``ConversationManager``'s keyword arguments
     (``max_history``, ``key_prefix``, ``ttl_seconds``, ...). The client a factory
-    builds belongs to this manager: ``close()`` closes it.
+    builds belongs to this manager: ``close()`` closes it. ``exit_timeout``
+    bounds the flush at program exit when ``close()`` was never called.
 
     Safe to call from any number of threads at once. Calling it from inside a
     running event loop would block that loop: async code uses
-    ``ConversationManager`` itself.
+    ``ConversationManager`` itself (or ``submit``). A call from the engine's own
+    thread (inside ``run``) would wait for itself, and is refused.
+
+    It belongs to the process that built it: a child forked after (a pre-fork
+    server's worker) has no engine thread, so there it counts as ``closed``,
+    every call raises ``ConfigurationError``, and the child builds its own
+    (``from_url`` adapters do that by themselves). Writes the parent made are
+    the parent's to flush.
     """
 
     def __init__(
         self,
         client_factory: ClientFactory | None,
         prompt_renderer: Renderer | None = None,
+        *,
+        exit_timeout: float = DEFAULT_EXIT_TIMEOUT,
         **settings: Any,
     ) -> None:
+        if (
+            isinstance(exit_timeout, bool)
+            or not isinstance(exit_timeout, int | float)
+            or not 0 <= exit_timeout < float("inf")
+        ):
+            raise ConfigurationError(
+                f"exit_timeout is a number of seconds >= 0, got {exit_timeout!r:.40}"
+            )
+        self._exit_timeout = float(exit_timeout)
         if client_factory is not None and not callable(client_factory):
             raise ConfigurationError(
                 "client_factory must be a callable that builds a redis.asyncio client "
@@ -149,7 +175,8 @@ class BlockingConversationManager:
             )
         self._lock = threading.Lock()
         self._closed = False
-        self._portal, self._thread = _start_portal()
+        self._pid = os.getpid()
+        self._portal, self._thread, self._loop = _start_portal()
         self._client: Any = None
         try:
             if client_factory is not None:
@@ -166,7 +193,12 @@ class BlockingConversationManager:
 
     @classmethod
     def from_url(
-        cls, url: str, prompt_renderer: Renderer | None = None, **settings: Any
+        cls,
+        url: str,
+        prompt_renderer: Renderer | None = None,
+        *,
+        exit_timeout: float = DEFAULT_EXIT_TIMEOUT,
+        **settings: Any,
     ) -> BlockingConversationManager:
         """A manager on a ``redis.asyncio.Redis.from_url(url)`` client (``redis://``,
         ``rediss://``, ``unix://``)."""
@@ -176,7 +208,7 @@ class BlockingConversationManager:
         def client() -> Any:
             return Redis.from_url(url, decode_responses=False)
 
-        return cls(client, prompt_renderer, **settings)
+        return cls(client, prompt_renderer, exit_timeout=exit_timeout, **settings)
 
     # --------------------------------------------------------------- the rule
 
@@ -234,32 +266,24 @@ class BlockingConversationManager:
         For async code on another loop: ``await asyncio.wrap_future(submit(fn))``
         waits without blocking that loop.
         """
-        if self._closed:
-            raise ConfigurationError("this BlockingConversationManager is closed")
+        self._check_usable()
         return self._portal.start_task_soon(fn, self._manager)
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        """Whether calls are refused: closed, or this process is a fork of its builder's."""
+        return self._closed or os.getpid() != self._pid
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Flush every pending write (bounded by ``timeout``), close the client, stop the thread.
 
         Raises ``DrainTimeout`` (after stopping all the same) when Redis did not
-        confirm everything in time. Closing twice is a no-op.
+        confirm everything in time. Closing twice is a no-op, and so is closing
+        in a forked child (the engine thread and its writes are the parent's).
         """
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        try:
-            self._portal.call(self._manager.aclose, timeout)
-        finally:
-            try:
-                if self._client is not None:
-                    self._portal.call(self._client.aclose)
-            finally:
-                self._stop()
+        flushing = self._begin_close(timeout)
+        if flushing is not None:
+            self._finish_close(flushing)
 
     def __enter__(self) -> BlockingConversationManager:
         return self
@@ -316,9 +340,54 @@ class BlockingConversationManager:
                 self._portal_call(closer)
 
     def _portal_call(self, fn: Callable[[], Awaitable[R]]) -> R:
+        self._check_usable()
+        return self._portal.call(fn)
+
+    def _check_usable(self) -> None:
+        if os.getpid() != self._pid:
+            # The portal's thread was not copied by fork: a call would wait for ever.
+            raise ConfigurationError(
+                f"this BlockingConversationManager was built in process {self._pid}, "
+                f"and this is {os.getpid()}, a fork of it: its engine thread does not "
+                "exist here; build a new manager in this process (after the fork)"
+            )
         if self._closed:
             raise ConfigurationError("this BlockingConversationManager is closed")
-        return self._portal.call(fn)
+        if threading.current_thread() is self._thread:
+            raise ConfigurationError(
+                "a BlockingConversationManager was called from its engine's own thread "
+                "(inside run() or submit()), where a blocking call would wait for itself: "
+                "use the ConversationManager that run() passes in, and await it"
+            )
+
+    def _begin_close(self, timeout: float | None) -> concurrent.futures.Future[None] | None:
+        """Mark closed and start the flush; None when there is nothing to close here."""
+        if os.getpid() != self._pid:
+            self._closed = True
+            return None
+        with self._lock:
+            if self._closed:
+                return None
+            self._closed = True
+        try:
+            return self._portal.start_task_soon(self._manager.aclose, timeout)
+        except BaseException:
+            self._release()
+            raise
+
+    def _finish_close(self, flushing: concurrent.futures.Future[None]) -> None:
+        """Wait for the flush, then close the client and stop the thread (whatever happened)."""
+        try:
+            flushing.result()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        try:
+            if self._client is not None:
+                self._portal.call(self._client.aclose)
+        finally:
+            self._stop()
 
     def _stop(self) -> None:
         _OPEN.discard(self)
@@ -326,7 +395,7 @@ class BlockingConversationManager:
         self._thread.join()
 
 
-def _start_portal() -> tuple[BlockingPortal, threading.Thread]:
+def _start_portal() -> tuple[BlockingPortal, threading.Thread, asyncio.AbstractEventLoop]:
     """anyio's blocking portal, served by a daemon thread.
 
     ``anyio.from_thread.start_blocking_portal`` runs it on a ThreadPoolExecutor
@@ -334,11 +403,12 @@ def _start_portal() -> tuple[BlockingPortal, threading.Thread]:
     a script that never called ``close()`` would hang on exit. A daemon thread
     lets the ``atexit`` hook below flush and stop it instead.
     """
-    ready: concurrent.futures.Future[BlockingPortal] = concurrent.futures.Future()
+    ready: concurrent.futures.Future[tuple[BlockingPortal, asyncio.AbstractEventLoop]]
+    ready = concurrent.futures.Future()
 
     async def serve() -> None:
         async with BlockingPortal() as portal:
-            ready.set_result(portal)
+            ready.set_result((portal, asyncio.get_running_loop()))
             await portal.sleep_until_stopped()
 
     def run() -> None:
@@ -351,7 +421,8 @@ def _start_portal() -> tuple[BlockingPortal, threading.Thread]:
 
     thread = threading.Thread(target=run, name="conversation-engine", daemon=True)
     thread.start()
-    return ready.result(), thread
+    portal, loop = ready.result()
+    return portal, thread, loop
 
 
 # Managers not closed yet, held until they are: the program's exit flushes them
@@ -361,10 +432,43 @@ def _start_portal() -> tuple[BlockingPortal, threading.Thread]:
 _OPEN: set[BlockingConversationManager] = set()
 
 
+def _forget_parents_managers() -> None:
+    """In a forked child: the parent's managers are not this process's to flush at exit.
+
+    Their loops are marked closed here without closing them: the child shares
+    the parent's epoll instance, and closing (or collecting) a live loop
+    unregisters its sockets from it, which stalled the PARENT's engine (its
+    replies were never read). A closed loop's ``__del__`` and its transports'
+    removals do nothing; the child's copies of the file descriptors are only
+    closed, which leaves the parent's open.
+    """
+    inherited = list(_OPEN)
+    _OPEN.clear()  # first: whatever happens below, the child's exit never waits on them
+    for manager in inherited:
+        try:
+            manager._loop._closed = True  # type: ignore[attr-defined]
+        except AttributeError:  # a loop implementation without the flag (uvloop)
+            logger.debug("cannot mark an inherited engine loop closed: %r", manager._loop)
+
+
+os.register_at_fork(after_in_child=_forget_parents_managers)
+
+
 @atexit.register
 def _close_at_exit() -> None:
+    # Every flush starts before any is waited for (on each manager's own thread):
+    # with Redis down, exit takes the longest exit_timeout, not the sum of them.
+    flushing: list[tuple[BlockingConversationManager, concurrent.futures.Future[None]]] = []
     for manager in list(_OPEN):
         try:
-            manager.close()
+            started = manager._begin_close(manager._exit_timeout)
+        except Exception:
+            logger.exception("flushing a BlockingConversationManager at exit failed")
+            continue
+        if started is not None:
+            flushing.append((manager, started))
+    for manager, started in flushing:
+        try:
+            manager._finish_close(started)
         except Exception:  # one manager's failed flush must not keep the others open
             logger.exception("flushing a BlockingConversationManager at exit failed")

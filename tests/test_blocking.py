@@ -11,6 +11,7 @@ import inspect
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -281,3 +282,125 @@ def test_cursors_export_and_import_are_offered_blocking(
         m["content"] for m in worker.get_messages("room:a")
     ]
     assert {info.room_id for info in worker.rooms()} >= {"room:a", "room:b"}
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [{"set": {1, 2}}, {"nested": {1: "int key"}}, {"raw": b"\x00bytes"}],
+    ids=["set", "non-str-nested-key", "bytes"],
+)
+def test_metadata_that_cannot_be_stored_is_refused_naming_metadata(
+    worker: BlockingConversationManager, metadata: dict[str, Any]
+) -> None:
+    worker.append("hostile-meta", "user", "kept")
+    with pytest.raises(InvalidMessage) as single:
+        worker.append("hostile-meta", "user", "fine text", metadata=metadata)
+    # The caller is told which field is wrong: the text they sent was fine.
+    assert single.value.field == "metadata"
+    batch: list[dict[str, Any]] = [
+        {"role": "user", "content": "ok"},
+        {"role": "user", "content": "x", "metadata": metadata},
+    ]
+    with pytest.raises(InvalidMessage) as many:
+        worker.append_many("hostile-meta", batch)
+    assert many.value.field == "metadata"
+    assert [m["content"] for m in worker.get_messages("hostile-meta")] == ["kept"]
+
+
+def test_a_call_from_the_engines_own_thread_is_refused_clearly(
+    worker: BlockingConversationManager,
+) -> None:
+    async def reenter(manager: ConversationManager) -> object:
+        return worker.get_messages("r")  # a blocking call from inside the engine's loop
+
+    with pytest.raises(ConfigurationError, match="engine's own thread"):
+        worker.run(reenter)
+    worker.append("r", "user", "still serving")  # the engine is unharmed
+    assert worker.get_history_message_count("r") == 1
+
+
+_FORK_SCRIPT = """
+import os, signal, sys
+from conversation import ConfigurationError
+from conversation.integrations._common import shared_engine
+
+url = sys.argv[1]
+parent = shared_engine(url, {})
+parent.append("forked", "user", "before fork")
+pid = os.fork()
+if pid == 0:  # a pre-fork server's worker: the engine thread was not copied
+    signal.alarm(20)  # a hang ends this child instead of outliving the test
+    try:
+        parent.get_messages("forked")
+    except ConfigurationError as exc:
+        assert "fork" in str(exc), exc
+    else:
+        os._exit(3)
+    assert parent.closed
+    child = shared_engine(url, {})
+    assert child is not parent
+    assert [m["content"] for m in child.get_messages("forked")] == ["before fork"]
+    child.append("forked", "user", "from the child", durable=False)
+    sys.exit(0)  # atexit flushes the child's engine and skips the parent's
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+parent.append("forked", "user", "parent after fork")
+"""
+
+
+def test_a_forked_child_is_told_to_build_its_own_engine_and_from_url_does(url: str) -> None:
+    subprocess.run([sys.executable, "-c", _FORK_SCRIPT, url], check=True, timeout=60)
+    with BlockingConversationManager.from_url(url) as reader:
+        assert [m["content"] for m in reader.get_messages("forked")] == [
+            "before fork",
+            "from the child",
+            "parent after fork",
+        ]
+
+
+_EXIT_WITH_REDIS_DOWN = """
+import sys
+from conversation.blocking import BlockingConversationManager
+
+async def queue(manager):
+    manager.append("left-open", "user", "never confirmed")  # the background form
+
+for _ in range(4):
+    manager = BlockingConversationManager.from_url(sys.argv[1], exit_timeout=2.0)
+    manager.run(queue)
+"""
+
+
+def test_exit_with_redis_down_waits_exit_timeout_once_not_per_manager() -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_WITH_REDIS_DOWN, dead],
+        check=False,
+        timeout=60,
+        capture_output=True,
+        text=True,
+    )
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    # Four managers flushed one after another would take 8 s; side by side, 2.
+    assert took < 6.0, took
+    assert done.stderr.count("DrainTimeout") >= 4, done.stderr  # each failure is logged
+
+
+def test_exit_timeout_must_be_a_number_of_seconds() -> None:
+    with pytest.raises(ConfigurationError, match="exit_timeout"):
+        BlockingConversationManager(None, exit_timeout=-1)
+
+
+def test_an_entry_too_big_because_of_its_metadata_says_so() -> None:
+    with BlockingConversationManager(None, max_entry_bytes=4096) as memory:
+        memory.append("big-meta", "user", "kept")
+        with pytest.raises(InvalidMessage) as refused:
+            memory.append("big-meta", "user", "short text", metadata={"blob": "y" * 8000})
+        assert refused.value.field == "metadata"
+        assert "metadata" in refused.value.reason and "4096" in refused.value.reason
+        with pytest.raises(InvalidMessage) as text_too_big:
+            memory.append("big-meta", "user", "z" * 8000)
+        assert text_too_big.value.field == "content"
+        assert [m["content"] for m in memory.get_messages("big-meta")] == ["kept"]

@@ -10,6 +10,7 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -166,6 +167,64 @@ def test_over_an_async_manager_in_a_program_with_no_loop(redis_server: RedisServ
         await client.aclose()
 
     asyncio.run(close())
+
+
+def test_a_sync_call_the_managers_blocked_loop_never_takes_raises_instead_of_hanging(
+    redis_server: RedisServer,
+) -> None:
+    """The manager's loop runs in another thread but is stuck (here: waiting for
+    this very call, a deadlock a sync chain called from that loop's code makes):
+    the sync member gives up after ``sync_timeout`` with an error saying so."""
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever)
+    runner.start()
+    release = threading.Event()
+
+    client = aioredis.Redis(port=redis_server.port)
+
+    async def build() -> ConversationManager:
+        built = ConversationManager(None, redis=client, sync_timeout=0.5)
+        await built.get_messages_async("stuck-loop")  # the manager is this loop's now
+        return built
+
+    manager = asyncio.run_coroutine_threadsafe(build(), loop).result(10)
+    history = EngineChatMessageHistory(manager, "stuck-loop")
+
+    async def stuck() -> None:
+        release.wait()  # blocks the loop itself, as sync code on it would
+
+    asyncio.run_coroutine_threadsafe(stuck(), loop)
+    outcome: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            history.messages  # noqa: B018
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    reader.join(10)  # far beyond sync_timeout: still waiting means it would wait for ever
+    hung = reader.is_alive()
+    release.set()
+    reader.join(10)
+    try:
+        assert not hung, "the sync read waited on a loop that could not take it"
+        assert isinstance(outcome[0], TimeoutError), outcome
+        assert "sync_timeout" in str(outcome[0])
+        history.add_messages([HumanMessage("after the loop is free again")])
+        assert [m.content for m in history.messages] == ["after the loop is free again"]
+    finally:
+
+        async def close() -> None:
+            await manager.aclose()
+            await client.aclose()
+
+        asyncio.run_coroutine_threadsafe(close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(10)
+        loop.close()
 
 
 CHAIN_SCRIPT = textwrap.dedent(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, TypeVar
@@ -82,8 +83,22 @@ async def run_on(manager: Manager, work: Callable[[ConversationManager], Awaitab
     return await work(manager)
 
 
-_engines: dict[tuple[str, str], BlockingConversationManager] = {}
-_engines_lock = threading.Lock()
+class _Engines:
+    """The shared engines, by (URL, settings), and the lock that guards them."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[tuple[str, str], BlockingConversationManager] = {}
+        self.lock = threading.Lock()
+
+    def new_lock_after_fork(self) -> None:
+        # Another thread may have held the lock at the fork: the child's copy would
+        # never be released. The child's engines are rebuilt (the parent's count
+        # as closed there).
+        self.lock = threading.Lock()
+
+
+_engines = _Engines()
+os.register_at_fork(after_in_child=_engines.new_lock_after_fork)
 
 
 def shared_engine(url: str, settings: dict[str, Any]) -> BlockingConversationManager:
@@ -91,12 +106,15 @@ def shared_engine(url: str, settings: dict[str, Any]) -> BlockingConversationMan
 
     Frameworks build a history or session per call (``RunnableWithMessageHistory``
     does, per invocation); each engine is a thread and a connection pool, so
-    they are shared, and flushed when the program exits.
+    they are shared, and flushed when the program exits. A forked child (a
+    pre-fork server's worker) gets engines of its own: the parent's thread did
+    not survive the fork.
     """
     settings.setdefault("max_history", DEFAULT_MAX_HISTORY)
     key = (url, repr(sorted(settings.items())))
-    with _engines_lock:
-        engine = _engines.get(key)
+    with _engines.lock:
+        engine = _engines.by_key.get(key)
         if engine is None or engine.closed:
-            engine = _engines[key] = BlockingConversationManager.from_url(url, **settings)
+            engine = BlockingConversationManager.from_url(url, **settings)
+            _engines.by_key[key] = engine
         return engine

@@ -20,7 +20,8 @@ Every member writes through and raises on failure: ``add_messages`` and
 and reading (``messages``, ``aget_messages``) catches up with the other workers
 first, raising ``RedisUnavailable`` when Redis cannot be reached. Over an async
 ``ConversationManager`` the sync members hand their work to the manager's loop
-when it runs in another thread, or run it on a loop of their own (one
+when it runs in another thread (``TimeoutError`` if that loop does not take it
+within ``sync_timeout``: blocked or stopped), or run it on a loop of their own (one
 ``asyncio.run`` each; the manager moves to it, SPEC §26) when no loop runs.
 Called on the manager's own loop thread, where blocking would stall it, they
 fall back to its sync forms: ``messages`` is this worker's memory and writes
@@ -48,8 +49,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import orjson
 from langchain_core.chat_history import BaseChatMessageHistory
@@ -61,7 +63,7 @@ from langchain_core.messages import (
 )
 
 from .._errors import InvalidMessage
-from .._manager import ConversationManager, engine_loop
+from .._manager import ConversationManager, engine_loop, hand_off_timeout
 from ..blocking import BlockingConversationManager
 from ._common import (
     DEFAULT_MAX_HISTORY,
@@ -157,7 +159,7 @@ class EngineChatMessageHistory(BaseChatMessageHistory):
             return on_own_loop(manager)  # the manager's next call binds it to this loop
         if _running_loop() is loop:
             return on_own_loop(manager)  # blocking here would stall the loop itself
-        return asyncio.run_coroutine_threadsafe(_call(work, manager), loop).result()
+        return _hand_off(work, manager, loop)
 
     async def _async(self, work: Callable[[ConversationManager], Awaitable[T]]) -> T:
         return await run_on(self.manager, work)
@@ -206,6 +208,45 @@ async def _call(
     work: Callable[[ConversationManager], Awaitable[T]], manager: ConversationManager
 ) -> T:
     return await work(manager)
+
+
+def _hand_off(
+    work: Callable[[ConversationManager], Awaitable[T]],
+    manager: ConversationManager,
+    loop: asyncio.AbstractEventLoop,
+) -> T:
+    """Run ``work`` on the manager's loop from another thread, and wait for it.
+
+    The loop must take the work within ``sync_timeout``: one that is blocked
+    (by sync code on it, perhaps waiting for this very call) or stopped would
+    otherwise keep this thread waiting for ever. Taking the work and giving up
+    on it are decided under one lock, so work is either done in full or never
+    begun. Once started, it is bounded by the engine's own timeouts.
+    """
+    decided = threading.Lock()
+    taken = threading.Event()
+    abandoned = False
+
+    async def run() -> T | None:
+        with decided:
+            if abandoned:
+                return None
+            taken.set()
+        return await work(manager)
+
+    future = asyncio.run_coroutine_threadsafe(run(), loop)
+    timeout = hand_off_timeout(manager)
+    if not taken.wait(timeout):
+        with decided:
+            abandoned = not taken.is_set()
+        if abandoned:
+            future.cancel()
+            raise TimeoutError(
+                f"the manager's event loop did not take this call within sync_timeout "
+                f"({timeout} s): it is blocked (sync code running on it, perhaps waiting "
+                "for this call) or no longer running; call the a* members from that loop"
+            )
+    return cast("T", future.result())
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -94,3 +94,38 @@ def test_export_of_a_missing_room_says_so(
 ) -> None:
     assert main(["--redis-url", redis_server.url, "export", "cli:nobody"]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+async def _populate_default_limit(url: str, entries: int, max_history: int) -> None:
+    client = aioredis.Redis.from_url(url)
+    manager = ConversationManager(None, redis=client, max_history=max_history)
+    try:
+        for i in range(entries):
+            await manager.append_async(ROOM, "user", f"turn {i}", name="ana")
+    finally:
+        await manager.aclose()
+        await client.aclose()
+
+
+def test_import_never_trims_an_export_to_a_smaller_default_limit(
+    redis_server: RedisServer,
+    second: RedisServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Workers run with max_history=300, so the room stores limit 0 ("the default").
+    # The CLI does not know that default: it must not cut 150 turns to its own 100.
+    asyncio.run(_populate_default_limit(redis_server.url, 150, 300))
+    dump = tmp_path / "room.json"
+    assert main(["--redis-url", redis_server.url, "export", ROOM, "-o", str(dump)]) == 0
+    capsys.readouterr()
+    assert main(["--redis-url", second.url, "import", ROOM, str(dump)]) == 2
+    err = capsys.readouterr().err
+    assert "150 entries" in err and "--max-history" in err and "nothing written" in err
+    with second.sync_client() as client:
+        assert client.keys("*") == []
+    args = ["--redis-url", second.url, "import", ROOM, str(dump), "--max-history", "300"]
+    assert main(args) == 0
+    assert "imported 150 entries" in capsys.readouterr().out
+    assert main(["--redis-url", second.url, "inspect", ROOM, "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["entries"]) == 150

@@ -225,3 +225,20 @@ async def test_a_session_export_imported_elsewhere_reads_back_equal(
         await target.import_session("ana", {"format": "conversation-room"}, session_id="never")
     with pytest.raises(SessionNotFound):
         await source.export_session("ana", "missing")
+
+
+async def test_import_refuses_rows_its_default_limit_would_trim(
+    redis_client: aioredis.Redis, other_server: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    source = make_manager(redis_client, max_history=300)
+    for i in range(150):
+        await source.append_async(room, "user", f"turn {i}")
+    export = await source.export_room(room)
+    assert export["limit"] == 0  # "the default": 300 there
+    small = make_manager(other_server, max_history=100)
+    with pytest.raises(InvalidExport, match="150 entries, more than the window limit 100"):
+        await small.import_room(room, export)
+    assert await other_server.keys("*") == []
+    large = make_manager(other_server, max_history=300)
+    await large.import_room(room, export)
+    assert len(await large.get_messages_async(room)) == 150

@@ -138,6 +138,11 @@ class RoomStore:
         self._stats.bytes_received += reply.payload_bytes()
         return reply, flags
 
+    @property
+    def default_limit(self) -> int:
+        """The window limit of a room that stores none (the manager's ``max_history``)."""
+        return self._default_limit
+
     async def changes(self, keys: RoomKeys, state: SyncedState) -> tuple[str, bool, SyncReply]:
         """What changed since a change-feed cursor (``lua/changes.lua``): the reason
         (``"i"`` incremental, ``"c"`` cleared, ``"r"`` reset), whether a fold

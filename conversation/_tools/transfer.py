@@ -42,9 +42,13 @@ def _read_at_most(path: str, size: int) -> bytes:
         return handle.read(size)
 
 
-def _store(target: RedisTarget, ttl_seconds: float | None = None) -> RoomStore:
+def _store(
+    target: RedisTarget, ttl_seconds: float | None = None, default_limit: int = 100
+) -> RoomStore:
     ttl_ms = int(ttl_seconds * 1000) if ttl_seconds else 0
-    return RoomStore(target.client, Stats(), ttl_ms=ttl_ms, default_limit=100, command_timeout=60.0)
+    return RoomStore(
+        target.client, Stats(), ttl_ms=ttl_ms, default_limit=default_limit, command_timeout=60.0
+    )
 
 
 def _room(room: str) -> str:
@@ -101,7 +105,7 @@ async def cmd_import(target: RedisTarget, args: argparse.Namespace, out: IO[str]
     if len(raw) > MAX_IMPORT_BYTES:
         raise CliError(f"{args.file!r} is larger than {MAX_IMPORT_BYTES} bytes", EXIT_USAGE)
     progress.update(f"checking {len(raw)} bytes…")
-    store = _store(target, args.ttl)
+    store = _store(target, args.ttl, args.max_history)
     try:
         try:
             data = orjson.loads(raw)
@@ -111,6 +115,13 @@ async def cmd_import(target: RedisTarget, args: argparse.Namespace, out: IO[str]
             ) from exc
         try:
             parsed = parse_room_export(data, args.max_entry_bytes, progress.update)
+            if not parsed.limit and len(parsed.rows) > args.max_history:
+                raise CliError(
+                    f"{args.file!r} holds {len(parsed.rows)} entries under its source's "
+                    f"default limit; pass --max-history N (the workers' max_history, "
+                    f"now {args.max_history}) so none is trimmed; nothing written",
+                    EXIT_USAGE,
+                )
             progress.update(f"writing {len(parsed.rows)} entries in one script…")
             version = await import_room(
                 store, KeySpace(args.prefix), room, parsed, replace=args.replace

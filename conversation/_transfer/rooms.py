@@ -215,7 +215,17 @@ async def import_room(
     *,
     replace: bool,
 ) -> int:
-    """Write the parsed export as the room, under a new epoch; returns its version."""
+    """Write the parsed export as the room, under a new epoch; returns its version.
+
+    An export whose limit is 0 took its source's default (``max_history``), which
+    this importer does not know: rows past its own default are refused, not trimmed.
+    """
+    limit = parsed.limit or store.default_limit
+    if len(parsed.rows) > limit:
+        raise InvalidExport(
+            f"holds {len(parsed.rows)} entries, more than the window limit {limit} the "
+            "room would keep (the export's limit is 0: the importer's max_history)"
+        )
     done, value = await store.import_room(
         keyspace.room(room_id),
         epoch=secrets.token_hex(6),

@@ -189,3 +189,22 @@ def test_wait_for_cursors_is_checked_and_needs_redis(make_manager: Make) -> None
     assert ConsolidationConfig(wait_for_cursors=["a"]).wait_for_cursors == ("a",)
     with pytest.raises(ConfigurationError, match="memory-only"):
         make_manager(None, consolidation=HELD)
+
+
+async def test_a_fold_never_swallows_an_edit_the_named_cursor_has_not_read(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    worker = make_manager(redis_client, consolidation=HELD)
+    extractor = make_manager(redis_client)
+    for i in range(24):
+        await worker.append_async(room, "user", f"[Message ID: {i}] turn {i}")
+    _, cursor = await extractor.read_since(room)
+    assert await extractor.set_cursor(room, "memory", cursor, expected="")
+    # Turn 3 is edited after the extractor read it: its new text is unread.
+    await worker.update_message_async(room, "3", "[Message ID: 3] my name is Rob, not Bob")
+    await worker.consolidate(room)
+    rest, _ = await extractor.read_since(room, cursor)
+    texts = [c.entry["content"] for c in rest if c.entry is not None and c.kind == "edit"]
+    archived = [t["message_id"] for b in await worker.list_archives(room) for t in b.turns]
+    # Either the edit reached the extractor, or the fold left turn 3 alone.
+    assert "[Message ID: 3] my name is Rob, not Bob" in texts or "3" not in archived

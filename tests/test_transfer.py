@@ -151,6 +151,7 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], object], str]] = [
         lambda d: {**d, "archive": {"elements": [{"role": "user", "content": "x"}]}},
         "inside a fold",
     ),
+    ("tokens", lambda d: {**d, "idempotency_keys": ["ok", 7]}, r"idempotency_keys\[1\]"),
     (
         "bad id",
         lambda d: {**d, "entries": [{"message_id": "[x]", "role": "user", "content": "x"}]},
@@ -242,3 +243,21 @@ async def test_import_refuses_rows_its_default_limit_would_trim(
     large = make_manager(other_server, max_history=300)
     await large.import_room(room, export)
     assert len(await large.get_messages_async(room)) == 150
+
+
+async def test_a_write_retried_after_its_room_moved_lands_once(
+    redis_client: aioredis.Redis, other_server: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    # A client whose append timed out retries it under the same key; meanwhile the
+    # room was exported (with that append in it) and imported on another server.
+    source = make_manager(redis_client)
+    await source.append_async(room, "user", "[Message ID: 1] hello", idempotency_key="send-1")
+    export = await source.export_room(room)
+    target = make_manager(other_server)
+    await target.import_room(room, json.loads(json.dumps(export)))
+    await target.append_async(room, "user", "[Message ID: 1] hello", idempotency_key="send-1")
+    await target.append_async(room, "user", "[Message ID: 2] next", idempotency_key="send-2")
+    contents = [m["content"] for m in await target.get_messages_async(room)]
+    assert contents == ["[Message ID: 1] hello", "[Message ID: 2] next"]
+    fresh = make_manager(other_server)  # what Redis holds, not the target's memory
+    assert [m["content"] for m in await fresh.get_messages_async(room)] == contents

@@ -88,6 +88,12 @@ class ChangeFeed:
         self._store = store
         self._keyspace = keyspace
         self._stats = stats
+        self._closed = False
+
+    def close(self) -> None:
+        """The manager closed: every ``follow`` ends at its next poll (at most one
+        ``poll_interval`` later) instead of reading Redis forever."""
+        self._closed = True
 
     async def read(self, room_id: str, cursor: str | None) -> Batch:
         """What changed since ``cursor`` (None: the whole window, as appends)."""
@@ -202,10 +208,11 @@ class ChangeFeed:
         self, room_id: str, since: str | None, poll_interval: float
     ) -> AsyncIterator[Change]:
         """Every change from ``since`` on, waiting for more: a bounded poll that backs
-        off to one read per ``poll_interval`` seconds while the room is idle."""
+        off to one read per ``poll_interval`` seconds while the room is idle. Ends
+        when the manager closes."""
         cursor = since
         delay = MIN_POLL_SECONDS
-        while True:
+        while not self._closed:
             try:
                 batch = await self.read(room_id, cursor)
             except RedisUnavailable as exc:

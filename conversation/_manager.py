@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, Literal, Protocol, overload
 
@@ -374,7 +374,7 @@ class ConversationManager:
 
     def changes(
         self, room_id: str, *, since: str | None = None, poll_interval: float = 1.0
-    ) -> AsyncIterator[Change]:
+    ) -> AsyncGenerator[Change, None]:
         """``read_since`` forever: yields each change, waiting for more (a bounded poll,
         at most one read per ``poll_interval`` seconds while the room is idle). The
         iteration ends when the manager closes (``aclose``)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -206,7 +206,7 @@ class ChangeFeed:
 
     async def follow(
         self, room_id: str, since: str | None, poll_interval: float
-    ) -> AsyncIterator[Change]:
+    ) -> AsyncGenerator[Change, None]:
         """Every change from ``since`` on, waiting for more: a bounded poll that backs
         off to one read per ``poll_interval`` seconds while the room is idle. Ends
         when the manager closes."""

@@ -261,3 +261,23 @@ async def test_a_write_retried_after_its_room_moved_lands_once(
     assert contents == ["[Message ID: 1] hello", "[Message ID: 2] next"]
     fresh = make_manager(other_server)  # what Redis holds, not the target's memory
     assert [m["content"] for m in await fresh.get_messages_async(room)] == contents
+
+
+async def test_an_export_whose_head_leaves_no_room_to_grow_is_refused(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    # Cursors refuse positions past 2**53 (what a Redis/Lua number holds exactly): a
+    # room imported at head 2**53 - 1 would break its change feed at its first trim.
+    manager = make_manager(redis_client)
+    await manager.append_async(room, "user", "[Message ID: 1] hi")
+    export = {**await manager.export_room(room), "head": 2**53 - 1}
+    target = room + "-huge"
+    with pytest.raises(InvalidExport, match="head"):
+        await manager.import_room(target, export)
+    assert await redis_client.keys(f"*{target}*") == []
+    export["head"] = 10**12  # a large head that leaves room works
+    await manager.import_room(target, export)
+    await manager.append_async(target, "user", "[Message ID: 2] after")
+    changes, cursor = await make_manager(redis_client).read_since(target)
+    assert [c.position for c in changes] == [10**12, 10**12 + 1]
+    assert (await manager.read_since(target, cursor))[0] == []

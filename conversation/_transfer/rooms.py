@@ -43,6 +43,9 @@ MAX_IMPORT_ENTRIES = 10_000
 #: A room keeps its newest 1024 tokens (plus up to 64 before a trim); room to spare.
 MAX_IMPORT_TOKENS = 2048
 MAX_TOKEN_CHARS = 128
+#: The highest head an import accepts: positions grow from it by one per trimmed row,
+#: and a cursor refuses positions past 2**53.
+MAX_HEAD = 2**50
 _ROW_FIELDS = {"message_id", "role", "content", "name", "tool_calls", "tool_call_id"}
 _ATTEMPTS = 5
 
@@ -144,6 +147,10 @@ def parse_room_export(
             f"carries {unknown}, which this engine cannot import (they would be lost)"
         )
     head = _count(data.get("head", 0), "head")
+    if head > MAX_HEAD:
+        raise InvalidExport(
+            f"head {head} leaves no room to grow (cursors hold positions below 2**53)"
+        )
     limit = _count(data.get("limit", 0), "limit")
     if limit and not 50 <= limit <= 1000:
         raise InvalidExport(f"limit {limit} is outside [50, 1000] (0 = default)")

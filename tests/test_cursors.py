@@ -17,6 +17,7 @@ from redis_servers import RedisServer
 from conversation import (
     ConfigurationError,
     ConsolidationConfig,
+    ConsolidationWorker,
     ConversationManager,
     InvalidCursor,
 )
@@ -208,3 +209,24 @@ async def test_a_fold_never_swallows_an_edit_the_named_cursor_has_not_read(
     archived = [t["message_id"] for b in await worker.list_archives(room) for t in b.turns]
     # Either the edit reached the extractor, or the fold left turn 3 alone.
     assert "[Message ID: 3] my name is Rob, not Bob" in texts or "3" not in archived
+
+
+async def test_a_background_worker_held_back_by_a_cursor_says_so(
+    redis_client: aioredis.Redis,
+    make_manager: Make,
+    room: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The extractor died before it set its cursor: no fold can happen, and an
+    # operator must see why, not a worker that silently does nothing for ever.
+    manager = make_manager(redis_client, consolidation=HELD)
+    for i in range(24):
+        await manager.append_async(room, "user", f"[Message ID: {i}] turn {i}")
+    worker = ConsolidationWorker(manager, rooms=[room])
+    with caplog.at_level("WARNING", logger="conversation"):
+        [first] = await worker.run_once()
+        [second] = await worker.run_once()
+    assert first.outcome == second.outcome == "waiting_for_cursors"
+    assert worker.stats.waiting_for_cursors == 2
+    warnings = [r.getMessage() for r in caplog.records if "waits for" in r.getMessage()]
+    assert len(warnings) == 1 and room in warnings[0] and "'memory'" in warnings[0]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,3 +131,35 @@ def test_import_never_trims_an_export_to_a_smaller_default_limit(
     assert "imported 150 entries" in capsys.readouterr().out
     assert main(["--redis-url", second.url, "inspect", ROOM, "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["entries"]) == 150
+
+
+def test_import_of_a_small_file_needs_memory_for_that_file_only(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # Under an address-space limit (a container, ulimit -v, overcommit off) the
+    # import must not reserve its 2 GiB file cap up front, for a file or stdin.
+    dump = tmp_path / "room.json"
+    entries = [{"message_id": "1", "role": "user", "content": "[Message ID: 1] hi"}]
+    dump.write_text(
+        json.dumps({"format": "conversation-room", "format_version": 1, "entries": entries})
+    )
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1536 * 1024**2, 1536 * 1024**2))\n"
+        "from conversation._tools.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    base = [sys.executable, "-c", script, "--redis-url", redis_server.url, "import"]
+    from_file = subprocess.run(  # noqa: PLW1510 - the return code is asserted
+        [*base, "cli:small", str(dump)], capture_output=True, text=True, timeout=60
+    )
+    assert from_file.returncode == 0, from_file.stderr
+    from_stdin = subprocess.run(  # noqa: PLW1510 - the return code is asserted
+        [*base, "cli:stdin", "-"],
+        input=dump.read_text(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert from_stdin.returncode == 0, from_stdin.stderr
+    assert "imported 1 entries" in from_stdin.stdout

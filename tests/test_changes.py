@@ -20,6 +20,7 @@ from conversation import (
     ConversationManager,
     InvalidCursor,
     InvalidRoomId,
+    RedisUnavailable,
 )
 from conversation._redis.keys import KeySpace
 from conversation.testing import wait_until
@@ -371,3 +372,16 @@ async def test_a_consumer_that_breaks_out_or_is_cancelled_leaves_nothing_running
     with pytest.raises(asyncio.CancelledError):
         await task
     assert asyncio.all_tasks() <= baseline
+
+
+async def test_changes_raises_a_refusal_retrying_cannot_fix_instead_of_polling_forever(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    # Someone SET the room's window key to a string: every read answers WRONGTYPE.
+    # Waiting for Redis cannot help; the consumer must hear of it, not spin warnings.
+    await redis_client.set(KEYS.room(room).window, "not a list")
+    reader = make_manager(redis_client)
+    with pytest.raises(RedisUnavailable, match="WRONGTYPE"):
+        async with asyncio.timeout(5):
+            async for _change in reader.changes(room, poll_interval=0.05):
+                pass

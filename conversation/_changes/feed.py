@@ -26,7 +26,7 @@ import orjson
 from .._entries import Entry, decode_row, is_summary
 from .._errors import RedisUnavailable, describe_error
 from .._redis.keys import KeySpace
-from .._redis.retry import TRANSIENT_ERRORS
+from .._redis.retry import TRANSIENT_ERRORS, is_permanent
 from .._redis.rooms import RoomStore
 from .._stats import Stats
 from .cursor import Cursor, decode_cursor
@@ -216,6 +216,8 @@ class ChangeFeed:
             try:
                 batch = await self.read(room_id, cursor)
             except RedisUnavailable as exc:
+                if exc.__cause__ is not None and is_permanent(exc.__cause__):
+                    raise  # WRONGTYPE, a script error: waiting cannot fix it
                 logger.warning("room %s: change feed waits for Redis: %s", room_id, exc)
                 await asyncio.sleep(poll_interval)
                 continue

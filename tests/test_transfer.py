@@ -281,3 +281,21 @@ async def test_an_export_whose_head_leaves_no_room_to_grow_is_refused(
     changes, cursor = await make_manager(redis_client).read_since(target)
     assert [c.position for c in changes] == [10**12, 10**12 + 1]
     assert (await manager.read_since(target, cursor))[0] == []
+
+
+async def test_a_session_export_of_a_million_messages_is_refused_before_any_work(
+    two_stores: tuple[SessionStore, SessionStore],
+) -> None:
+    # max_messages is 5: checking and sending a million rows to keep five would stall
+    # the event loop for seconds and build a Redis command of every row.
+    _, target = two_stores
+    export = {
+        "format": "conversation-session",
+        "format_version": 1,
+        "session_id": "s1",
+        "created_at": 1.0,
+        "messages": [{"role": "user", "content": "x"}] * 1_000_000,
+    }
+    with pytest.raises(InvalidExport, match="1000000 messages"):
+        await target.import_session("ana", export)
+    assert await target.get_session("ana", "s1") is None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, Literal, Protocol, overload
 
@@ -475,9 +475,10 @@ class ConversationManager:
 
     def changes(
         self, room_id: str, *, since: str | None = None, poll_interval: float = 1.0
-    ) -> AsyncIterator[Change]:
+    ) -> AsyncGenerator[Change, None]:
         """``read_since`` forever: yields each change, waiting for more (a bounded poll,
-        at most one read per ``poll_interval`` seconds while the room is idle)."""
+        at most one read per ``poll_interval`` seconds while the room is idle). The
+        iteration ends when the manager closes (``aclose``)."""
         if not poll_interval > 0:
             raise ConfigurationError(f"poll_interval must be > 0, not {poll_interval!r}")
         feed = self._change_feed(room_id)
@@ -578,6 +579,8 @@ class ConversationManager:
             await self.drain(timeout)
         finally:
             self._loop.closed = True
+            if self._feed is not None:
+                self._feed.close()
             await self._consolidation.wait_idle()
             await self._backend.close()
 

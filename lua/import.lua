@@ -6,12 +6,14 @@
 -- many rows; ARGV[15]: '1' if an archive follows (it then replaces the room's),
 -- else '0' (the room's archive is kept, or dropped when replacing); ARGV[16]: the
 -- archive header (see "The archive" in _lib.lua); ARGV[17 .. 16 + n]: the rows;
--- then the archive elements, oldest first.
+-- ARGV[17 + n]: k, how many idempotency tokens; the k tokens (the writes the
+-- exported room had applied, oldest first); then the archive elements, oldest first.
 -- Reply: {0, entries} refused (the room holds that many entries and ARGV[10] is not
 -- '1'; nothing was written), or {1, version} imported.
 -- Invariant: all or nothing; the version still grows (one past the room's last, so
 -- it never goes backwards) and the epoch is new, so every worker, whatever it held,
--- reloads; the log starts empty and every change reader gets a reset.
+-- reloads; the log starts empty and every change reader gets a reset; a write
+-- retried under a token the export carries is a replay here too (lands once).
 local held = redis.call('LLEN', WINDOW)
 if ARGV[10] ~= '1' and held > 0 then
   return {0, held}
@@ -31,10 +33,14 @@ local m = {epoch = FRESH_EPOCH, version = old + 1, head = tonumber(ARGV[11]), ba
            logfloor = 0, logn = 0, limit = tonumber(ARGV[12]),
            rebackfill = tonumber(ARGV[13]), iseq = nil}
 trim(m, len)
+local k = tonumber(ARGV[17 + n])
+if k > 0 then
+  remember(m, {unpack(ARGV, 18 + n, 17 + n + k)})
+end
 redis.call('HSET', META, 'epoch', FRESH_EPOCH)
 save(m, 'base', m.base, 'rbase', m.base, 'limit', m.limit, 'rebackfill', m.rebackfill)
 if ARGV[15] == '1' then
-  local first = 17 + n
+  local first = 18 + n + k
   for i = first, #ARGV, PUSH_CHUNK do
     redis.call('RPUSH', ARCHIVE, unpack(ARGV, i, math.min(i + PUSH_CHUNK - 1, #ARGV)))
   end

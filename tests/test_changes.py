@@ -20,6 +20,7 @@ from conversation import (
     ConversationManager,
     InvalidCursor,
     InvalidRoomId,
+    RedisUnavailable,
 )
 from conversation._redis.keys import KeySpace
 from conversation.testing import wait_until
@@ -321,3 +322,66 @@ async def test_a_memory_only_manager_says_the_feed_needs_redis(make_manager: Mak
 
     with pytest.raises(ConfigurationError, match="memory-only"):
         await make_manager(None).read_since("room")
+
+
+async def test_changes_ends_when_its_manager_closes(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    reader = make_manager(redis_client)
+    writer = make_manager(redis_client)
+    seen: list[Change] = []
+
+    async def follow() -> None:
+        async for change in reader.changes(room, poll_interval=0.05):
+            seen.append(change)
+
+    task = asyncio.create_task(follow())
+    try:
+        await say(writer, room, 0)
+        await wait_until(lambda: len(seen) == 1, what="the append")
+        await reader.aclose()
+        # The consumer's loop ends: a closed manager does not poll Redis forever.
+        await wait_until(task.done, what="the change feed to end")
+        assert task.exception() is None and len(seen) == 1
+    finally:
+        task.cancel()
+
+
+async def test_a_consumer_that_breaks_out_or_is_cancelled_leaves_nothing_running(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    writer = make_manager(redis_client)
+    reader = make_manager(redis_client)
+    await say(writer, room, 0)
+    await writer.drain()
+    baseline = asyncio.all_tasks()
+
+    feed = reader.changes(room, poll_interval=0.05)
+    async for change in feed:
+        assert change.kind == "append"
+        break
+    await feed.aclose()  # what `async with contextlib.aclosing(...)` does
+
+    async def follow() -> None:
+        async for _change in reader.changes(room, poll_interval=0.05):
+            pass
+
+    task = asyncio.create_task(follow())
+    await wait_until(lambda: reader.stats()["change_reads"] >= 3, what="an idle poll or two")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert asyncio.all_tasks() <= baseline
+
+
+async def test_changes_raises_a_refusal_retrying_cannot_fix_instead_of_polling_forever(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    # Someone SET the room's window key to a string: every read answers WRONGTYPE.
+    # Waiting for Redis cannot help; the consumer must hear of it, not spin warnings.
+    await redis_client.set(KEYS.room(room).window, "not a list")
+    reader = make_manager(redis_client)
+    with pytest.raises(RedisUnavailable, match="WRONGTYPE"):
+        async with asyncio.timeout(5):
+            async for _change in reader.changes(room, poll_interval=0.05):
+                pass

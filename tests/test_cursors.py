@@ -17,6 +17,7 @@ from redis_servers import RedisServer
 from conversation import (
     ConfigurationError,
     ConsolidationConfig,
+    ConsolidationWorker,
     ConversationManager,
     InvalidCursor,
 )
@@ -189,3 +190,43 @@ def test_wait_for_cursors_is_checked_and_needs_redis(make_manager: Make) -> None
     assert ConsolidationConfig(wait_for_cursors=["a"]).wait_for_cursors == ("a",)
     with pytest.raises(ConfigurationError, match="memory-only"):
         make_manager(None, consolidation=HELD)
+
+
+async def test_a_fold_never_swallows_an_edit_the_named_cursor_has_not_read(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    worker = make_manager(redis_client, consolidation=HELD)
+    extractor = make_manager(redis_client)
+    for i in range(24):
+        await worker.append_async(room, "user", f"[Message ID: {i}] turn {i}")
+    _, cursor = await extractor.read_since(room)
+    assert await extractor.set_cursor(room, "memory", cursor, expected="")
+    # Turn 3 is edited after the extractor read it: its new text is unread.
+    await worker.update_message_async(room, "3", "[Message ID: 3] my name is Rob, not Bob")
+    await worker.consolidate(room)
+    rest, _ = await extractor.read_since(room, cursor)
+    texts = [c.entry["content"] for c in rest if c.entry is not None and c.kind == "edit"]
+    archived = [t["message_id"] for b in await worker.list_archives(room) for t in b.turns]
+    # Either the edit reached the extractor, or the fold left turn 3 alone.
+    assert "[Message ID: 3] my name is Rob, not Bob" in texts or "3" not in archived
+
+
+async def test_a_background_worker_held_back_by_a_cursor_says_so(
+    redis_client: aioredis.Redis,
+    make_manager: Make,
+    room: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The extractor died before it set its cursor: no fold can happen, and an
+    # operator must see why, not a worker that silently does nothing for ever.
+    manager = make_manager(redis_client, consolidation=HELD)
+    for i in range(24):
+        await manager.append_async(room, "user", f"[Message ID: {i}] turn {i}")
+    worker = ConsolidationWorker(manager, rooms=[room])
+    with caplog.at_level("WARNING", logger="conversation"):
+        [first] = await worker.run_once()
+        [second] = await worker.run_once()
+    assert first.outcome == second.outcome == "waiting_for_cursors"
+    assert worker.stats.waiting_for_cursors == 2
+    warnings = [r.getMessage() for r in caplog.records if "waits for" in r.getMessage()]
+    assert len(warnings) == 1 and room in warnings[0] and "'memory'" in warnings[0]

@@ -151,6 +151,7 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], object], str]] = [
         lambda d: {**d, "archive": {"elements": [{"role": "user", "content": "x"}]}},
         "inside a fold",
     ),
+    ("tokens", lambda d: {**d, "idempotency_keys": ["ok", 7]}, r"idempotency_keys\[1\]"),
     (
         "bad id",
         lambda d: {**d, "entries": [{"message_id": "[x]", "role": "user", "content": "x"}]},
@@ -252,3 +253,76 @@ async def test_a_session_export_carries_the_sessions_state_and_a_replace_keeps_n
             "ana", {**export, "state": ["not", "a", "map"]}, session_id="s3"
         )
     assert await target.get_session("ana", "s3") is None
+
+
+async def test_import_refuses_rows_its_default_limit_would_trim(
+    redis_client: aioredis.Redis, other_server: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    source = make_manager(redis_client, max_history=300)
+    for i in range(150):
+        await source.append_async(room, "user", f"turn {i}")
+    export = await source.export_room(room)
+    assert export["limit"] == 0  # "the default": 300 there
+    small = make_manager(other_server, max_history=100)
+    with pytest.raises(InvalidExport, match="150 entries, more than the window limit 100"):
+        await small.import_room(room, export)
+    assert await other_server.keys("*") == []
+    large = make_manager(other_server, max_history=300)
+    await large.import_room(room, export)
+    assert len(await large.get_messages_async(room)) == 150
+
+
+async def test_a_write_retried_after_its_room_moved_lands_once(
+    redis_client: aioredis.Redis, other_server: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    # A client whose append timed out retries it under the same key; meanwhile the
+    # room was exported (with that append in it) and imported on another server.
+    source = make_manager(redis_client)
+    await source.append_async(room, "user", "[Message ID: 1] hello", idempotency_key="send-1")
+    export = await source.export_room(room)
+    target = make_manager(other_server)
+    await target.import_room(room, json.loads(json.dumps(export)))
+    await target.append_async(room, "user", "[Message ID: 1] hello", idempotency_key="send-1")
+    await target.append_async(room, "user", "[Message ID: 2] next", idempotency_key="send-2")
+    contents = [m["content"] for m in await target.get_messages_async(room)]
+    assert contents == ["[Message ID: 1] hello", "[Message ID: 2] next"]
+    fresh = make_manager(other_server)  # what Redis holds, not the target's memory
+    assert [m["content"] for m in await fresh.get_messages_async(room)] == contents
+
+
+async def test_an_export_whose_head_leaves_no_room_to_grow_is_refused(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    # Cursors refuse positions past 2**53 (what a Redis/Lua number holds exactly): a
+    # room imported at head 2**53 - 1 would break its change feed at its first trim.
+    manager = make_manager(redis_client)
+    await manager.append_async(room, "user", "[Message ID: 1] hi")
+    export = {**await manager.export_room(room), "head": 2**53 - 1}
+    target = room + "-huge"
+    with pytest.raises(InvalidExport, match="head"):
+        await manager.import_room(target, export)
+    assert await redis_client.keys(f"*{target}*") == []
+    export["head"] = 10**12  # a large head that leaves room works
+    await manager.import_room(target, export)
+    await manager.append_async(target, "user", "[Message ID: 2] after")
+    changes, cursor = await make_manager(redis_client).read_since(target)
+    assert [c.position for c in changes] == [10**12, 10**12 + 1]
+    assert (await manager.read_since(target, cursor))[0] == []
+
+
+async def test_a_session_export_of_a_million_messages_is_refused_before_any_work(
+    two_stores: tuple[SessionStore, SessionStore],
+) -> None:
+    # max_messages is 5: checking and sending a million rows to keep five would stall
+    # the event loop for seconds and build a Redis command of every row.
+    _, target = two_stores
+    export = {
+        "format": "conversation-session",
+        "format_version": 1,
+        "session_id": "s1",
+        "created_at": 1.0,
+        "messages": [{"role": "user", "content": "x"}] * 1_000_000,
+    }
+    with pytest.raises(InvalidExport, match="1000000 messages"):
+        await target.import_session("ana", export)
+    assert await target.get_session("ana", "s1") is None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,7 +26,7 @@ import orjson
 from .._entries import Entry, decode_row, is_summary
 from .._errors import RedisUnavailable, describe_error
 from .._redis.keys import KeySpace
-from .._redis.retry import TRANSIENT_ERRORS
+from .._redis.retry import TRANSIENT_ERRORS, is_permanent
 from .._redis.rooms import RoomStore
 from .._stats import Stats
 from .cursor import Cursor, decode_cursor
@@ -88,6 +88,12 @@ class ChangeFeed:
         self._store = store
         self._keyspace = keyspace
         self._stats = stats
+        self._closed = False
+
+    def close(self) -> None:
+        """The manager closed: every ``follow`` ends at its next poll (at most one
+        ``poll_interval`` later) instead of reading Redis forever."""
+        self._closed = True
 
     async def read(self, room_id: str, cursor: str | None) -> Batch:
         """What changed since ``cursor`` (None: the whole window, as appends)."""
@@ -200,15 +206,18 @@ class ChangeFeed:
 
     async def follow(
         self, room_id: str, since: str | None, poll_interval: float
-    ) -> AsyncIterator[Change]:
+    ) -> AsyncGenerator[Change, None]:
         """Every change from ``since`` on, waiting for more: a bounded poll that backs
-        off to one read per ``poll_interval`` seconds while the room is idle."""
+        off to one read per ``poll_interval`` seconds while the room is idle. Ends
+        when the manager closes."""
         cursor = since
         delay = MIN_POLL_SECONDS
-        while True:
+        while not self._closed:
             try:
                 batch = await self.read(room_id, cursor)
             except RedisUnavailable as exc:
+                if exc.__cause__ is not None and is_permanent(exc.__cause__):
+                    raise  # WRONGTYPE, a script error: waiting cannot fix it
                 logger.warning("room %s: change feed waits for Redis: %s", room_id, exc)
                 await asyncio.sleep(poll_interval)
                 continue

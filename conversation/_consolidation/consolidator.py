@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import orjson
 
-from .._changes.cursor import decode_cursor
+from .._changes.cursor import Cursor, decode_cursor
 from .._engine.replicator import consume_exception
 from .._engine.window import RoomState
 from .._entries import (
@@ -67,6 +67,8 @@ from .._entries import (
     SUMMARY_ROLE,
     Entry,
     build_entry,
+    decode_row,
+    is_summary,
     to_messages_yielding,
 )
 from .._errors import (
@@ -286,7 +288,28 @@ class Consolidator:
             if cursor.epoch != state.epoch:
                 return 0  # the reader will read this epoch's window from its start
             limit = min(limit, max(0, cursor.head + cursor.size - state.head))
+            if cursor.version < state.version:
+                limit = min(limit, await self._unread_edits(room_id, cursor, state))
         return limit
+
+    async def _unread_edits(self, room_id: str, cursor: Cursor, state: RoomState) -> int:
+        """The window index of the first row replaced after the cursor read it (an
+        edit the reader has not seen: a fold must not swallow it), or the window's
+        length. The summary a previous fold put at the head does not count; a cursor
+        the feed cannot patch (a reset) holds everything back."""
+        store = self._engine.store
+        assert store is not None
+        keys = self._engine.keyspace.room(room_id)
+        reason, _folded, reply = await store.changes(keys, cursor)
+        if reply.kind == 2 or reason != "i":
+            return 0
+        first = len(state.window)
+        for position, row in reply.replaced:
+            meta = decode_row(row)
+            if position == reply.head and meta is not None and is_summary(*meta):
+                continue
+            first = min(first, max(0, position - state.head))
+        return first
 
     async def _summarize(
         self,

@@ -52,6 +52,8 @@ class WorkerStats:
     folds: int = 0
     leased_elsewhere: int = 0
     failures: int = 0
+    #: Visits that found turns to fold but a ``wait_for_cursors`` reader behind them.
+    waiting_for_cursors: int = 0
 
 
 class ConsolidationWorker:
@@ -90,6 +92,8 @@ class ConsolidationWorker:
         self._room_context = room_context
         self.name = name or f"consolidator-{uuid.uuid4().hex[:8]}"
         self.stats = WorkerStats()
+        # Rooms held back by wait_for_cursors, warned about once until they fold.
+        self._held_back: set[str] = set()
         # A worker compiles its prompt template now, at startup: a broken template
         # of yours fails here, and the first fold does not compile it mid-pass.
         self._consolidator.prepare_renderer()
@@ -158,6 +162,18 @@ class ConsolidationWorker:
                 f" (caused by {type(cause).__name__})" if cause is not None else "",
             )
             return None
+        if result.outcome == "waiting_for_cursors":
+            self.stats.waiting_for_cursors += 1
+            if room_id not in self._held_back:
+                self._held_back.add(room_id)
+                logger.warning(
+                    "room %s: consolidation waits for cursor(s) %s (not set, behind, or "
+                    "of another epoch); no fold until they read on",
+                    room_id,
+                    list(consolidator.config.wait_for_cursors),
+                )
+        else:
+            self._held_back.discard(room_id)
         if result.outcome == "folded":
             self.stats.folds += 1
         return result

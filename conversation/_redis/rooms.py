@@ -149,6 +149,11 @@ class RoomStore:
         self._stats.bytes_received += reply.payload_bytes()
         return reply, flags
 
+    @property
+    def default_limit(self) -> int:
+        """The window limit of a room that stores none (the manager's ``max_history``)."""
+        return self._default_limit
+
     async def changes(self, keys: RoomKeys, state: SyncedState) -> tuple[str, bool, SyncReply]:
         """What changed since a change-feed cursor (``lua/changes.lua``): the reason
         (``"i"`` incremental, ``"c"`` cleared, ``"r"`` reset), whether a fold
@@ -174,6 +179,7 @@ class RoomStore:
         rebackfill: bool,
         rows: Sequence[bytes],
         archive: tuple[bytes, Sequence[bytes]] | None,
+        tokens: Sequence[str] = (),
     ) -> tuple[bool, int]:
         """``lua/import.lua``: (True, new version), or (False, entries the room holds)."""
         header, elements = archive if archive is not None else (b"", ())
@@ -195,10 +201,19 @@ class RoomStore:
             "0" if archive is None else "1",
             header,
             *rows,
+            len(tokens),
+            *tokens,
             *elements,
         ]
         raw = await self._pipeliner.run(self.scripts["import"], keys.as_list(), args, True)
         return bool(int(raw[0])), int(raw[1])
+
+    async def idempotency_tokens(self, keys: RoomKeys) -> list[bytes]:
+        """The tokens of the writes the room has applied (its IDEM set), oldest first."""
+        async with asyncio.timeout(self._timeout):
+            tokens = await self.redis.zrange(keys.idem, 0, -1)
+        self._stats.round_trips += 1
+        return [bytes(token) for token in tokens]
 
     async def cursor_get(self, key: str, name: str) -> bytes | None:
         async with asyncio.timeout(self._timeout):

@@ -73,6 +73,8 @@ MESSAGE_FIELDS: Final = frozenset({"role", "content", "name", "tool_calls", "too
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 128
 SESSION_FORMAT: Final = "conversation-session"
 SESSION_FORMAT_VERSION: Final = 1
+#: The most messages an import checks (or max_messages, if larger).
+MAX_IMPORT_MESSAGES: Final = 10_000
 _BACKEND_ERRORS: Final = (RedisError, OSError, TimeoutError)
 
 Message = dict[str, Any]
@@ -446,6 +448,14 @@ class SessionStore:
         messages = data.get("messages")
         if not isinstance(messages, list):
             raise InvalidExport("messages must be a list")
+        most = max(self.max_messages, MAX_IMPORT_MESSAGES)
+        if len(messages) > most:
+            # Refused before checking any: a huge list would hold the event loop
+            # and build one Redis command of every row, to keep max_messages.
+            raise InvalidExport(
+                f"{len(messages)} messages; at most {most} import (this store keeps "
+                f"the newest {self.max_messages})"
+            )
         rows = []
         for index, message in enumerate(messages):
             try:

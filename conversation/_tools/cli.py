@@ -323,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="refuse entries larger than this (default: 8 MiB, the manager's default)",
     )
+    imp.add_argument(
+        "--max-history",
+        type=_positive_int,
+        default=100,
+        metavar="N",
+        help="the workers' max_history: the limit of an export made under its default "
+        "(default: 100, the manager's default)",
+    )
 
     # Every argument after "bench" belongs to the benchmark, --help included.
     sub.add_parser(

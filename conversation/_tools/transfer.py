@@ -19,7 +19,7 @@ from .._errors import InvalidExport, RoomNotEmpty
 from .._redis.keys import KeySpace, validate_room_id
 from .._redis.rooms import RoomStore
 from .._stats import Stats
-from .._transfer.rooms import export_room, import_room, parse_room_export
+from .._transfer.rooms import ParsedRoom, export_room, import_room, parse_room_export
 from .targets import RedisTarget
 from .terminal import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, CliError, Progress
 
@@ -35,16 +35,51 @@ def _write_whole(path: str, body: bytes) -> None:
     os.replace(handle.name, path)
 
 
+#: ``import`` reads stdin in pieces of this size.
+_READ_CHUNK = 1024 * 1024
+
+
 def _read_at_most(path: str, size: int) -> bytes:
+    """At most ``size`` bytes of the file (or stdin). Never ``read(size)`` on an
+    unknown length: that reserves ``size`` bytes up front (2 GiB for every import,
+    a MemoryError under an address-space limit)."""
     if path == "-":
-        return sys.stdin.buffer.read(size)
+        body = _read_chunks(sys.stdin.buffer, size + 1)
+        if len(body) > size:
+            raise CliError(f"stdin holds more than {size} bytes", EXIT_USAGE)
+        return body
     with open(path, "rb") as handle:
-        return handle.read(size)
+        try:
+            length = os.fstat(handle.fileno()).st_size
+        except OSError:
+            length = 0
+        if length > size:
+            raise CliError(f"{path!r} is larger than {size} bytes", EXIT_USAGE)
+        body = handle.read(length) if length else _read_chunks(handle, size + 1)
+    if len(body) > size:
+        raise CliError(f"{path!r} is larger than {size} bytes", EXIT_USAGE)
+    return body
 
 
-def _store(target: RedisTarget, ttl_seconds: float | None = None) -> RoomStore:
+def _read_chunks(stream: IO[bytes], size: int) -> bytes:
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        part = stream.read(min(_READ_CHUNK, size - got))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+def _store(
+    target: RedisTarget, ttl_seconds: float | None = None, default_limit: int = 100
+) -> RoomStore:
     ttl_ms = int(ttl_seconds * 1000) if ttl_seconds else 0
-    return RoomStore(target.client, Stats(), ttl_ms=ttl_ms, default_limit=100, command_timeout=60.0)
+    return RoomStore(
+        target.client, Stats(), ttl_ms=ttl_ms, default_limit=default_limit, command_timeout=60.0
+    )
 
 
 def _room(room: str) -> str:
@@ -91,26 +126,45 @@ async def cmd_export(target: RedisTarget, args: argparse.Namespace, out: IO[str]
     return EXIT_OK
 
 
+async def _read_export(args: argparse.Namespace, progress: Progress) -> ParsedRoom:
+    """The file, checked. The raw bytes and the JSON tree are dropped as soon as the
+    next form exists, so a big import holds about two copies at once, not four."""
+    try:
+        raw = await asyncio.to_thread(_read_at_most, args.file, MAX_IMPORT_BYTES)
+    except OSError as exc:
+        raise CliError(f"cannot read {args.file!r}: {exc.strerror}", EXIT_USAGE) from exc
+    progress.update(f"checking {len(raw)} bytes…")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise CliError(f"{args.file!r} is not JSON: {exc}; nothing written", EXIT_USAGE) from exc
+    del raw
+    try:
+        parsed = parse_room_export(data, args.max_entry_bytes, progress.update)
+    except InvalidExport as exc:
+        raise CliError(f"{args.file!r}: {exc}; nothing written", EXIT_USAGE) from exc
+    del data
+    if not parsed.limit and len(parsed.rows) > args.max_history:
+        raise CliError(
+            f"{args.file!r} holds {len(parsed.rows)} entries under its source's "
+            f"default limit; pass --max-history N (the workers' max_history, "
+            f"now {args.max_history}) so none is trimmed; nothing written",
+            EXIT_USAGE,
+        )
+    return parsed
+
+
 async def cmd_import(target: RedisTarget, args: argparse.Namespace, out: IO[str]) -> int:
     room = _room(args.room)
     progress = Progress()
     try:
-        raw = await asyncio.to_thread(_read_at_most, args.file, MAX_IMPORT_BYTES + 1)
-    except OSError as exc:
-        raise CliError(f"cannot read {args.file!r}: {exc.strerror}", EXIT_USAGE) from exc
-    if len(raw) > MAX_IMPORT_BYTES:
-        raise CliError(f"{args.file!r} is larger than {MAX_IMPORT_BYTES} bytes", EXIT_USAGE)
-    progress.update(f"checking {len(raw)} bytes…")
-    store = _store(target, args.ttl)
+        parsed = await _read_export(args, progress)
+    except BaseException:
+        progress.done()
+        raise
+    store = _store(target, args.ttl, args.max_history)
     try:
         try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise CliError(
-                f"{args.file!r} is not JSON: {exc}; nothing written", EXIT_USAGE
-            ) from exc
-        try:
-            parsed = parse_room_export(data, args.max_entry_bytes, progress.update)
             progress.update(f"writing {len(parsed.rows)} entries in one script…")
             version = await import_room(
                 store, KeySpace(args.prefix), room, parsed, replace=args.replace

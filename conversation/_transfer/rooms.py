@@ -7,7 +7,11 @@ An export is a plain dict that ``json.dumps`` accepts::
      "head": int, "limit": int (0 = the manager's default), "rebackfill": bool,
      "entries": [stored entries, each with its "message_id" identity],
      "archive": None | {"elements": [archived rows and fold commit records]},
+     "idempotency_keys": [tokens of the writes the room applied, oldest first],
      "extensions": {}}
+
+``idempotency_keys`` travel with the room so that a write retried under its key
+after the room moved is a replay on the imported room, not a second copy.
 
 ``extensions`` is where state kept beside the window goes (tracked reactions,
 deferred events): an importer refuses an extension it does not know rather than
@@ -19,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -36,6 +40,12 @@ FORMAT_VERSION = 1
 #: Extensions this engine can import (none yet: reactions and deferred events add theirs).
 KNOWN_EXTENSIONS: frozenset[str] = frozenset()
 MAX_IMPORT_ENTRIES = 10_000
+#: A room keeps its newest 1024 tokens (plus up to 64 before a trim); room to spare.
+MAX_IMPORT_TOKENS = 2048
+MAX_TOKEN_CHARS = 128
+#: The highest head an import accepts: positions grow from it by one per trimmed row,
+#: and a cursor refuses positions past 2**53.
+MAX_HEAD = 2**50
 _ROW_FIELDS = {"message_id", "role", "content", "name", "tool_calls", "tool_call_id"}
 _ATTEMPTS = 5
 
@@ -70,6 +80,7 @@ async def export_room(
                 continue
             if progress is not None:
                 progress(f"read {len(rows)} entries and {len(elements)} archive elements")
+        tokens = await store.idempotency_tokens(keys)
         state.window.rows = rows  # as its holder: sync answers "nothing changed" or not
         if (await store.sync(keys, state)).kind != 0:
             continue  # a write came between the two reads: read again
@@ -84,6 +95,7 @@ async def export_room(
             "rebackfill": reply.rebackfill,
             "entries": [orjson.loads(row) for row in rows],
             "archive": None if elements is None else {"elements": _decode_all(elements)},
+            "idempotency_keys": [token.decode("utf-8", "replace") for token in tokens],
             "extensions": {},
         }
     raise TimeoutError(f"room {room_id!r} kept changing during {_ATTEMPTS} export reads")
@@ -106,6 +118,7 @@ class ParsedRoom:
     rebackfill: bool
     rows: list[bytes]
     archive: tuple[bytes, list[bytes]] | None
+    tokens: list[str] = field(default_factory=list)
 
 
 def parse_room_export(
@@ -134,6 +147,10 @@ def parse_room_export(
             f"carries {unknown}, which this engine cannot import (they would be lost)"
         )
     head = _count(data.get("head", 0), "head")
+    if head > MAX_HEAD:
+        raise InvalidExport(
+            f"head {head} leaves no room to grow (cursors hold positions below 2**53)"
+        )
     limit = _count(data.get("limit", 0), "limit")
     if limit and not 50 <= limit <= 1000:
         raise InvalidExport(f"limit {limit} is outside [50, 1000] (0 = default)")
@@ -151,7 +168,28 @@ def parse_room_export(
         if progress is not None and index % 500 == 499:
             progress(f"checked {index + 1}/{len(entries)} entries")
     archive = data.get("archive")
-    return ParsedRoom(head, limit, rebackfill, rows, None if archive is None else _archive(archive))
+    return ParsedRoom(
+        head,
+        limit,
+        rebackfill,
+        rows,
+        None if archive is None else _archive(archive),
+        _tokens(data.get("idempotency_keys", [])),
+    )
+
+
+def _tokens(tokens: object) -> list[str]:
+    if not isinstance(tokens, list):
+        raise InvalidExport("idempotency_keys must be a list")
+    if len(tokens) > MAX_IMPORT_TOKENS:
+        raise InvalidExport(f"{len(tokens)} idempotency_keys; at most {MAX_IMPORT_TOKENS} import")
+    for index, token in enumerate(tokens):
+        if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_CHARS:
+            raise InvalidExport(
+                f"an idempotency key is a str of 1 to {MAX_TOKEN_CHARS} characters",
+                where=f"idempotency_keys[{index}]",
+            )
+    return tokens
 
 
 def _count(value: object, what: str) -> int:
@@ -215,7 +253,17 @@ async def import_room(
     *,
     replace: bool,
 ) -> int:
-    """Write the parsed export as the room, under a new epoch; returns its version."""
+    """Write the parsed export as the room, under a new epoch; returns its version.
+
+    An export whose limit is 0 took its source's default (``max_history``), which
+    this importer does not know: rows past its own default are refused, not trimmed.
+    """
+    limit = parsed.limit or store.default_limit
+    if len(parsed.rows) > limit:
+        raise InvalidExport(
+            f"holds {len(parsed.rows)} entries, more than the window limit {limit} the "
+            "room would keep (the export's limit is 0: the importer's max_history)"
+        )
     done, value = await store.import_room(
         keyspace.room(room_id),
         epoch=secrets.token_hex(6),
@@ -225,6 +273,7 @@ async def import_room(
         rebackfill=parsed.rebackfill,
         rows=parsed.rows,
         archive=parsed.archive,
+        tokens=parsed.tokens,
     )
     if not done:
         raise RoomNotEmpty(room_id, value)

@@ -34,7 +34,7 @@ from .._redis.replies import SyncReply
 from .._redis.retry import TRANSIENT_ERRORS, is_permanent
 from .._redis.rooms import RoomStore
 from .._stats import Stats
-from .ops import Op, Row
+from .ops import AppendOp, Op, Row
 from .rooms import Batch, Room, RoomTable
 from .settings import Settings
 from .window import RoomState, apply_reply
@@ -170,7 +170,13 @@ class Replicator:
     ) -> bool:
         if len(room.pending) >= self.settings.max_pending:
             raise BacklogFull(room.room_id, self.settings.max_pending)
-        found = op.apply(room.view, self.settings.max_history)
+        if op.keeps_own_token and op.token in room.confirmed_keys:
+            # A recall of a write Redis confirmed to this worker: synced holds it,
+            # so the view does not take it again (a read that cannot reach Redis
+            # serves the view as it is). Its re-send still goes out and settles it.
+            op.landed = found = True
+        else:
+            found = op.apply(room.view, self.settings.max_history)
         op.count(self.stats)
         if not found or loop is None:
             return found
@@ -399,16 +405,34 @@ class Replicator:
         self.stats.corrupt_rows += apply_reply(room.synced, reply, room.room_id, own_rows)
 
     def _finish(self, room: Room, batch: Batch, results: list[Any]) -> None:
+        confirmed: set[str] = set()
         for op, result in zip(batch.ops, results, strict=True):
             room.pending.popleft()
+            if result is True and isinstance(op, AppendOp) and op.keyed:
+                confirmed.add(op.token)
             if op.done is not None and not op.done.done():
                 if isinstance(result, Exception):
                     op.done.set_exception(result)
                 else:
                     op.done.set_result(result)
         room.inflight = None
+        if confirmed:
+            self._remember_confirmed(room, confirmed)
         if room.view_stale:
             self.rebuild_view(room)
+
+    def _remember_confirmed(self, room: Room, keys: set[str]) -> None:
+        remembered = room.confirmed_keys
+        for key in keys:
+            remembered.pop(key, None)
+            remembered[key] = None
+        while len(remembered) > _CONFIRMED_KEYS_KEPT:
+            del remembered[next(iter(remembered))]
+        # Recalls of these keys queued while the first send was in flight are in
+        # the view on top of what synced now holds: they landed too.
+        for op in room.pending:
+            if op.keeps_own_token and not op.landed and op.token in keys:
+                op.landed = room.view_stale = True
 
     def _abandon_durable(self, room: Room, batch: Batch, cause: BaseException) -> None:
         self.stats.durable_failures += 1
@@ -541,6 +565,9 @@ class Replicator:
 
 
 _SYNC_ATTEMPTS = 3
+# Confirmed caller keys a room remembers (Room.confirmed_keys): a recall of an
+# older one is in the view until its re-send or a catch-up settles it.
+_CONFIRMED_KEYS_KEPT = 64
 # Tokens one catch-up asks about (a sync's ARGV): the batch in flight and the
 # appends queued behind it.
 _MAX_ASKED_TOKENS = 1024

@@ -623,12 +623,6 @@ async def test_a_read_never_serves_a_landed_write_twice_after_a_key_loss(
         await client.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug found by the chaos checker (seeds 83, 516 hung): a persist task left "
-    "pending by a closed loop is finalized after the rebind, and two persist loops run, pop "
-    "each other's writes and die; an awaiting caller waits forever",
-)
 def test_a_persist_task_the_closed_loop_left_pending_never_strands_the_next_loop(
     redis_server: RedisServer, room: str
 ) -> None:
@@ -671,11 +665,16 @@ def test_a_persist_task_the_closed_loop_left_pending_never_strands_the_next_loop
             return view, stored
 
         asyncio.run(first())
-        try:
-            view, stored = asyncio.run(second())
-        finally:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ResourceWarning)
+        with warnings.catch_warnings():
+            # What the closed loop left of its blackholed connection (a socket, and
+            # redis-py's send coroutine) is collected during the second loop or after.
+            warnings.simplefilter("ignore", ResourceWarning)
+            warnings.filterwarnings(
+                "ignore", "coroutine 'AbstractConnection._send_packed_command' was never awaited"
+            )
+            try:
+                view, stored = asyncio.run(second())
+            finally:
                 gc.collect()
         assert len(stored) == 6
         assert view == stored

@@ -305,6 +305,7 @@ class Replicator:
         """Send the room's queue in order; ``failed``: how the inline attempt at
         ``room.inflight`` failed (handled as this loop's own first failure)."""
         loop = asyncio.get_running_loop()
+        this_task = asyncio.current_task()
         failures = unexpected = 0
         try:
             while room.pending:
@@ -361,7 +362,10 @@ class Replicator:
                 self.stats.persists += 1
                 self._finish(room, batch, results)
         finally:
-            room.task = None
+            # A task that a closed loop left pending is finalized whenever it is
+            # collected, after moved() gave the room a new task: that slot is not its own.
+            if room.task is this_task:
+                room.task = None
 
     def _next_batch(self, room: Room) -> Batch:
         first = room.pending[0]

@@ -118,6 +118,30 @@ async def test_a_cancelled_recall_of_a_confirmed_write_is_never_served_twice(
     assert [m["content"] for m in await manager.get_messages_async(room)] == ["a", "b"]
 
 
+async def test_a_recall_queued_behind_its_own_first_send_is_never_shown_twice(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    manager = make_manager(any_client)
+    state = manager._room(room)
+
+    def send() -> asyncio.Task[None]:
+        return asyncio.create_task(
+            manager.append_async(room, "user", "a", message_id="a", idempotency_key="key-a")
+        )
+
+    async with state.lock:  # the first send is taken before the recall queues
+        first = send()
+        await wait_for(lambda: state.inflight is not None, "the first send to be taken")
+        recall = send()
+        await wait_for(lambda: len(state.pending) == 2, "the recall to queue")
+    await first
+    # Confirmed, and the recall's re-send not answered yet: the view holds it once.
+    assert [e["message_id"] for e in _entries(manager, room)] == ["a"]
+    await recall
+    assert await stored_ids(any_client, room) == ["a"]
+    assert [e["message_id"] for e in _entries(manager, room)] == ["a"]
+
+
 async def test_a_recall_of_a_key_redis_forgot_lands_and_joins_the_view(
     any_client: aioredis.Redis, make_manager: Make, room: str
 ) -> None:

@@ -44,18 +44,7 @@ from conversation import ConversationManager, DrainTimeout, DurabilityError, Per
 
 pytestmark = pytest.mark.real_server
 
-# Seeds 4 and 20 sometimes (about one run in five on 2 busy cores) find an open
-# engine bug: a cancelled background recall of a keyed append that had landed is
-# served twice by reads (get_messages_async) of its own worker; Redis holds it
-# once. Kept in the run, not strict, until that bug is fixed (docs/reliability.md,
-# row K); every other seed must pass.
-KNOWN_OPEN = pytest.mark.xfail(
-    strict=False,
-    reason="open engine bug: a cancelled recall of a landed keyed append read twice once",
-)
-QUICK_SEEDS = [
-    pytest.param(seed, marks=KNOWN_OPEN) if seed in (4, 20) else seed for seed in range(1, 21)
-]
+QUICK_SEEDS = list(range(1, 21))
 QUICK = ChaosOptions()  # 3 processes x 3 rooms x 40 operations per round
 
 

@@ -7,6 +7,7 @@ Idempotency keys through batching (SPEC §27), callers settled at shutdown
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -89,6 +90,70 @@ async def test_one_batch_holding_the_same_key_twice_stores_it_once(
     assert await stored_ids(any_client, room) == ["x", "k"]
     await manager.ensure_fresh_from_redis(room)
     assert [m["message_id"] for m in _entries(manager, room)] == ["x", "k"]
+
+
+async def test_a_cancelled_recall_of_a_confirmed_write_is_never_served_twice(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    # Bug K of docs/reliability.md: the recall's rows went into the view on top of
+    # the synced copy, and a read that could not reach Redis in time served both.
+    manager = make_manager(any_client, command_timeout=0.2)
+    await manager.append_async(room, "user", "a", message_id="a", idempotency_key="key-a")
+    state = manager._room(room)
+    async with state.lock:  # the room's sender stalls, as on a blackholed connection
+        recall = asyncio.create_task(
+            manager.append_async(room, "user", "a", message_id="a", idempotency_key="key-a")
+        )
+        await wait_for(lambda: len(state.pending) == 1, "the recall to queue")
+        recall.cancel()  # the caller goes away; the re-send goes on in the background
+        with contextlib.suppress(asyncio.CancelledError):
+            await recall
+        manager.append(room, "user", "b", message_id="b")
+        # The catch-up cannot take the room within command_timeout: memory is served.
+        served = await manager.get_messages_async(room)
+        assert manager.stats()["stale_reads"] == 1
+        assert [m["content"] for m in served] == ["a", "b"]
+    await manager.drain()
+    assert await stored_ids(any_client, room) == ["a", "b"]
+    assert [m["content"] for m in await manager.get_messages_async(room)] == ["a", "b"]
+
+
+async def test_a_recall_queued_behind_its_own_first_send_is_never_shown_twice(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    manager = make_manager(any_client)
+    state = manager._room(room)
+
+    def send() -> asyncio.Task[None]:
+        return asyncio.create_task(
+            manager.append_async(room, "user", "a", message_id="a", idempotency_key="key-a")
+        )
+
+    async with state.lock:  # the first send is taken before the recall queues
+        first = send()
+        await wait_for(lambda: state.inflight is not None, "the first send to be taken")
+        recall = send()
+        await wait_for(lambda: len(state.pending) == 2, "the recall to queue")
+    await first
+    # Confirmed, and the recall's re-send not answered yet: the view holds it once.
+    assert [e["message_id"] for e in _entries(manager, room)] == ["a"]
+    await recall
+    assert await stored_ids(any_client, room) == ["a"]
+    assert [e["message_id"] for e in _entries(manager, room)] == ["a"]
+
+
+async def test_a_recall_of_a_key_redis_forgot_lands_and_joins_the_view(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    # The other side of the fix: this worker took the recall as already stored, but
+    # Redis lost the key (its idempotency set deleted), so the re-send is stored
+    # again; the view must then show it, as Redis does (SPEC §29 accepts the copy).
+    manager = make_manager(any_client)
+    await manager.append_async(room, "user", "a", message_id="a", idempotency_key="key-a")
+    await any_client.delete(f"{window_key(room)}:idem")
+    await manager.append_async(room, "user", "a", message_id="a", idempotency_key="key-a")
+    assert await stored_ids(any_client, room) == ["a", "a"]
+    assert [m["content"] for m in manager.get_messages(room)] == ["a", "a"]
 
 
 def _entries(manager: ConversationManager, room: str) -> list[dict[str, object]]:

@@ -193,6 +193,9 @@ class AppendOp(Op):
     applied_deferred: int = field(default=0, init=False)
     # The rows as made, before any deferred event was applied to them.
     original: list[Row] = field(default_factory=list, init=False, repr=False)
+    # The caller named the write's key (idempotency_key=): re-sending that key
+    # recalls this write, so the worker remembers the key once Redis confirms it.
+    keyed: bool = field(default=False, kw_only=True)
     keeps_own_token: ClassVar[bool] = True
 
     def apply(self, state: RoomState, default_limit: int) -> bool:
@@ -264,7 +267,11 @@ class AppendOp(Op):
         pushed = [row for op, flag in zip(appends, flags, strict=True) if flag == "1"
                   for row in op.rows]  # fmt: skip
         link.absorb(reply, pushed)
-        if len(pushed) != sum(len(op.rows) for op in appends):
+        # A write taken as landed is not in the view; if Redis stored it after all
+        # (its key was lost), synced now holds rows the view lacks.
+        flagged = zip(appends, flags, strict=True)
+        stored_again = any(op.landed and flag == "1" for op, flag in flagged)
+        if stored_again or len(pushed) != sum(len(op.rows) for op in appends):
             link.mark_view_stale()
         return [True] * len(batch)
 

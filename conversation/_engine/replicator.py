@@ -35,7 +35,7 @@ from .._redis.replies import SyncReply
 from .._redis.retry import TRANSIENT_ERRORS, is_permanent
 from .._redis.rooms import RoomStore
 from .._stats import Stats
-from .ops import MAX_CONFLICTS, Op, Row, now_ms
+from .ops import MAX_CONFLICTS, AppendOp, Op, Row, now_ms
 from .rooms import Batch, Room, RoomTable
 from .settings import Settings
 from .window import RoomState, apply_reply
@@ -203,7 +203,13 @@ class Replicator:
     ) -> bool:
         if len(room.pending) >= self.settings.max_pending:
             raise BacklogFull(room.room_id, self.settings.max_pending)
-        found = op.apply(room.view, self.settings.max_history)
+        if op.keeps_own_token and op.token in room.confirmed_keys:
+            # A recall of a write Redis confirmed to this worker: synced holds it,
+            # so the view does not take it again (a read that cannot reach Redis
+            # serves the view as it is). Its re-send still goes out and settles it.
+            op.landed = found = True
+        else:
+            found = op.apply(room.view, self.settings.max_history)
         op.count(self.stats)
         if not found or loop is None:
             return found
@@ -333,6 +339,7 @@ class Replicator:
         """Send the room's queue in order; ``failed``: how the inline attempt at
         ``room.inflight`` failed (handled as this loop's own first failure)."""
         loop = asyncio.get_running_loop()
+        this_task = asyncio.current_task()
         failures = unexpected = 0
         try:
             while room.pending:
@@ -389,7 +396,10 @@ class Replicator:
                 self.stats.persists += 1
                 self._finish(room, batch, results)
         finally:
-            room.task = None
+            # A task that a closed loop left pending is finalized whenever it is
+            # collected, after moved() gave the room a new task: that slot is not its own.
+            if room.task is this_task:
+                room.task = None
 
     def _next_batch(self, room: Room) -> Batch:
         first = room.pending[0]
@@ -433,8 +443,11 @@ class Replicator:
         self.stats.corrupt_rows += apply_reply(room.synced, reply, room.room_id, own_rows)
 
     def _finish(self, room: Room, batch: Batch, results: list[Any]) -> None:
+        confirmed: set[str] = set()
         for op, result in zip(batch.ops, results, strict=True):
             room.pending.popleft()
+            if result is True and isinstance(op, AppendOp) and op.keyed:
+                confirmed.add(op.token)
             if op.done is not None and not op.done.done():
                 if isinstance(result, Exception):
                     op.done.set_exception(result)
@@ -448,8 +461,23 @@ class Replicator:
                 logger.warning("room %s: a write was refused: %s", room.room_id,
                                describe_error(result))  # fmt: skip
         room.inflight = None
+        if confirmed:
+            self._remember_confirmed(room, confirmed)
         if room.view_stale:
             self.rebuild_view(room)
+
+    def _remember_confirmed(self, room: Room, keys: set[str]) -> None:
+        remembered = room.confirmed_keys
+        for key in keys:
+            remembered.pop(key, None)
+            remembered[key] = None
+        while len(remembered) > _CONFIRMED_KEYS_KEPT:
+            del remembered[next(iter(remembered))]
+        # Recalls of these keys queued while the first send was in flight are in
+        # the view on top of what synced now holds: they landed too.
+        for op in room.pending:
+            if op.keeps_own_token and not op.landed and op.token in keys:
+                op.landed = room.view_stale = True
 
     def _abandon_durable(self, room: Room, batch: Batch, cause: BaseException) -> None:
         self.stats.durable_failures += 1
@@ -629,6 +657,9 @@ class Replicator:
 
 
 _SYNC_ATTEMPTS = 3
+# Confirmed caller keys a room remembers (Room.confirmed_keys): a recall of an
+# older one is in the view until its re-send or a catch-up settles it.
+_CONFIRMED_KEYS_KEPT = 64
 # Tokens one catch-up asks about (a sync's ARGV): the batch in flight and the
 # appends queued behind it.
 _MAX_ASKED_TOKENS = 1024

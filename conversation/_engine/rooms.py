@@ -61,6 +61,10 @@ class Room:
     # entry holds the row, so the id is not reused while it is here): kept with the
     # room so it goes when the room does.
     token_estimates: dict[int, tuple[bytes, int]] = field(default_factory=dict)
+    # The caller-chosen keys of this worker's appends that Redis confirmed, newest
+    # last (a bounded few): a re-send of one is a recall of a stored write, which
+    # the view must not show a second time while the re-send is in flight.
+    confirmed_keys: dict[str, None] = field(default_factory=dict)
 
     def idle(self) -> bool:
         """Nothing queued and nothing being persisted: forgetting it loses nothing."""

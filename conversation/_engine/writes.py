@@ -83,7 +83,7 @@ class Writes:
                     f"must be a non-empty str of at most {MAX_IDEMPOTENCY_KEY_CHARS} characters",
                     field="idempotency_key",
                 )
-            op.token = idempotency_key
+            op.token, op.keyed = idempotency_key, True
         return op
 
     def edit(self, message_id: object, transform: Transform) -> EditOp:

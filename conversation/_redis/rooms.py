@@ -174,9 +174,14 @@ class RoomStore:
         rebackfill: bool,
         rows: Sequence[bytes],
         archive: tuple[bytes, Sequence[bytes]] | None,
+        reactions: Sequence[tuple[str, bytes]] = (),
+        deferred: tuple[Sequence[bytes], int] = ((), 0),
     ) -> tuple[bool, int]:
-        """``lua/import.lua``: (True, new version), or (False, entries the room holds)."""
+        """``lua/import.lua``: (True, new version), or (False, entries the room holds).
+        ``reactions``: (identity, state JSON) to track; ``deferred``: the deferred hash's
+        fields and values, flat, and how long it lives (ms)."""
         header, elements = archive if archive is not None else (b"", ())
+        waiting, waiting_ms = deferred
         args: list[Arg] = [
             "",
             0,
@@ -194,7 +199,12 @@ class RoomStore:
             len(rows),
             "0" if archive is None else "1",
             header,
+            len(reactions),
+            len(waiting) // 2,
+            waiting_ms,
             *rows,
+            *(part for pair in reactions for part in pair),
+            *waiting,
             *elements,
         ]
         raw = await self._pipeliner.run(self.scripts["import"], keys.as_list(), args, True)

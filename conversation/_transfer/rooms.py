@@ -9,13 +9,16 @@ An export is a plain dict that ``json.dumps`` accepts::
      "archive": None | {"elements": [archived rows and fold commit records]},
      "extensions": {}}
 
-``extensions`` is where state kept beside the window goes (tracked reactions,
-deferred events): an importer refuses an extension it does not know rather than
-drop it. The import is ``lua/import.lua``: one script, a new epoch, all or nothing.
+``extensions`` is where state kept beside the window goes: ``"reactions"`` (the
+window's tracked reactions) and ``"deferred"`` (events waiting for their message),
+each present only when the room has some (``_transfer/extensions.py``). An
+importer refuses an extension it does not know rather than drop it. The import is
+``lua/import.lua``: one script, a new epoch, all or nothing, extensions included.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -25,16 +28,27 @@ from typing import Any
 import orjson
 
 from .._consolidation.archive import ArchiveMoved, read_archive
+from .._engine.ops import now_ms
 from .._engine.window import RoomState
 from .._entries import build_entry, encode
 from .._errors import InvalidExport, InvalidMessage, RoomNotEmpty
 from .._redis.keys import KeySpace
 from .._redis.rooms import RoomStore
+from .extensions import (
+    DEFERRED,
+    REACTIONS,
+    ParsedExtensions,
+    export_deferred,
+    export_reactions,
+    parse_extensions,
+)
 
 FORMAT = "conversation-room"
 FORMAT_VERSION = 1
-#: Extensions this engine can import (none yet: reactions and deferred events add theirs).
-KNOWN_EXTENSIONS: frozenset[str] = frozenset()
+#: Extensions this engine can import: tracked reactions and deferred events (SPEC §35).
+#: An export without them imports as before; one carrying a name outside this set is
+#: refused, so an engine never silently drops state a newer one exported.
+KNOWN_EXTENSIONS: frozenset[str] = frozenset({REACTIONS, DEFERRED})
 MAX_IMPORT_ENTRIES = 10_000
 _ROW_FIELDS = {"message_id", "role", "content", "name", "tool_calls", "tool_call_id"}
 _ATTEMPTS = 5
@@ -70,9 +84,24 @@ async def export_room(
                 continue
             if progress is not None:
                 progress(f"read {len(rows)} entries and {len(elements)} archive elements")
+        # Every change to the tracked reactions (a reaction, a patch, an append that
+        # applies waiting events, a clear) advances the version, so reactions read
+        # between the two syncs belong to this window. Keeping an event advances
+        # nothing: one kept meanwhile is in the export or not, as if it came just
+        # after or just before; one applied meanwhile moves the version.
+        entries = [orjson.loads(row) for row in rows]
+        identities = [e["message_id"] for e in entries if isinstance(e.get("message_id"), str)]
+        async with asyncio.timeout(timeout):
+            tracked = await store.redis.hmget(keys.reactions, identities) if identities else []
+            waiting = await store.redis.hgetall(keys.deferred)
         state.window.rows = rows  # as its holder: sync answers "nothing changed" or not
         if (await store.sync(keys, state)).kind != 0:
             continue  # a write came between the two reads: read again
+        extensions: dict[str, Any] = {}
+        if reactions := export_reactions(identities, tracked):
+            extensions[REACTIONS] = reactions
+        if deferred := export_deferred(waiting, now_ms()):
+            extensions[DEFERRED] = deferred
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -82,9 +111,9 @@ async def export_room(
             "head": reply.head if reply.kind == 2 else 0,
             "limit": reply.limit,
             "rebackfill": reply.rebackfill,
-            "entries": [orjson.loads(row) for row in rows],
+            "entries": entries,
             "archive": None if elements is None else {"elements": _decode_all(elements)},
-            "extensions": {},
+            "extensions": extensions,
         }
     raise TimeoutError(f"room {room_id!r} kept changing during {_ATTEMPTS} export reads")
 
@@ -106,6 +135,7 @@ class ParsedRoom:
     rebackfill: bool
     rows: list[bytes]
     archive: tuple[bytes, list[bytes]] | None
+    extensions: ParsedExtensions
 
 
 def parse_room_export(
@@ -151,7 +181,15 @@ def parse_room_export(
         if progress is not None and index % 500 == 499:
             progress(f"checked {index + 1}/{len(entries)} entries")
     archive = data.get("archive")
-    return ParsedRoom(head, limit, rebackfill, rows, None if archive is None else _archive(archive))
+    identities = {e["message_id"] for e in entries if isinstance(e.get("message_id"), str)}
+    return ParsedRoom(
+        head,
+        limit,
+        rebackfill,
+        rows,
+        None if archive is None else _archive(archive),
+        parse_extensions(extensions, identities),
+    )
 
 
 def _count(value: object, what: str) -> int:
@@ -225,6 +263,8 @@ async def import_room(
         rebackfill=parsed.rebackfill,
         rows=parsed.rows,
         archive=parsed.archive,
+        reactions=parsed.extensions.reactions,
+        deferred=parsed.extensions.deferred_values(now_ms()),
     )
     if not done:
         raise RoomNotEmpty(room_id, value)

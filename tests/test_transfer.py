@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from redis_servers import RedisServer
 
 from conversation import (
+    ConfigurationError,
     ConsolidationConfig,
     ConversationManager,
     InvalidExport,
@@ -336,6 +337,18 @@ async def test_a_reaction_between_the_window_read_and_the_reactions_read_is_expo
     assert reacted == [True]
     assert export["extensions"]["reactions"] == {"1": [["👍", "👍", ["ann", "bob"]]]}
     assert "[Reactions: 👍 2]" in export["entries"][0]["content"]
+
+
+async def test_a_memory_only_manager_refuses_export_and_import_like_the_feed(
+    make_manager: Make, room: str
+) -> None:
+    manager = make_manager(None)
+    manager.append(room, "user", "[Message ID: 1] hi")
+    manager.add_reaction(room, 1, "👍", "ann")
+    with pytest.raises(ConfigurationError, match="memory-only"):
+        await manager.export_room(room)
+    with pytest.raises(ConfigurationError, match="memory-only"):
+        await manager.import_room(room, {"format": "conversation-room"})
 
 
 async def test_an_imported_waiting_event_still_expires(

@@ -14,10 +14,12 @@
 --               iseq counter (the newest IDEM_CAP at least are kept)
 --   [5] archive LIST: a header, then fold records (see "The archive" below); only
 --               fold.lua and archive_stage.lua write it, every write refreshes its TTL
---   [6] reactions HASH message identity -> that message's tracked reactions (only
---               react.lua writes it, replace.lua forgets a field, clear.lua drops it)
+--   [6] reactions HASH message identity -> that message's tracked reactions
+--               (react.lua writes it, import.lua an export's, replace.lua forgets a
+--               field, clear.lua drops it)
 --   [7] deferred HASH events for messages the room does not hold yet (see "Deferred
---               events" below); defer.lua writes it, append.lua applies and drops it
+--               events" below); defer.lua writes it (import.lua an export's), append.lua
+--               applies and drops it
 -- ARGV (every script): [1] caller epoch ('' = knows nothing), [2] caller version,
 --   [3] caller head, [4] caller length (the caller's synced window), [5] idempotency
 --   token ('' = none), [6] TTL in ms (0 = keys do not expire), [7] default window

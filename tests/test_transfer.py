@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from redis_servers import RedisServer
 
 from conversation import (
+    ConfigurationError,
     ConsolidationConfig,
     ConversationManager,
     InvalidExport,
@@ -23,6 +24,7 @@ from conversation import (
     SessionStore,
 )
 from conversation._redis.keys import KeySpace
+from conversation.testing import wait_until
 
 pytestmark = pytest.mark.real_server
 
@@ -136,7 +138,7 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], object], str]] = [
     ("not an object", lambda d: [d], "JSON object"),
     ("foreign format", lambda d: {**d, "format": "slack-export"}, "format is"),
     ("newer engine", lambda d: {**d, "format_version": 99}, "newer engine"),
-    ("unknown extension", lambda d: {**d, "extensions": {"reactions": {}}}, "cannot import"),
+    ("unknown extension", lambda d: {**d, "extensions": {"polls": {}}}, "cannot import"),
     ("bad entry", lambda d: {**d, "entries": [{"role": "robot", "content": "x"}]}, "role"),
     (
         "entry field",
@@ -160,6 +162,65 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], object], str]] = [
 ]
 
 
+def _with(name: str, value: object) -> Callable[[dict[str, Any]], object]:
+    return lambda d: {**d, "extensions": {**d["extensions"], name: value}}
+
+
+def _waiting(event: object, keep_ms: object = 60_000) -> dict[str, Any]:
+    return {"7": [{"keep_ms": keep_ms, "event": event}]}
+
+
+THUMBS = [["👍", "👍", ["ann"]]]
+BAD += [
+    ("reactions not an object", _with("reactions", []), "extensions.reactions"),
+    ("reactions of a message not exported", _with("reactions", {"99": THUMBS}), "names no message"),
+    ("forged emoji", _with("reactions", {"1": [["x]", "x]", ["ann"]]]}), "must not contain"),
+    ("emoji shown otherwise", _with("reactions", {"1": [["👍", "🔥", ["ann"]]]}), "shows as"),
+    ("custom emoji forged", _with("reactions", {"1": [["<:12>", ":a]:", ["ann"]]]}), "shows as"),
+    ("counted twice", _with("reactions", {"1": [["👍", "👍", ["ann", "ann"]]]}), "twice"),
+    ("user control chars", _with("reactions", {"1": [["👍", "👍", ["a\x00"]]]}), "control"),
+    ("no users", _with("reactions", {"1": [["👍", "👍", []]]}), "non-empty"),
+    (
+        "too many emoji",
+        _with("reactions", {"1": [[f"e{i}", f"e{i}", ["a"]] for i in range(65)]}),
+        "distinct emoji",
+    ),
+    (
+        "deferred for a held message",
+        _with("deferred", {"1": _waiting({"k": "patch", "s": "x"})["7"]}),
+        "entries hold",
+    ),
+    ("deferred kind", _with("deferred", _waiting({"k": "boom"})), "not an edit"),
+    (
+        "deferred extra field",
+        _with("deferred", _waiting({"k": "patch", "s": "x", "z": 1})),
+        "not an edit",
+    ),
+    ("deferred lifetime", _with("deferred", _waiting({"k": "patch", "s": "x"}, 0)), "keep_ms"),
+    (
+        "deferred lifetime bool",
+        _with("deferred", _waiting({"k": "patch", "s": "x"}, True)),
+        "keep_ms",
+    ),
+    ("deferred edit", _with("deferred", _waiting({"k": "edit", "c": 5})), "content"),
+    (
+        "deferred reaction",
+        _with("deferred", _waiting({"k": "react", "a": "+", "e": "[", "d": "[", "u": "ann"})),
+        "must not contain",
+    ),
+    (
+        "deferred action",
+        _with("deferred", _waiting({"k": "react", "a": "?", "e": "", "d": "", "u": ""})),
+        "action",
+    ),
+    (
+        "deferred identity",
+        _with("deferred", {"[7]": _waiting({"k": "patch", "s": "x"})["7"]}),
+        "not a message identity",
+    ),
+]
+
+
 @pytest.mark.parametrize(("case", "damage", "problem"), BAD, ids=[b[0] for b in BAD])
 async def test_a_damaged_or_foreign_export_is_refused_and_nothing_is_written(
     redis_client: aioredis.Redis,
@@ -176,6 +237,138 @@ async def test_a_damaged_or_foreign_export_is_refused_and_nothing_is_written(
     with pytest.raises(InvalidExport, match=problem):
         await manager.import_room(target, damage(export), replace=True)  # type: ignore[arg-type]
     assert await redis_client.keys(f"*{target}*") == []
+
+
+async def test_a_damaged_extension_after_a_good_one_writes_nothing_into_a_replaced_room(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    manager = make_manager(redis_client)
+    await manager.append_async(room, "user", "[Message ID: 1] hi")
+    await manager.add_reaction_async(room, 1, "👍", "ann")
+    export = await manager.export_room(room)
+    export["extensions"]["deferred"] = _waiting(
+        {"k": "react", "a": "+", "e": "👍", "d": "👍", "u": "\x07"}
+    )
+    keys = KEYS.room(room)
+    before = (
+        await redis_client.lrange(keys.window, 0, -1),
+        await redis_client.hgetall(keys.reactions),
+    )
+    with pytest.raises(InvalidExport, match=r"extensions\.deferred\['7'\]\[0\]"):
+        await manager.import_room(room, export, replace=True)
+    after = (
+        await redis_client.lrange(keys.window, 0, -1),
+        await redis_client.hgetall(keys.reactions),
+    )
+    assert after == before
+    assert not await redis_client.exists(keys.deferred)
+
+
+async def _content(manager: ConversationManager, room: str, marker: str) -> str:
+    (content,) = [
+        m["content"] for m in await manager.get_messages_async(room) if marker in str(m["content"])
+    ]
+    return str(content)
+
+
+async def test_reactions_and_waiting_events_move_with_an_export_and_keep_counting_exactly(
+    redis_client: aioredis.Redis, other_server: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    source = make_manager(redis_client)
+    for i in (1, 2, 3):
+        await source.append_async(room, "user", f"[Message ID: {i}] turn {i}")
+    for user in ("ann", "bob"):
+        assert await source.add_reaction_async(room, 1, "👍", user)
+    assert await source.add_reaction_async(room, 2, "<:party:123>", "cy")
+    # Events for a message not appended yet wait for it.
+    assert not await source.add_reaction_async(room, 50, "🔥", "dee")
+    assert not await source.update_message_async(room, 50, "[Message ID: 50] edited")
+    export = await source.export_room(room)
+    assert export["extensions"]["reactions"] == {
+        "1": [["👍", "👍", ["ann", "bob"]]],
+        "2": [["<:123>", ":party:", ["cy"]]],
+    }
+    (react, edit) = export["extensions"]["deferred"]["50"]
+    assert react["event"]["k"] == "react" and edit["event"] == {
+        "k": "edit",
+        "c": "[Message ID: 50] edited",
+    }
+    assert 0 < edit["keep_ms"] <= 600_000  # the lifetime left, not a clock reading
+
+    target = make_manager(other_server)
+    await target.import_room(room, json.loads(json.dumps(export)))
+    assert "👍 2" in await _content(target, room, "turn 1")
+    assert await target.add_reaction_async(room, 1, "👍", "eve")
+    assert "[Reactions: 👍 3]" in await _content(target, room, "turn 1")
+    assert await target.add_reaction_async(room, 1, "👍", "ann")  # a redelivery
+    assert await target.add_reaction_async(room, 2, "<:party:123>", "cy")
+    assert "[Reactions: 👍 3]" in await _content(target, room, "turn 1")
+    assert "[Reactions: :party: 1]" in await _content(target, room, "turn 2")
+    assert await target.remove_reaction_async(room, 1, "👍", "bob")
+    assert "[Reactions: 👍 2]" in await _content(target, room, "turn 1")
+
+    await target.append_async(room, "user", "[Message ID: 50] original")
+    applied = await _content(target, room, "Message ID: 50")
+    assert "edited" in applied and "[Reactions: 🔥 1]" in applied
+    assert await target.add_reaction_async(room, 50, "🔥", "dee")  # applied once, tracked
+    assert "[Reactions: 🔥 1]" in await _content(target, room, "Message ID: 50")
+    assert not await other_server.exists(KEYS.room(room).deferred)  # consumed
+
+
+async def test_a_reaction_between_the_window_read_and_the_reactions_read_is_exported_with_its_tag(
+    redis_client: aioredis.Redis,
+    make_manager: Make,
+    room: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exporter, reactor = make_manager(redis_client), make_manager(redis_client)
+    await exporter.append_async(room, "user", "[Message ID: 1] hi")
+    assert await reactor.add_reaction_async(room, 1, "👍", "ann")
+    hmget = redis_client.hmget
+    reacted: list[bool] = []
+
+    async def react_first(*args: Any) -> Any:
+        # The window read saw one reaction; another worker adds one before this read.
+        if not reacted:
+            reacted.append(await reactor.add_reaction_async(room, 1, "👍", "bob"))
+        return await hmget(*args)
+
+    monkeypatch.setattr(redis_client, "hmget", react_first)
+    export = await exporter.export_room(room)
+    assert reacted == [True]
+    assert export["extensions"]["reactions"] == {"1": [["👍", "👍", ["ann", "bob"]]]}
+    assert "[Reactions: 👍 2]" in export["entries"][0]["content"]
+
+
+async def test_a_memory_only_manager_refuses_export_and_import_like_the_feed(
+    make_manager: Make, room: str
+) -> None:
+    manager = make_manager(None)
+    manager.append(room, "user", "[Message ID: 1] hi")
+    manager.add_reaction(room, 1, "👍", "ann")
+    with pytest.raises(ConfigurationError, match="memory-only"):
+        await manager.export_room(room)
+    with pytest.raises(ConfigurationError, match="memory-only"):
+        await manager.import_room(room, {"format": "conversation-room"})
+
+
+async def test_an_imported_waiting_event_still_expires(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    manager = make_manager(redis_client)
+    await manager.append_async(room, "user", "[Message ID: 1] hi")
+    export = await manager.export_room(room)
+    export["extensions"]["deferred"] = _waiting({"k": "edit", "c": "[Message ID: 7] late"}, 150)
+    await manager.import_room(room, export, replace=True)
+    deferred = KEYS.room(room).deferred
+    assert 0 < await redis_client.pttl(deferred) <= 150
+    await wait_until(lambda: _gone(redis_client, deferred), what="the hash to expire")
+    await manager.append_async(room, "user", "[Message ID: 7] original")
+    assert await _content(manager, room, "Message ID: 7") == "[Message ID: 7] original"
+
+
+async def _gone(redis: aioredis.Redis, key: str) -> bool:
+    return not await redis.exists(key)
 
 
 # ------------------------------------------------------------------ sessions

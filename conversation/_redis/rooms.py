@@ -180,9 +180,14 @@ class RoomStore:
         rows: Sequence[bytes],
         archive: tuple[bytes, Sequence[bytes]] | None,
         tokens: Sequence[str] = (),
+        reactions: Sequence[tuple[str, bytes]] = (),
+        deferred: tuple[Sequence[bytes], int] = ((), 0),
     ) -> tuple[bool, int]:
-        """``lua/import.lua``: (True, new version), or (False, entries the room holds)."""
+        """``lua/import.lua``: (True, new version), or (False, entries the room holds).
+        ``reactions``: (identity, state JSON) to track; ``deferred``: the deferred hash's
+        fields and values, flat, and how long it lives (ms)."""
         header, elements = archive if archive is not None else (b"", ())
+        waiting, waiting_ms = deferred
         args: list[Arg] = [
             "",
             0,
@@ -200,9 +205,14 @@ class RoomStore:
             len(rows),
             "0" if archive is None else "1",
             header,
+            len(reactions),
+            len(waiting) // 2,
+            waiting_ms,
             *rows,
             len(tokens),
             *tokens,
+            *(part for pair in reactions for part in pair),
+            *waiting,
             *elements,
         ]
         raw = await self._pipeliner.run(self.scripts["import"], keys.as_list(), args, True)

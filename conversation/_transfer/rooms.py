@@ -13,13 +13,16 @@ An export is a plain dict that ``json.dumps`` accepts::
 ``idempotency_keys`` travel with the room so that a write retried under its key
 after the room moved is a replay on the imported room, not a second copy.
 
-``extensions`` is where state kept beside the window goes (tracked reactions,
-deferred events): an importer refuses an extension it does not know rather than
-drop it. The import is ``lua/import.lua``: one script, a new epoch, all or nothing.
+``extensions`` is where state kept beside the window goes: ``"reactions"`` (the
+window's tracked reactions) and ``"deferred"`` (events waiting for their message),
+each present only when the room has some (``_transfer/extensions.py``). An
+importer refuses an extension it does not know rather than drop it. The import is
+``lua/import.lua``: one script, a new epoch, all or nothing, extensions included.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -29,16 +32,27 @@ from typing import Any
 import orjson
 
 from .._consolidation.archive import ArchiveMoved, read_archive
+from .._engine.ops import now_ms
 from .._engine.window import RoomState
 from .._entries import build_entry, encode
 from .._errors import InvalidExport, InvalidMessage, RoomNotEmpty
 from .._redis.keys import KeySpace
 from .._redis.rooms import RoomStore
+from .extensions import (
+    DEFERRED,
+    REACTIONS,
+    ParsedExtensions,
+    export_deferred,
+    export_reactions,
+    parse_extensions,
+)
 
 FORMAT = "conversation-room"
 FORMAT_VERSION = 1
-#: Extensions this engine can import (none yet: reactions and deferred events add theirs).
-KNOWN_EXTENSIONS: frozenset[str] = frozenset()
+#: Extensions this engine can import: tracked reactions and deferred events (SPEC §35).
+#: An export without them imports as before; one carrying a name outside this set is
+#: refused, so an engine never silently drops state a newer one exported.
+KNOWN_EXTENSIONS: frozenset[str] = frozenset({REACTIONS, DEFERRED})
 MAX_IMPORT_ENTRIES = 10_000
 #: A room keeps its newest 1024 tokens (plus up to 64 before a trim); room to spare.
 MAX_IMPORT_TOKENS = 2048
@@ -81,9 +95,24 @@ async def export_room(
             if progress is not None:
                 progress(f"read {len(rows)} entries and {len(elements)} archive elements")
         tokens = await store.idempotency_tokens(keys)
+        # Every change to the tracked reactions (a reaction, a patch, an append that
+        # applies waiting events, a clear) advances the version, so reactions read
+        # between the two syncs belong to this window. Keeping an event advances
+        # nothing: one kept meanwhile is in the export or not, as if it came just
+        # after or just before; one applied meanwhile moves the version.
+        entries = [orjson.loads(row) for row in rows]
+        identities = [e["message_id"] for e in entries if isinstance(e.get("message_id"), str)]
+        async with asyncio.timeout(timeout):
+            tracked = await store.redis.hmget(keys.reactions, identities) if identities else []
+            waiting = await store.redis.hgetall(keys.deferred)
         state.window.rows = rows  # as its holder: sync answers "nothing changed" or not
         if (await store.sync(keys, state)).kind != 0:
             continue  # a write came between the two reads: read again
+        extensions: dict[str, Any] = {}
+        if reactions := export_reactions(identities, tracked):
+            extensions[REACTIONS] = reactions
+        if deferred := export_deferred(waiting, now_ms()):
+            extensions[DEFERRED] = deferred
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -93,10 +122,10 @@ async def export_room(
             "head": reply.head if reply.kind == 2 else 0,
             "limit": reply.limit,
             "rebackfill": reply.rebackfill,
-            "entries": [orjson.loads(row) for row in rows],
+            "entries": entries,
             "archive": None if elements is None else {"elements": _decode_all(elements)},
             "idempotency_keys": [token.decode("utf-8", "replace") for token in tokens],
-            "extensions": {},
+            "extensions": extensions,
         }
     raise TimeoutError(f"room {room_id!r} kept changing during {_ATTEMPTS} export reads")
 
@@ -118,6 +147,7 @@ class ParsedRoom:
     rebackfill: bool
     rows: list[bytes]
     archive: tuple[bytes, list[bytes]] | None
+    extensions: ParsedExtensions
     tokens: list[str] = field(default_factory=list)
 
 
@@ -168,12 +198,14 @@ def parse_room_export(
         if progress is not None and index % 500 == 499:
             progress(f"checked {index + 1}/{len(entries)} entries")
     archive = data.get("archive")
+    identities = {e["message_id"] for e in entries if isinstance(e.get("message_id"), str)}
     return ParsedRoom(
         head,
         limit,
         rebackfill,
         rows,
         None if archive is None else _archive(archive),
+        parse_extensions(extensions, identities),
         _tokens(data.get("idempotency_keys", [])),
     )
 
@@ -274,6 +306,8 @@ async def import_room(
         rows=parsed.rows,
         archive=parsed.archive,
         tokens=parsed.tokens,
+        reactions=parsed.extensions.reactions,
+        deferred=parsed.extensions.deferred_values(now_ms()),
     )
     if not done:
         raise RoomNotEmpty(room_id, value)

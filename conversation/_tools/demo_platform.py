@@ -334,7 +334,8 @@ def check_outcome(
         outcome.check(
             deferred >= 1 and entry is not None and _text(entry).endswith(EARLY_EDIT_SUFFIX),
             f"edit before its message: MESSAGE_UPDATE for {early.data['message_id']} came "
-            f"first (deferred; the inference worker deferred {deferred} events), applied "
+            f"first (deferred; the inference worker deferred {deferred} "
+            f"event{'s' if deferred != 1 else ''}), applied "
             "when its MESSAGE_CREATE landed: "
             + (repr(_text(entry)) if entry else "message missing"),
         )

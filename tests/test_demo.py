@@ -235,6 +235,17 @@ def test_demo_without_any_redis_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_platform_payloads_without_discord_py_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "discord.py").write_text("raise ImportError('hidden for this test')\n")
+    result = _demo("--platform-payloads", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 2
+    assert "--platform-payloads needs discord.py: pip install 'conversation[discord]'" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert "Redis:" not in result.stdout, "refused before starting anything"
+
+
 # ------------------------------------------------------------ the pieces
 
 

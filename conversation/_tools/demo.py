@@ -73,6 +73,7 @@ from .terminal import (
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_UNREACHABLE,
+    EXIT_USAGE,
     CliError,
     Palette,
     Progress,
@@ -1212,9 +1213,7 @@ def run(options: DemoOptions, out: IO[str] | None = None) -> int:
     rooms = tuple(room for room, *_ in catalogue[: options.rooms])
     script = build_script(rooms, options.events, options.seed)
     if options.platform_payloads:
-        from . import demo_platform  # noqa: PLC0415 (needs discord.py)
-
-        script = demo_platform.to_payloads(script, options.seed)
+        script = _platform_module().to_payloads(script, options.seed)
     print(
         palette.bold("conversation demo")
         + f" — {len(rooms)} rooms, {len(script)} events, seed {options.seed}",
@@ -1237,6 +1236,18 @@ def run(options: DemoOptions, out: IO[str] | None = None) -> int:
             platform_payloads=options.platform_payloads,
         )
         return _Orchestrator(config, script, options, palette, out).run()
+
+
+def _platform_module() -> Any:
+    """``demo_platform``, imported on demand: it needs discord.py, an optional extra."""
+    try:
+        from . import demo_platform  # noqa: PLC0415
+    except ImportError as exc:
+        raise CliError(
+            f"--platform-payloads needs discord.py: pip install 'conversation[discord]' ({exc})",
+            EXIT_USAGE,
+        ) from exc
+    return demo_platform
 
 
 async def _probe(url: str) -> bool:

@@ -8,12 +8,14 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from redis_servers import REDIS_SERVER, RedisServer
 
 from conversation._tools.demo import (
+    PLATFORM_ROOM_CATALOGUE,
     ROOM_CATALOGUE,
     WEATHER_TOOL,
     FakeModel,
@@ -22,11 +24,18 @@ from conversation._tools.demo import (
     fake_weather,
     script_summary,
 )
+from conversation._tools.demo_events import Event
+from conversation._tools.demo_platform import (
+    EARLY_EDIT_SUFFIX,
+    check_outcome,
+    to_payloads,
+)
 from conversation._tools.redis_server import SERVER_ENV
 from conversation._tools.terminal import Palette
 
 ROOT = Path(__file__).resolve().parent.parent
 ROOMS = [room for room, *_ in ROOM_CATALOGUE[:3]]
+PLATFORM_ROOMS = [room for room, *_ in PLATFORM_ROOM_CATALOGUE[:3]]
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_server]
 
@@ -109,6 +118,90 @@ def test_demo_converges_on_a_private_redis_server(redis_server: RedisServer) -> 
         assert any(str(row.get("message_id", "")).startswith("summary:") for row in summaries)
 
 
+def _expected_reactions(events: list[Event]) -> dict[str, str]:
+    """The test's own fold of the per-user events: who holds which emoji, listed by
+    count, ties by first seen (an emoji nobody holds any more starts again)."""
+    held: dict[str, dict[str, set[str]]] = {}
+    for event in events:
+        if event.kind != "reaction":
+            continue
+        emoji = held.setdefault(event.data["message_id"], {})
+        users = emoji.setdefault(event.data["emoji"], set())
+        (users.add if event.data["op"] == "add" else users.discard)(event.data["user"])
+        if not users:
+            del emoji[event.data["emoji"]]
+    return {
+        message_id: ", ".join(
+            f"{e} {len(u)}"
+            for _, (e, u) in sorted(enumerate(emoji.items()), key=lambda i: (-len(i[1][1]), i[0]))
+        )
+        for message_id, emoji in held.items()
+    }
+
+
+def _text(row: dict[str, Any]) -> str:
+    content = row["content"]
+    return content if isinstance(content, str) else content[0]["text"]
+
+
+def test_demo_with_platform_payloads_goes_through_the_discord_binding(
+    redis_server: RedisServer,
+) -> None:
+    # Seed 13: the storm's 11 events include removes and 3 redelivered copies.
+    args = ("--rooms", "2", "--events", "60", "--seed", "13")
+    result = _demo("--platform-payloads", "--redis-url", redis_server.url, *args)
+    _assert_converged(result, rooms=2)
+    out = result.stdout
+    payloads = to_payloads(build_script(PLATFORM_ROOMS[:2], 60, seed=13), seed=13)
+    assert f"All {len(payloads)} events handled by every worker" in out
+    assert "Platform payloads (discord.py parsed each gateway dict" in out
+    for check in ("rooms", "names", "markers", "reactions", "storm", "edit before its message"):
+        assert f"✓ {check}: " in out, check
+    assert "PyNaCl" not in result.stderr
+
+    (early,) = [e for e in payloads if e.data.get("early")]
+    create = next(
+        e
+        for e in payloads
+        if e.kind == "message" and e.data["message_id"] == early.data["message_id"]
+    )
+    assert early.seq < create.seq, "the edit is sent before its message"
+    expected = _expected_reactions(payloads)
+    storm = Counter(e.data["message_id"] for e in payloads if e.kind == "reaction")
+    storm_id = storm.most_common(1)[0][0]
+    on_storm = [
+        e.data for e in payloads if e.kind == "reaction" and e.data["message_id"] == storm_id
+    ]
+    assert any(d.get("redelivered") for d in on_storm), "the storm has redelivered events"
+    assert any(d["op"] == "remove" for d in on_storm), "and removes"
+    with redis_server.sync_client() as client:
+        for group in client.xinfo_groups("sg:demo:events"):
+            assert group["pending"] == 0
+            assert group["entries-read"] == len(payloads)
+        rows = {
+            str(row.get("message_id")): row
+            for room in PLATFORM_ROOMS[:2]
+            for row in map(orjson.loads, client.lrange(f"sg:conversation:{{{room}}}", 0, -1))
+        }
+    # Rooms, markers and names as the binding maps them.
+    users = [row for row in rows.values() if row["role"] == "user"]
+    assert users and all(_text(r).startswith(f"[Message ID: {r['message_id']}] ") for r in users)
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{1,64}", r["name"]) for r in users)
+    assert any(r["name"] == "dara_mod" and "] dara (mod): " in _text(r) for r in users)
+    # The bot's replies came back as the gateway's echo of its messages: assistant turns.
+    replies = [r for r in rows.values() if r["role"] == "assistant" and "(fake model)" in _text(r)]
+    assert replies and all("name" not in r for r in replies)
+    # Reactions: exactly the per-user model, the storm's message included.
+    assert storm_id in rows
+    for message_id, summary in expected.items():
+        if message_id in rows:
+            tag = re.search(r"\[Reactions: ([^\]]*)\]", _text(rows[message_id]))
+            assert (tag.group(1) if tag else "") == summary, message_id
+    assert f"[Reactions: {expected[storm_id]}]" in _text(rows[storm_id])
+    # The edit that arrived before its message was applied when the message landed.
+    assert _text(rows[early.data["message_id"]]).endswith(EARLY_EDIT_SUFFIX)
+
+
 @pytest.mark.skipif(REDIS_SERVER is None, reason="needs redis-server on PATH")
 def test_demo_embeds_a_private_redis_server_by_default() -> None:
     result = _demo("--rooms", "1", "--events", "40")
@@ -144,6 +237,17 @@ def test_demo_without_any_redis_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 3
     assert "no Redis to run on: pass --redis-url" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_platform_payloads_without_discord_py_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "discord.py").write_text("raise ImportError('hidden for this test')\n")
+    result = _demo("--platform-payloads", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 2
+    assert "--platform-payloads needs discord.py: pip install 'conversation[discord]'" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert "Redis:" not in result.stdout, "refused before starting anything"
 
 
 # ------------------------------------------------------------ the pieces
@@ -193,6 +297,45 @@ async def test_the_fake_model_is_deterministic_and_calls_the_tool() -> None:
         [request, step, {"role": "tool", "tool_call_id": call["id"], "content": result}]
     )
     assert final["content"].startswith("(fake model) Oslo: ")
+
+
+def test_platform_payloads_are_per_user_and_redeliveries_never_overtake() -> None:
+    script = build_script(PLATFORM_ROOMS, 400, seed=5)
+    payloads = to_payloads(script, seed=5)
+    assert payloads == to_payloads(script, seed=5)
+    assert [e.seq for e in payloads] == list(range(len(payloads)))
+    assert all("summary" not in e.data for e in payloads), "platforms send no summaries"
+    originals = [e for e in payloads if e.kind == "reaction" and not e.data.get("redelivered")]
+    copies = [e for e in payloads if e.kind == "reaction" and e.data.get("redelivered")]
+    assert 0.1 < len(copies) / len(originals) < 0.3
+    holders: set[tuple[str, str, str]] = set()
+    last: dict[tuple[str, str, str], Event] = {}
+    for event in payloads:
+        if event.kind != "reaction":
+            continue
+        data = event.data
+        key = (data["message_id"], data["user"], data["emoji"])
+        gateway = data["gateway"]
+        assert gateway["t"] == f"MESSAGE_REACTION_{data['op'].upper()}"
+        assert gateway["d"]["message_id"] == data["message_id"]
+        if data.get("redelivered"):
+            # A copy of the last event on its key: nothing on that key came between.
+            assert last[key].data["op"] == data["op"]
+            continue
+        # Like a platform: an add by a user who has not reacted, a remove by one who has.
+        assert (key in holders) == (data["op"] == "remove")
+        (holders.add if data["op"] == "add" else holders.discard)(key)
+        last[key] = event
+
+
+def test_platform_check_reports_a_wrong_reaction_tag() -> None:
+    payloads = to_payloads(build_script(PLATFORM_ROOMS[:1], 40, seed=2), seed=2)
+    message_id = next(e.data["message_id"] for e in payloads if e.kind == "reaction")
+    row = {"role": "user", "name": "Ana", "message_id": message_id,
+           "content": f"[Message ID: {message_id}] [Reactions: 👍 99] Ana: hi"}  # fmt: skip
+    outcome = check_outcome(payloads, {PLATFORM_ROOMS[0]: [row]}, deferred=1)
+    assert not outcome.ok
+    assert any(not passed and message_id in line for passed, line in outcome.lines)
 
 
 def test_convergence_check_reports_a_differing_worker() -> None:

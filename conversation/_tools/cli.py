@@ -85,6 +85,7 @@ def run_demo(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         color=args.color,
         verbose=args.verbose,
+        platform_payloads=args.platform_payloads,
     )
     return run(options)
 
@@ -382,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="MODULE:FACTORY",
         help="a chat model factory to use instead of the built-in FAKE model",
+    )
+    demo.add_argument(
+        "--platform-payloads",
+        action="store_true",
+        help="the source sends Discord gateway payloads and the workers feed them through "
+        "conversation.platforms.discord (needs conversation[discord])",
     )
     demo.add_argument(
         "--timeout",

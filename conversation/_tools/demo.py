@@ -64,6 +64,7 @@ from .._consolidation.worker import ConsolidationWorker
 from .._manager import ConversationManager, Renderer
 from .._redis.keys import KeySpace
 from .._renderer import PromptRenderer
+from .demo_events import Event
 from .reading import RoomReader
 from .redis_server import RedisServerProcess, ServerBinaryError, find_server_binary
 from .targets import RedisTarget, connect, make_client, redact_url
@@ -72,6 +73,7 @@ from .terminal import (
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_UNREACHABLE,
+    EXIT_USAGE,
     CliError,
     Palette,
     Progress,
@@ -110,37 +112,19 @@ ROOM_CATALOGUE: tuple[tuple[str, str, str, bool], ...] = (
     ("demo:matrix:python", "Matrix", "#python", False),
     ("demo:discord:books", "Discord", "#books", False),
 )
-_ROOM_INFO = {room: (platform, name, dm) for room, platform, name, dm in ROOM_CATALOGUE}
+# The same rooms as Discord channels, for --platform-payloads: the binding's
+# room ids are ``discord:<channel id>``.
+PLATFORM_ROOM_CATALOGUE: tuple[tuple[str, str, str, bool], ...] = tuple(
+    (f"discord:{1001 + index}", "Discord", name, dm)
+    for index, (_, _, name, dm) in enumerate(ROOM_CATALOGUE)
+)
+_ROOM_INFO = {
+    room: (platform, name, dm)
+    for room, platform, name, dm in ROOM_CATALOGUE + PLATFORM_ROOM_CATALOGUE
+}
 
 
 # ====================================================================== script
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One platform event, as it travels through the stream."""
-
-    seq: int
-    kind: str  # message | edit | delete | reaction | command
-    room: str
-    data: dict[str, Any]
-
-    def to_fields(self) -> dict[str, bytes]:
-        return {
-            "seq": str(self.seq).encode(),
-            "kind": self.kind.encode(),
-            "room": self.room.encode(),
-            "data": orjson.dumps(self.data),
-        }
-
-    @classmethod
-    def from_fields(cls, fields: Mapping[bytes, bytes]) -> Event:
-        return cls(
-            int(fields[b"seq"]),
-            fields[b"kind"].decode(),
-            fields[b"room"].decode(),
-            orjson.loads(fields[b"data"]),
-        )
 
 
 _USERS = ("ana", "bo", "chen", "dara", "eli", "farah")
@@ -662,6 +646,7 @@ class DemoConfig:
     model: str | None
     verbose: bool
     max_history: int = MAX_HISTORY
+    platform_payloads: bool = False
 
 
 Report = Callable[[tuple[Any, ...]], None]
@@ -690,10 +675,38 @@ class _Worker:
             ttl_seconds=DEMO_TTL_SECONDS,
             consolidation=DEMO_CONSOLIDATION,
         )
+        self.feed: Any = None  # demo_platform.GatewayFeed with --platform-payloads
 
     async def run(self) -> None:
-        with _stop_on_sigterm(self.stop):
-            await self._run()
+        if self.config.platform_payloads:
+            from . import demo_platform  # noqa: PLC0415 (needs discord.py)
+
+            self.feed = demo_platform.GatewayFeed(self.manager)
+            await self.feed.start()
+        try:
+            with _stop_on_sigterm(self.stop):
+                await self._run()
+        finally:
+            if self.feed is not None:
+                await self.feed.close()
+
+    async def post_reply(self, room: str, message_id: str, text: str, at: str) -> None:
+        """The bot's reply to ``message_id``: appended directly, or, with platform
+        payloads, as the gateway's echo of the bot's message through the binding."""
+        if self.feed is None:
+            bot_id = f"bot-{message_id}"
+            content = f"[Message ID: {bot_id}] {text}"
+            if self.role == "inference":  # queued behind the batch's other sync writes
+                self.manager.append(room, "assistant", content, message_id=bot_id, name=BOT_NAME)
+            else:
+                await self.manager.append_async(
+                    room, "assistant", content, message_id=bot_id, name=BOT_NAME
+                )
+            return
+        from . import demo_platform  # noqa: PLC0415
+
+        reply_id = demo_platform.bot_reply_id(message_id)
+        await self.feed.deliver(demo_platform.bot_message(room, reply_id, text, at))
 
     async def _run(self) -> None:
         started = time.monotonic()
@@ -823,7 +836,13 @@ class _InferenceWorker(_Worker):
 
     async def handle(self, event: Event, entry_id: bytes) -> None:
         m, room, data = self.manager, event.room, event.data
-        if event.kind == "message":
+        gateway = data.get("gateway")
+        if gateway is not None and self.feed is not None:
+            # discord.py parses the payload; the binding makes the engine call.
+            await self.feed.deliver(gateway)
+            if event.kind == "message" and data.get("mentions_bot") and not data.get("tool"):
+                await self.answer(room, data)
+        elif event.kind == "message":
             m.append(
                 room, "user", _content(data), message_id=data["message_id"], name=data["author"]
             )
@@ -866,14 +885,7 @@ class _InferenceWorker(_Worker):
         if prompt is None:
             return
         reply = await self.model.complete(prompt)
-        bot_id = f"bot-{data['message_id']}"
-        self.manager.append(
-            room,
-            "assistant",
-            f"[Message ID: {bot_id}] {reply.get('content') or ''}",
-            message_id=bot_id,
-            name=BOT_NAME,
-        )
+        await self.post_reply(room, data["message_id"], reply.get("content") or "", data["at"])
         self.notes["answers"] += 1
 
 
@@ -913,14 +925,7 @@ class _AgentsWorker(_Worker):
         final = await self.model.complete(
             [*prompt, {**step, "tool_calls": calls}, tool_message], tools=[WEATHER_TOOL]
         )
-        bot_id = f"bot-{data['message_id']}"
-        await self.manager.append_async(
-            room,
-            "assistant",
-            f"[Message ID: {bot_id}] {final.get('content') or ''}",
-            message_id=bot_id,
-            name=BOT_NAME,
-        )
+        await self.post_reply(room, data["message_id"], final.get("content") or "", data["at"])
         self.notes["tool calls"] += 1
         logger.info("room %s: answered request %s with a tool call", room, data["message_id"])
 
@@ -1105,6 +1110,7 @@ class DemoOptions:
     timeout: float = 120.0
     color: str = "auto"
     verbose: bool = False
+    platform_payloads: bool = False
 
 
 @dataclass(slots=True)
@@ -1203,8 +1209,11 @@ def run(options: DemoOptions, out: IO[str] | None = None) -> int:
     """Run the demo; returns the exit code (0 converged, 1 not, 3 no Redis, 130 Ctrl-C)."""
     out = out if out is not None else sys.stdout
     palette = Palette.for_stream(out, options.color)
-    rooms = tuple(room for room, *_ in ROOM_CATALOGUE[: options.rooms])
+    catalogue = PLATFORM_ROOM_CATALOGUE if options.platform_payloads else ROOM_CATALOGUE
+    rooms = tuple(room for room, *_ in catalogue[: options.rooms])
     script = build_script(rooms, options.events, options.seed)
+    if options.platform_payloads:
+        script = _platform_module().to_payloads(script, options.seed)
     print(
         palette.bold("conversation demo")
         + f" — {len(rooms)} rooms, {len(script)} events, seed {options.seed}",
@@ -1224,8 +1233,21 @@ def run(options: DemoOptions, out: IO[str] | None = None) -> int:
             rate=options.rate,
             model=options.model,
             verbose=options.verbose,
+            platform_payloads=options.platform_payloads,
         )
         return _Orchestrator(config, script, options, palette, out).run()
+
+
+def _platform_module() -> Any:
+    """``demo_platform``, imported on demand: it needs discord.py, an optional extra."""
+    try:
+        from . import demo_platform  # noqa: PLC0415
+    except ImportError as exc:
+        raise CliError(
+            f"--platform-payloads needs discord.py: pip install 'conversation[discord]' ({exc})",
+            EXIT_USAGE,
+        ) from exc
+    return demo_platform
 
 
 async def _probe(url: str) -> bool:
@@ -1299,6 +1321,10 @@ class _Orchestrator:
             self.say(f"Model:   {model.name}")
             summary = ", ".join(f"{n} {kind}" for kind, n in script_summary(self.script).items())
             self.say(f"Script:  {summary}")
+            if self.config.platform_payloads:
+                from . import demo_platform  # noqa: PLC0415
+
+                self.say(f"Payloads: {demo_platform.payload_summary(self.script)}")
             self.start_children()
             ok = self.wait_until_consumed()
             self.stop_workers()
@@ -1491,6 +1517,7 @@ class _Orchestrator:
             )
         else:
             self.say(self.palette.bad("NOT converged: see the differences above"))
+        platform_ok = self.show_platform_outcome()
         self.show_room(showcase)
         self.show_stats()
         if self.options.redis_url:
@@ -1500,13 +1527,34 @@ class _Orchestrator:
                 f"{redact_url(self.config.redis_url)} inspect {self.config.rooms[0]}  "
                 "(or: rooms, tail ROOM, stats)"
             )
-        return EXIT_OK if verdict.converged else EXIT_NOT_FOUND
+        return EXIT_OK if verdict.converged and platform_ok else EXIT_NOT_FOUND
+
+    def show_platform_outcome(self) -> bool:
+        """With platform payloads: what the bindings stored, against the payloads' model."""
+        if not self.config.platform_payloads:
+            return True
+        from . import demo_platform  # noqa: PLC0415
+
+        inference = self.children["inference"].report or {}
+        deferred = int(inference.get("stats", {}).get("deferred_events", 0))
+        outcome = demo_platform.check_outcome(self.script, self.stored, deferred)
+        self.say()
+        self.say(
+            self.palette.bold("Platform payloads")
+            + " (discord.py parsed each gateway dict; conversation.platforms.discord.Binding "
+            "made the engine calls)"
+        )
+        for passed, line in outcome.lines:
+            mark = self.palette.ok("✓") if passed else self.palette.bad("✗")
+            self.say(f"  {mark} {line}")
+        return outcome.ok
 
     async def read_redis(self) -> tuple[dict[str, tuple[int, list[Any]]], dict[str, Any]]:
         """Independent read (plain commands, not the engine) plus the showcase room."""
         client = make_client(self.config.redis_url, cluster=self.config.cluster)
         keyspace = KeySpace(self.config.prefix)
         windows: dict[str, tuple[int, list[Any]]] = {}
+        self.stored: dict[str, list[dict[str, Any]]] = {}
         try:
             for room in self.config.rooms:
                 keys = keyspace.room(room)
@@ -1521,6 +1569,7 @@ class _Orchestrator:
                     except orjson.JSONDecodeError:
                         messages.append({"corrupt row": row.decode("utf-8", "replace")})
                         continue
+                    self.stored.setdefault(room, []).append(dict(entry))
                     entry.pop("message_id", None)
                     messages.append(entry)
                 windows[room] = (int(version or 0), messages)

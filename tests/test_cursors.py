@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import pytest
@@ -78,7 +78,7 @@ async def test_room_writes_keep_the_cursors_alive_with_the_room(
     _, cursor = await manager.read_since(room)
     assert await manager.set_cursor(room, "memory", cursor)
     key = KEYS.cursors(room)
-    writes = [
+    writes: list[Callable[[], Awaitable[object]]] = [
         lambda: manager.append_async(room, "user", "[Message ID: 2] again"),
         lambda: manager.update_message_async(room, "2", "[Message ID: 2] edited"),
         lambda: manager.add_reaction_async(room, "2", "👍", "ann"),

@@ -690,7 +690,7 @@ class ConversationManager:
 
         self._late_events.start(loop, (room_id, op.identity), work)
 
-    def _late_event_failed(self, key: Hashable, exc: Exception) -> None:
+    def _late_event_failed(self, key: Hashable, exc: BaseException) -> None:
         room_id, identity = key if isinstance(key, tuple) else (key, None)
         self._stats.deferred_failures += 1
         logger.warning(

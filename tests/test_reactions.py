@@ -426,6 +426,29 @@ async def test_a_sync_event_that_cannot_be_kept_is_logged_and_counted(
     assert any(room in r.getMessage() and "'2'" in r.getMessage() for r in caplog.records)
 
 
+def test_a_sync_event_its_loop_stopped_is_counted_as_lost(
+    redis_server: RedisServer, room: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``asyncio.run`` per request: the loop ends (cancelling its tasks) before the
+    background task kept the event. Nothing can keep it now, but it is not silent."""
+    client = aioredis.Redis(port=redis_server.port)
+    manager = ConversationManager(None, redis=client)
+
+    async def request() -> None:
+        await manager.append_async(room, "user", "[Message ID: 1] earlier")
+        assert not manager.update_message(room, "2", "[Message ID: 2] edited")
+
+    async def next_request() -> None:
+        assert manager.stats()["deferred_failures"] == 1
+        assert manager.stats()["deferred_events"] == 0
+        await manager.aclose()
+        await client.aclose()
+
+    asyncio.run(request())
+    asyncio.run(next_request())
+    assert any(room in r.getMessage() and "'2'" in r.getMessage() for r in caplog.records)
+
+
 async def test_a_patch_and_reactions_that_waited_keep_their_order(
     workers: Workers, room: str
 ) -> None:

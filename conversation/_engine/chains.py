@@ -5,7 +5,9 @@ and maybe keep the event there (SPEC §31), which takes round trips a sync call
 cannot wait for. Its work runs here: after the earlier work of the same key
 (events for one message keep their arrival order), tracked so ``drain`` and
 ``aclose`` wait for it, and its failure is logged and counted by ``on_error``
-(nobody else would see it).
+(nobody else would see it). Work cancelled before it ended (its loop shut down,
+as ``asyncio.run`` does, or ``aclose`` gave up on it) is a failure too: the
+event it carried is lost.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 
 class Chains:
-    def __init__(self, on_error: Callable[[Hashable, Exception], None]) -> None:
+    def __init__(self, on_error: Callable[[Hashable, BaseException], None]) -> None:
         self._tails: dict[Hashable, asyncio.Task[None]] = {}
         self._on_error = on_error
 
@@ -53,6 +55,9 @@ class Chains:
     def _forget(self, key: Hashable, done: asyncio.Task[None]) -> None:
         if self._tails.get(key) is done:
             del self._tails[key]
+        if done.cancelled():
+            # Possibly before it ever ran (then no except clause in _run saw it).
+            self._on_error(key, asyncio.CancelledError("its event loop stopped it"))
 
     def waits(self) -> list[asyncio.Future[None]]:
         """Shielded waits for the last work of every key (each waits for the ones before)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Hashable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, Literal, Protocol, overload
 
@@ -21,6 +21,7 @@ from ._consolidation.config import ConsolidationConfig
 from ._consolidation.consolidator import Consolidator
 from ._consolidation.records import ArchiveBatch, ConsolidationResult, Summarizer
 from ._deferred import MAX_DEFERRED_EVENT_BYTES
+from ._engine.chains import Chains
 from ._engine.core import Core
 from ._engine.loop import LoopBinding, running_loop
 from ._engine.ops import BackfillOp, ClearOp, EditOp, LimitOp, Op, ReactionOp, Row
@@ -106,6 +107,7 @@ class ConversationManager:
         self._stats = Stats()
         self._rooms = RoomTable(self._keyspace)
         self._loop = LoopBinding(self._moved)
+        self._late_events = Chains(self._late_event_failed)
         self._store: RoomStore | None = None
         self._feed: ChangeFeed | None = None
         self._cursors: NamedCursors | None = None
@@ -212,7 +214,7 @@ class ConversationManager:
     def update_message(
         self, room_id: str, message_id: str | int, new_content: str | list[Any]
     ) -> bool:
-        return self._submit(room_id, self._writes.update(message_id, new_content))
+        return self._submit(room_id, self._writes.update(message_id, new_content), keep=True)
 
     async def update_message_async(
         self,
@@ -227,7 +229,7 @@ class ConversationManager:
         return await self._edit_async(room_id, op, durable)
 
     def mark_deleted(self, room_id: str, message_id: str | int, deleted_at_iso: str) -> bool:
-        return self._submit(room_id, self._writes.deleted(message_id, deleted_at_iso))
+        return self._submit(room_id, self._writes.deleted(message_id, deleted_at_iso), keep=True)
 
     async def mark_deleted_async(
         self, room_id: str, message_id: str | int, deleted_at_iso: str, *, durable: bool = False
@@ -236,7 +238,7 @@ class ConversationManager:
         return await self._edit_async(room_id, op, durable)
 
     def patch_reactions(self, room_id: str, message_id: str | int, reactions_str: str) -> bool:
-        return self._submit(room_id, self._writes.reactions(message_id, reactions_str))
+        return self._submit(room_id, self._writes.reactions(message_id, reactions_str), keep=True)
 
     async def patch_reactions_async(
         self, room_id: str, message_id: str | int, reactions_str: str, *, durable: bool = False
@@ -253,7 +255,8 @@ class ConversationManager:
         seen), rendered from what every worker added. With Redis the new tag shows
         once Redis answers (the sync form persists in the background).
         """
-        return self._submit(room_id, self._reaction(message_id, emoji, user_id, added=True))
+        op = self._reaction(message_id, emoji, user_id, added=True)
+        return self._submit(room_id, op, keep=True)
 
     async def add_reaction_async(
         self,
@@ -270,7 +273,8 @@ class ConversationManager:
     def remove_reaction(
         self, room_id: str, message_id: str | int, emoji: str, user_id: str | int
     ) -> bool:
-        return self._submit(room_id, self._reaction(message_id, emoji, user_id, added=False))
+        op = self._reaction(message_id, emoji, user_id, added=False)
+        return self._submit(room_id, op, keep=True)
 
     async def remove_reaction_async(
         self,
@@ -557,6 +561,9 @@ class ConversationManager:
                 for room in self._rooms
                 if room.pending and room.pending[-1].done is not None
             ]
+            # Events the sync forms keep in the background; what they submit
+            # joins ``pending`` and is waited for on the next turn.
+            waits += self._late_events.waits()
             if not waits:
                 return
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
@@ -581,6 +588,7 @@ class ConversationManager:
             self._loop.closed = True
             if self._feed is not None:
                 self._feed.close()
+            await self._late_events.cancel()  # only after a drain that timed out
             await self._consolidation.wait_idle()
             await self._backend.close()
 
@@ -616,8 +624,12 @@ class ConversationManager:
 
     # ------------------------------------------------------ submitting writes
 
-    def _submit(self, room_id: str, op: Op, *, inline: bool = False) -> bool:
-        """Apply a write to the view and queue it; safe from the loop or any thread."""
+    def _submit(self, room_id: str, op: Op, *, inline: bool = False, keep: bool = False) -> bool:
+        """Apply a write to the view and queue it; safe from the loop or any thread.
+
+        ``keep``: a sync edit or reaction whose message this worker lacks is kept
+        for it (SPEC §31); the call still answers False at once.
+        """
         if self._loop.closed:
             raise PersistError("the manager is closed", room_id=room_id)
         loop = self._loop.current()
@@ -628,21 +640,79 @@ class ConversationManager:
                     "manager's loop, from a thread while that loop runs, or use the _async form",
                     room_id=room_id,
                 )
-            return self._backend.apply(self._room(room_id), op, None)
+            return self._apply(room_id, op, None, False, keep)
         if running_loop() is loop:
-            return self._backend.apply(self._room(room_id), op, loop, inline)
+            return self._apply(room_id, op, loop, inline, keep)
         # A thread without a loop: hand the write to the manager's loop and wait
         # for the local effect (not for Redis), so nothing is skipped.
         return self._loop.hand_off(
-            loop, self._settings.sync_timeout, self._apply_there, room_id, op
+            loop, self._settings.sync_timeout, self._apply, room_id, op, loop, False, keep
         )
 
-    def _apply_there(self, room_id: str, op: Op) -> bool:
-        return self._backend.apply(self._room(room_id), op, self._loop.current())
+    def _apply(
+        self,
+        room_id: str,
+        op: Op,
+        loop: asyncio.AbstractEventLoop | None,
+        inline: bool,
+        keep: bool,
+    ) -> bool:
+        """Apply ``op`` on the engine's loop (or, memory-only, with none running)."""
+        if not keep or not isinstance(op, EditOp | ReactionOp):
+            return self._backend.apply(self._room(room_id), op, loop, inline)
+        room = self._room(room_id)
+        if loop is not None and (room_id, op.identity) in self._late_events:
+            # An earlier event for this message still waits in the background:
+            # this one follows it, so the message gets them in arrival order.
+            found = room.view.window.find_last(op.identity) is not None
+            self._keep_late(loop, room_id, op)
+            return found
+        if self._backend.apply(room, op, loop, inline):
+            return True
+        event = op.deferred_event()
+        if not self._defer_ms or event is None:
+            return False
+        if len(event) > MAX_DEFERRED_EVENT_BYTES:
+            self._stats.deferred_refused += 1
+            return False
+        if isinstance(self._backend, MemoryBackend):
+            # The view is the only copy: keeping the event there takes no I/O.
+            self._backend.keep(room, op.identity, event, self._defer_ms)
+        elif loop is not None:
+            self._keep_late(loop, room_id, op)
+        return False
+
+    def _keep_late(
+        self, loop: asyncio.AbstractEventLoop, room_id: str, op: EditOp | ReactionOp
+    ) -> None:
+        async def work() -> None:
+            await self._catch_up_or_defer(room_id, op, durable=False, awaited=False)
+
+        self._late_events.start(loop, (room_id, op.identity), work)
+
+    def _late_event_failed(self, key: Hashable, exc: BaseException) -> None:
+        room_id, identity = key if isinstance(key, tuple) else (key, None)
+        self._stats.deferred_failures += 1
+        logger.warning(
+            "room %s: an event for message %r, which this worker did not hold, was lost "
+            "(neither applied nor kept for it): %s",
+            room_id,
+            identity,
+            describe_error(exc),
+        )
 
     def _moved(self, loop: asyncio.AbstractEventLoop) -> None:
         """The manager's loop closed and ``loop`` took it over (see ``LoopBinding``)."""
         resumed = self._backend.moved(loop)
+        lost = self._late_events.drop()
+        if lost:
+            # Their tasks died with the old loop (nobody drained it).
+            self._stats.deferred_failures += lost
+            logger.warning(
+                "the manager's event loop closed before %d sync event(s) for messages "
+                "this worker did not hold were kept; they are lost",
+                lost,
+            )
         self._consolidation.rebind()
         logger.info(
             "the manager's event loop closed; moved to a new one (%d room(s) resume writes)",
@@ -653,10 +723,20 @@ class ConversationManager:
         found, result = await self._try_write(room_id, op, durable)
         if found:
             return bool(result)
+        return await self._catch_up_or_defer(room_id, op, durable, awaited=True)
+
+    async def _catch_up_or_defer(
+        self, room_id: str, op: EditOp | ReactionOp, durable: bool, *, awaited: bool
+    ) -> bool:
+        """The room lacks the edit's message: catch up, then apply it or keep it.
+
+        ``awaited=False`` (a sync form's background work): a write found after the
+        catch-up is queued like any sync write, its persist failures reported there.
+        """
         if self._store is not None:
             # Not in memory: the room may be cold or behind another worker.
             await self.ensure_fresh_from_redis(room_id)
-            found, result = await self._try_write(room_id, op, durable)
+            found, result = await self._retry_write(room_id, op, durable, awaited)
             if found:
                 return bool(result)
         event = op.deferred_event()
@@ -669,9 +749,16 @@ class ConversationManager:
         # keep the event for the append that brings it (SPEC §31).
         outcome = await self._backend.defer(self._room(room_id), op.identity, event, self._defer_ms)
         if outcome is Deferral.FOUND:
-            found, result = await self._try_write(room_id, op, durable)
+            found, result = await self._retry_write(room_id, op, durable, awaited)
             return found and bool(result)
         return False
+
+    async def _retry_write(
+        self, room_id: str, op: Op, durable: bool, awaited: bool
+    ) -> tuple[bool, Any]:
+        if awaited:
+            return await self._try_write(room_id, op, durable)
+        return self._submit(room_id, op), True
 
     async def _write_async(self, room_id: str, op: Op, durable: bool = False) -> Any:
         return (await self._try_write(room_id, op, durable))[1]

@@ -13,6 +13,7 @@ class Stats:
     deferred_events: int = 0
     deferred_applied: int = 0
     deferred_refused: int = 0
+    deferred_failures: int = 0
     persists: int = 0
     persist_failures: int = 0
     persist_retries: int = 0

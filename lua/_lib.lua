@@ -20,6 +20,8 @@
 --   [7] deferred HASH events for messages the room does not hold yet (see "Deferred
 --               events" below); defer.lua writes it (import.lua an export's), append.lua
 --               applies and drops it
+--   [8] cursors HASH the room's named change-feed cursors (cursor_set.lua writes
+--               it); room scripts only refresh its TTL in touch(), and clear keeps it
 -- ARGV (every script): [1] caller epoch ('' = knows nothing), [2] caller version,
 --   [3] caller head, [4] caller length (the caller's synced window), [5] idempotency
 --   token ('' = none), [6] TTL in ms (0 = keys do not expire), [7] default window
@@ -48,6 +50,7 @@ local unpack = unpack or table.unpack
 local WINDOW, META, LOG, IDEM, ARCHIVE = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local REACTIONS = KEYS[6]
 local DEFERRED = KEYS[7]
+local CURSORS = KEYS[8]
 local C_EPOCH = ARGV[1]
 local C_VERSION = tonumber(ARGV[2])
 local C_HEAD = tonumber(ARGV[3])
@@ -148,7 +151,9 @@ local function save(m, ...)
 end
 
 -- Every write refreshes every key of the room, the archive included: an archive
--- that only a fold refreshed would expire under a room that is still in use.
+-- that only a fold refreshed would expire under a room that is still in use. So are
+-- the named cursors (PEXPIRE of a missing key creates nothing): a reader down longer
+-- than the TTL finds its cursor as long as the room lives.
 local function touch()
   if TTL > 0 then
     redis.call('PEXPIRE', WINDOW, TTL)
@@ -156,6 +161,7 @@ local function touch()
     redis.call('PEXPIRE', LOG, TTL)
     redis.call('PEXPIRE', IDEM, TTL)
     redis.call('PEXPIRE', REACTIONS, TTL)
+    redis.call('PEXPIRE', CURSORS, TTL)
   end
   if ARCHIVE_TTL > 0 then
     redis.call('PEXPIRE', ARCHIVE, ARCHIVE_TTL)

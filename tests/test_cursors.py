@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import pytest
@@ -63,6 +63,35 @@ async def test_cursor_keys_share_the_room_hash_tag_and_its_ttl(
     key = KEYS.cursors(room)
     assert key == f"sg:conversation:{{{room}}}:cursors"
     assert 590_000 < int(await redis_client.pttl(key)) <= 600_000
+
+
+async def test_room_writes_keep_the_cursors_alive_with_the_room(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    """An extractor down longer than ttl_seconds must find its cursor while the room
+    lives on: every write that refreshes the room's TTL refreshes the cursors'. A
+    clear keeps them (their next read gets the clear as a change)."""
+    manager = make_manager(redis_client, ttl_seconds=600)
+    await manager.append_async(room, "user", "[Message ID: 1] hi")
+    # A room nobody reads by name gets no cursors key from its writes.
+    assert not await redis_client.exists(KEYS.cursors(room))
+    _, cursor = await manager.read_since(room)
+    assert await manager.set_cursor(room, "memory", cursor)
+    key = KEYS.cursors(room)
+    writes: list[Callable[[], Awaitable[object]]] = [
+        lambda: manager.append_async(room, "user", "[Message ID: 2] again"),
+        lambda: manager.update_message_async(room, "2", "[Message ID: 2] edited"),
+        lambda: manager.add_reaction_async(room, "2", "👍", "ann"),
+        lambda: manager.set_channel_limit_async(room, 60),
+        lambda: manager.clear_async(room),
+    ]
+    for write in writes:
+        await redis_client.pexpire(key, 5_000)  # as if the extractor were long gone
+        await write()
+        assert 590_000 < int(await redis_client.pttl(key)) <= 600_000
+    assert await manager.get_cursor(room, "memory") == cursor
+    changes, _ = await manager.read_since(room, cursor)
+    assert [change.kind for change in changes] == ["clear"]
 
 
 async def test_bad_names_and_cursors_are_refused_and_nothing_is_stored(

@@ -392,6 +392,63 @@ async def test_events_before_their_message_apply_in_arrival_order(
     assert "[Reactions: 👍 3]" in str(await text_of(inference, room, 1))
 
 
+async def test_sync_forms_keep_events_before_their_message(workers: Workers, room: str) -> None:
+    """The sync forms answer False at once and keep the event in the background
+    (from the manager's loop or from a plain thread), in arrival order; drain
+    waits until it is kept, and whichever worker appends the message applies it."""
+    gateway, inference = workers(), workers()
+    await inference.append_async(room, "user", "[Message ID: 1] earlier")
+    assert not gateway.update_message(room, "2", "[Message ID: 2] first edit")
+    assert not await asyncio.to_thread(gateway.add_reaction, room, "2", "👍", "ann")
+    assert not gateway.update_message(room, "2", "[Message ID: 2] second edit")
+    assert not await asyncio.to_thread(gateway.mark_deleted, room, "2", "2026-01-02T03:04:05Z")
+    await gateway.drain()
+    assert gateway.stats()["deferred_events"] == 4
+    await inference.append_async(room, "user", "[Message ID: 2] hi")
+    expected = "[Message ID: 2] [deleted at 2026-01-02T03:04:05Z] [Reactions: 👍 1] second edit"
+    for manager in (inference, gateway, workers()):
+        assert await text_of(manager, room, 1) == expected
+    assert inference.stats()["deferred_applied"] == 4
+
+
+async def test_a_sync_event_that_cannot_be_kept_is_logged_and_counted(
+    workers: Workers, room: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    bot = workers()
+    if bot._redis is None:
+        pytest.skip("memory-only keeps the event synchronously: nothing can fail later")
+    await bot.append_async(room, "user", "[Message ID: 1] earlier")
+    await bot._redis.set(room_keys(room).deferred, b"not a hash")
+    assert not bot.update_message(room, "2", "[Message ID: 2] edited")
+    await bot.drain()
+    assert bot.stats()["deferred_failures"] == 1
+    assert bot.stats()["deferred_events"] == 0
+    assert any(room in r.getMessage() and "'2'" in r.getMessage() for r in caplog.records)
+
+
+def test_a_sync_event_its_loop_stopped_is_counted_as_lost(
+    redis_server: RedisServer, room: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``asyncio.run`` per request: the loop ends (cancelling its tasks) before the
+    background task kept the event. Nothing can keep it now, but it is not silent."""
+    client = aioredis.Redis(port=redis_server.port)
+    manager = ConversationManager(None, redis=client)
+
+    async def request() -> None:
+        await manager.append_async(room, "user", "[Message ID: 1] earlier")
+        assert not manager.update_message(room, "2", "[Message ID: 2] edited")
+
+    async def next_request() -> None:
+        assert manager.stats()["deferred_failures"] == 1
+        assert manager.stats()["deferred_events"] == 0
+        await manager.aclose()
+        await client.aclose()
+
+    asyncio.run(request())
+    asyncio.run(next_request())
+    assert any(room in r.getMessage() and "'2'" in r.getMessage() for r in caplog.records)
+
+
 async def test_a_patch_and_reactions_that_waited_keep_their_order(
     workers: Workers, room: str
 ) -> None:

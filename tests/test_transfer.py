@@ -448,6 +448,44 @@ async def test_a_session_export_carries_the_sessions_state_and_a_replace_keeps_n
     assert await target.get_session("ana", "s3") is None
 
 
+async def test_a_session_append_retried_after_the_session_moved_lands_once(
+    two_stores: tuple[SessionStore, SessionStore],
+) -> None:
+    """A client whose append timed out retries it under its key; meanwhile the session
+    was exported (with that append in it) and imported elsewhere: it lands once."""
+    source, target = two_stores
+    session = await source.create_session("ana", "s1")
+    await source.append_message(session, {"role": "user", "content": "hi"}, idempotency_key="k1")
+    await source.append_by_id("ana", "s1", {"role": "assistant", "content": "yo"})  # no key
+    export = json.loads(json.dumps(await source.export_session("ana", "s1")))
+    assert export["idempotency_keys"] == ["k1"]
+    moved = await target.import_session("ana", export)
+    await target.append_message(moved, {"role": "user", "content": "hi"}, idempotency_key="k1")
+    await target.append_message(moved, {"role": "user", "content": "next"}, idempotency_key="k2")
+    read_back = await target.get_session("ana", "s1")
+    assert read_back is not None
+    assert [m["content"] for m in read_back.messages] == ["hi", "yo", "next"]
+    # Hostile or damaged keys are refused, naming where, and nothing is written.
+    cases: list[tuple[object, str]] = [
+        ("k1", "must be a list"),
+        ([""], r"idempotency_keys\[0\]"),
+        (["ok", 7], r"idempotency_keys\[1\]"),
+        (["x" * 129], r"idempotency_keys\[0\]"),
+        ([f"k{i}" for i in range(65)], "at most 64"),
+    ]
+    for keys, reason in cases:
+        with pytest.raises(InvalidExport, match=reason):
+            await target.import_session(
+                "ana", {**export, "idempotency_keys": keys}, session_id="s9"
+            )
+        assert await target.get_session("ana", "s9") is None
+    # An export from before sessions carried keys still imports, with none.
+    legacy = {k: v for k, v in export.items() if k != "idempotency_keys"}
+    old = await target.import_session("ana", legacy, session_id="s2")
+    await target.append_message(old, {"role": "user", "content": "hi"}, idempotency_key="k1")
+    assert len((await target.get_session("ana", "s2") or old).messages) == 3
+
+
 async def test_import_refuses_rows_its_default_limit_would_trim(
     redis_client: aioredis.Redis, other_server: aioredis.Redis, make_manager: Make, room: str
 ) -> None:

@@ -129,6 +129,10 @@ class MemoryBackend:
         return None
 
     async def defer(self, room: Room, identity: str, event: bytes, keep_ms: int) -> Deferral:
+        return self.keep(room, identity, event, keep_ms)
+
+    def keep(self, room: Room, identity: str, event: bytes, keep_ms: int) -> Deferral:
+        """``defer`` without a loop: the view is the only copy (sync forms call it)."""
         state = room.view
         if state.window.find_last(identity) is not None:
             return Deferral.FOUND

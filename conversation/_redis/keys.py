@@ -54,6 +54,8 @@ class RoomKeys:
     archive: str
     reactions: str
     deferred: str
+    # Only touch() uses it: room writes refresh the named cursors' TTL with the room's.
+    cursors: str
 
     def as_list(self) -> list[str]:
         return [
@@ -64,6 +66,7 @@ class RoomKeys:
             self.archive,
             self.reactions,
             self.deferred,
+            self.cursors,
         ]
 
 
@@ -88,6 +91,7 @@ class KeySpace:
             base + ARCHIVE,
             base + REACTIONS,
             base + DEFERRED,
+            base + CURSORS,
         )
 
     def archive(self, room_id: str) -> str:

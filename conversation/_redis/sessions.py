@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from .._errors import ConfigurationError
@@ -132,6 +132,8 @@ class Loaded:
     rows: list[bytes]
     state: dict[str, bytes]
     owner_state: dict[str, bytes]
+    # The append ids the session remembers, oldest first (only when asked for).
+    write_ids: list[str] = field(default_factory=list)
 
 
 #: A state delta as the scripts take it: key -> orjson value.
@@ -278,7 +280,13 @@ class RedisSessions:
         return Created(int(reply[1]), int(reply[2]), int(reply[3]))
 
     async def get(
-        self, user_id: str, session_id: str, *, last: int | None = None, touch: bool = True
+        self,
+        user_id: str,
+        session_id: str,
+        *,
+        last: int | None = None,
+        touch: bool = True,
+        write_ids: bool = False,
     ) -> Loaded | None:
         keys = self._keys.session(user_id, session_id)
         args: list[Arg] = [
@@ -286,12 +294,18 @@ class RedisSessions:
             session_id,
             -1 if last is None else last,
             "1" if touch else "0",
+            "1" if write_ids else "0",
         ]
         reply = await self._call("session_get", keys.as_list(), args)
         if int(reply[0]) != 1:
             return None
         state, at = _read_hash(reply, 6)
         owner_state, at = _read_hash(reply, at)
+        ids: list[str] = []
+        if write_ids:
+            count = int(reply[at])
+            ids = [_text(v) for v in reply[at + 1 : at + 1 + count]]
+            at += 1 + count
         return Loaded(
             _text(reply[1]),
             int(reply[2]),
@@ -301,6 +315,7 @@ class RedisSessions:
             _rows(reply[at:]),
             state,
             owner_state,
+            ids,
         )
 
     async def append(
@@ -343,6 +358,7 @@ class RedisSessions:
         created_ms: int,
         replace: bool,
         state: StateRows | None = None,
+        write_ids: Sequence[str] = (),
     ) -> Appended | int:
         """``lua/session_import.lua``: the imported session, or how many messages the
         live session it refused to replace holds."""
@@ -355,6 +371,8 @@ class RedisSessions:
             created_ms,
             self._cap,
             *_pairs(state),
+            len(write_ids),
+            *write_ids,
             *rows,
         ]
         reply = await self._call("session_import", keys.as_list(), args)

@@ -118,7 +118,13 @@ class MemorySessions:
         return Created(session.seq, now, session.deadline_ms)
 
     async def get(
-        self, user_id: str, session_id: str, *, last: int | None = None, touch: bool = True
+        self,
+        user_id: str,
+        session_id: str,
+        *,
+        last: int | None = None,
+        touch: bool = True,
+        write_ids: bool = False,
     ) -> Loaded | None:
         session = self._sessions(user_id).get(session_id)
         if session is None:
@@ -135,6 +141,7 @@ class MemorySessions:
             list(rows),
             dict(session.state),
             dict(self._owner(user_id, touch=touch)),
+            list(session.write_ids) if write_ids else [],
         )
 
     async def splice(
@@ -240,6 +247,7 @@ class MemorySessions:
         created_ms: int,
         replace: bool,
         state: StateRows | None = None,
+        write_ids: Sequence[str] = (),
     ) -> Appended | int:
         sessions = self._sessions(user_id)
         live = sessions.get(session_id)
@@ -250,6 +258,7 @@ class MemorySessions:
             token, self._seq, created_ms, _now_ms(), 0.0, 0, list(rows), state=dict(state or {})
         )
         _trim(session.rows, self._cap)
+        session.write_ids = dict.fromkeys(list(write_ids)[-IDEM_CAP:])
         self._touch(session)
         self._users.setdefault(user_id, {})[session_id] = session
         return Appended(len(session.rows), created_ms, session.updated_ms, session.deadline_ms, 0)

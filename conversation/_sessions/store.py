@@ -62,7 +62,14 @@ from .._errors import (
     describe_error,
 )
 from .._redis.keys import validate_room_id
-from .._redis.sessions import SPLICE_OPS, Forged, RedisSessions, SessionKeySpace, Spliced
+from .._redis.sessions import (
+    IDEM_CAP,
+    SPLICE_OPS,
+    Forged,
+    RedisSessions,
+    SessionKeySpace,
+    Spliced,
+)
 from .memory import MemorySessions
 
 logger = logging.getLogger(__name__)
@@ -71,6 +78,9 @@ MAX_USER_ID_BYTES: Final = 512
 MAX_SESSION_ID_BYTES: Final = 256
 MESSAGE_FIELDS: Final = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 128
+# How a caller's idempotency key is stored among the append ids (generated ids
+# are URL-safe base64, which has no ':').
+_CALLER_KEY: Final = "k:"
 SESSION_FORMAT: Final = "conversation-session"
 SESSION_FORMAT_VERSION: Final = 1
 #: The most messages an import checks (or max_messages, if larger).
@@ -340,12 +350,27 @@ class SessionStore:
         that are read; 0 reads none, for state and times only). ``refresh=False``
         reads without counting as a use (the TTL does not move), as listing does.
         """
-        user_id = validate_user_id(user_id)
-        session_id = validate_session_id(session_id)
         if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 0):
             raise ValueError(f"last must be None or an int >= 0, got {last!r}")
+        read = await self._read(user_id, session_id, last=last, refresh=refresh)
+        return None if read is None else read[0]
+
+    async def _read(
+        self,
+        user_id: str,
+        session_id: str,
+        *,
+        last: int | None = None,
+        refresh: bool = True,
+        write_ids: bool = False,
+    ) -> tuple[Session, list[str]] | None:
+        """``get_session``, and with ``write_ids`` the append ids the session remembers."""
+        user_id = validate_user_id(user_id)
+        session_id = validate_session_id(session_id)
         try:
-            loaded = await self._backend.get(user_id, session_id, last=last, touch=refresh)
+            loaded = await self._backend.get(
+                user_id, session_id, last=last, touch=refresh, write_ids=write_ids
+            )
         except _BACKEND_ERRORS as exc:
             raise RedisUnavailable(
                 f"user {user_id}: reading session {session_id} failed: {describe_error(exc)}"
@@ -353,7 +378,7 @@ class SessionStore:
         if loaded is None:
             return None
         messages = self._decode(user_id, session_id, loaded.rows)
-        return Session(
+        session = Session(
             user_id,
             session_id,
             loaded.created_ms / 1000,
@@ -365,13 +390,15 @@ class SessionStore:
             _decode_state(loaded.state, user_id, session_id),
             _decode_state(loaded.owner_state, user_id, session_id),
         )
+        return session, loaded.write_ids
 
     async def export_session(self, user_id: str, session_id: str) -> dict[str, Any]:
         """The session as a JSON-serialisable dict (format ``conversation-session``);
         ``SessionNotFound`` when there is no live one. Reading refreshes its TTL."""
-        session = await self.get_session(user_id, session_id)
-        if session is None:
+        read = await self._read(user_id, session_id, write_ids=True)
+        if read is None:
             raise SessionNotFound(validate_user_id(user_id), validate_session_id(session_id))
+        session, write_ids = read
         return {
             "format": SESSION_FORMAT,
             "format_version": SESSION_FORMAT_VERSION,
@@ -383,6 +410,14 @@ class SessionStore:
             # The session's own state; the user's state is shared by all of their
             # sessions, so it is not one session's to carry.
             "state": session.state,
+            # The caller keys of its last appends (read with the rows, in one script),
+            # so an append retried under its key after the move lands once. The ids
+            # generated for keyless appends only guard one call's own retries.
+            "idempotency_keys": [
+                write_id[len(_CALLER_KEY) :]
+                for write_id in write_ids
+                if write_id.startswith(_CALLER_KEY)
+            ],
             "extensions": {},
         }
 
@@ -400,11 +435,18 @@ class SessionStore:
         session has that id and ``replace`` is False; ``InvalidExport`` for a
         damaged or foreign export; either way nothing is written."""
         user_id = validate_user_id(user_id)
-        sid, created_ms, rows, state = self._parse_export(data, session_id)
+        sid, created_ms, rows, state, write_ids = self._parse_export(data, session_id)
         token = secrets.token_urlsafe(18)
         try:
             result = await self._backend.import_(
-                user_id, sid, token, rows, created_ms=created_ms, replace=replace, state=state
+                user_id,
+                sid,
+                token,
+                rows,
+                created_ms=created_ms,
+                replace=replace,
+                state=state,
+                write_ids=write_ids,
             )
         except _BACKEND_ERRORS as exc:
             raise PersistError(
@@ -419,7 +461,7 @@ class SessionStore:
 
     def _parse_export(
         self, data: object, session_id: str | None
-    ) -> tuple[str, int, list[bytes], dict[str, bytes]]:
+    ) -> tuple[str, int, list[bytes], dict[str, bytes], list[str]]:
         if not isinstance(data, Mapping):
             raise InvalidExport(f"an export is a JSON object, not {type(data).__name__}")
         if data.get("format") != SESSION_FORMAT:
@@ -466,7 +508,9 @@ class SessionStore:
             state = state_rows(data.get("state", {}), self._max_message_bytes)
         except InvalidMessage as exc:
             raise InvalidExport(str(exc), where="state") from exc
-        return sid, round(created * 1000), rows, state
+        # An export from before sessions carried keys has none.
+        write_ids = _import_keys(data.get("idempotency_keys", []))
+        return sid, round(created * 1000), rows, state, write_ids
 
     async def get_owner_state(self, user_id: str) -> dict[str, Any]:
         """The user's state (shared by their sessions), {} when none; refreshes nothing."""
@@ -740,7 +784,7 @@ class SessionStore:
             isinstance(idempotency_key, str)
             and 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS
         ):
-            return "k:" + idempotency_key  # never equal to a generated id
+            return _CALLER_KEY + idempotency_key  # never equal to a generated id
         raise InvalidMessage(
             f"must be a non-empty str of at most {MAX_IDEMPOTENCY_KEY_CHARS} characters",
             field="idempotency_key",
@@ -787,3 +831,18 @@ def _well_formed(message: object) -> bool:
     if content is None:
         return content_may_be_null(message["role"], message.get("tool_calls"))
     return isinstance(content, (str, list))
+
+
+def _import_keys(keys: object) -> list[str]:
+    """An export's ``idempotency_keys`` as the append ids to remember, checked whole."""
+    if not isinstance(keys, list):
+        raise InvalidExport("idempotency_keys must be a list")
+    if len(keys) > IDEM_CAP:
+        raise InvalidExport(f"{len(keys)} idempotency_keys; a session remembers at most {IDEM_CAP}")
+    for index, key in enumerate(keys):
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+            raise InvalidExport(
+                f"an idempotency key is a str of 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters",
+                where=f"idempotency_keys[{index}]",
+            )
+    return [_CALLER_KEY + key for key in keys]

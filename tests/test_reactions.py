@@ -411,12 +411,13 @@ async def test_sync_forms_keep_events_before_their_message(workers: Workers, roo
     assert inference.stats()["deferred_applied"] == 4
 
 
+# Memory-only keeps the event synchronously: nothing can fail later there.
+@pytest.mark.parametrize("workers", ["real", "fake"], indirect=True)
 async def test_a_sync_event_that_cannot_be_kept_is_logged_and_counted(
     workers: Workers, room: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     bot = workers()
-    if bot._redis is None:
-        pytest.skip("memory-only keeps the event synchronously: nothing can fail later")
+    assert bot._redis is not None
     await bot.append_async(room, "user", "[Message ID: 1] earlier")
     await bot._redis.set(room_keys(room).deferred, b"not a hash")
     assert not bot.update_message(room, "2", "[Message ID: 2] edited")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import re
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, TypeVar
 
 from .._errors import InvalidMessage
 from .._manager import ConversationManager
@@ -46,6 +47,19 @@ def label(text: str | None) -> str:
     cleaned = _CONTROL.sub(" ", (text or "").replace("\n", " ").replace("\r", " "))
     cleaned = cleaned.replace("[", "(").replace("]", ")").strip()
     return cleaned[:MAX_LABEL_CHARS] or "unknown"
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def remember(memory: OrderedDict[_K, _V], key: _K, value: _V, cap: int) -> None:
+    """Store ``key``: a platform fact a later event needs but does not carry (a
+    reaction's thread, a user's name), bounded so a busy workspace cannot grow it:
+    past ``cap`` the oldest entry is forgotten."""
+    memory[key] = value
+    if len(memory) > cap:
+        memory.popitem(last=False)
 
 
 def room_id(prefix: str, channel: object) -> str:

@@ -31,7 +31,7 @@ from typing import Any
 from slack_bolt.async_app import AsyncApp
 
 from .._manager import ConversationManager
-from ._mapping import Attachment, BindingBase, Turn, label, now_iso, room_id, safe_name
+from ._mapping import Attachment, BindingBase, Turn, label, now_iso, remember, room_id, safe_name
 
 __all__ = ["Binding"]
 
@@ -218,14 +218,10 @@ class Binding(BindingBase):
                 name = profile.get("display_name") or profile.get("real_name")
         except Exception as exc:  # a rate limit or a missing scope: the id will do
             logger.warning("slack: could not look up user %s: %s", user, exc)
-        self._names[user] = name or user
-        if len(self._names) > _THREAD_MEMORY:
-            self._names.popitem(last=False)
+        remember(self._names, user, name or user, _THREAD_MEMORY)
         return self._names[user]
 
     def _remember_thread(self, channel: str, ts: str, thread: object) -> None:
         if not self.threads_as_rooms or not thread:
             return
-        self._threads[(channel, ts)] = str(thread)
-        if len(self._threads) > _THREAD_MEMORY:
-            self._threads.popitem(last=False)
+        remember(self._threads, (channel, ts), str(thread), _THREAD_MEMORY)

@@ -39,7 +39,7 @@ from telegram import (
 from telegram.ext import Application, ContextTypes, TypeHandler
 
 from .._manager import ConversationManager
-from ._mapping import Attachment, BindingBase, Turn, label, room_id, safe_name
+from ._mapping import Attachment, BindingBase, Turn, label, remember, room_id, safe_name
 
 __all__ = ["Binding"]
 
@@ -232,9 +232,7 @@ class Binding(BindingBase):
         if not (self.topics_as_rooms and message.is_topic_message and message.message_thread_id):
             return None
         topic = message.message_thread_id
-        self._topics[(message.chat.id, message.message_id)] = topic
-        if len(self._topics) > _TOPIC_MEMORY:
-            self._topics.popitem(last=False)
+        remember(self._topics, (message.chat.id, message.message_id), topic, _TOPIC_MEMORY)
         return topic
 
     def _bot_id(self) -> int | None:

@@ -1,4 +1,5 @@
-"""What every binding maps the same way: rooms, markers, names, attachments."""
+"""What every binding maps the same way: rooms, markers, names, attachments, and the
+guarded engine calls (``BindingBase``)."""
 
 from __future__ import annotations
 

@@ -287,6 +287,26 @@ local function trim(m, len)
 end
 
 -- How many records an intact log holds (nil: an older engine's meta, trusted).
+-- The distinct positions of the `:log` records newer than `since`, newest first.
+-- `records` is a tail of the log, oldest first, long enough to reach `since`.
+local function log_positions_since(records, since)
+  local positions = {}
+  local seen = {}
+  for i = #records, 1, -1 do
+    local record = records[i]
+    local sep = string.find(record, ':', 1, true)
+    if tonumber(string.sub(record, 1, sep - 1)) <= since then
+      break
+    end
+    local pos = tonumber(string.sub(record, sep + 1))
+    if not seen[pos] then
+      seen[pos] = true
+      positions[#positions + 1] = pos
+    end
+  end
+  return positions
+end
+
 local function log_expected(m)
   if m.logn == nil then
     return nil
@@ -362,17 +382,9 @@ local function sync_reply(status, m, own_k, own_pos)
   -- Each version logs at most one record, so the records newer than the caller
   -- are among the last (version - caller version): read only those.
   local records = redis.call('LRANGE', LOG, C_VERSION - m.version, -1)
-  local sent = {}
   local n = 0
-  for i = #records, 1, -1 do
-    local record = records[i]
-    local sep = string.find(record, ':', 1, true)
-    if tonumber(string.sub(record, 1, sep - 1)) <= C_VERSION then
-      break
-    end
-    local pos = tonumber(string.sub(record, sep + 1))
-    if pos >= m.head and pos < tail_start and pos ~= own_pos and not sent[pos] then
-      sent[pos] = true
+  for _, pos in ipairs(log_positions_since(records, C_VERSION)) do
+    if pos >= m.head and pos < tail_start and pos ~= own_pos then
       reply[#reply + 1] = pos
       reply[#reply + 1] = redis.call('LINDEX', WINDOW, pos - m.head)
       n = n + 1

@@ -68,16 +68,8 @@ if C_VERSION < m.version then
   -- A fold logs two records under one version, so records are read until the first
   -- one at or below the caller's version, not counted.
   local records = redis.call('LRANGE', LOG, 0, -1)
-  local sent = {}
-  for i = #records, 1, -1 do
-    local record = records[i]
-    local sep = string.find(record, ':', 1, true)
-    if tonumber(string.sub(record, 1, sep - 1)) <= C_VERSION then
-      break
-    end
-    local pos = tonumber(string.sub(record, sep + 1))
-    if pos >= m.head and pos < tail_start and not sent[pos] then
-      sent[pos] = true
+  for _, pos in ipairs(log_positions_since(records, C_VERSION)) do
+    if pos >= m.head and pos < tail_start then
       reply[#reply + 1] = pos
       reply[#reply + 1] = redis.call('LINDEX', WINDOW, pos - m.head)
       n = n + 1

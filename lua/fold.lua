@@ -75,16 +75,8 @@ if C_EPOCH == m.epoch and C_HEAD == m.head and C_LEN >= n and caller_end <= m.he
       patch = nil
     else
       local records = redis.call('LRANGE', LOG, C_VERSION - m.version, -1)
-      local seen_pos = {}
-      for i = #records, 1, -1 do
-        local record = records[i]
-        local sep = string.find(record, ':', 1, true)
-        if tonumber(string.sub(record, 1, sep - 1)) <= C_VERSION then
-          break
-        end
-        local pos = tonumber(string.sub(record, sep + 1))
-        if pos >= head + n and pos < caller_end and not seen_pos[pos] then
-          seen_pos[pos] = true
+      for _, pos in ipairs(log_positions_since(records, C_VERSION)) do
+        if pos >= head + n and pos < caller_end then
           patch[#patch + 1] = pos
         end
       end

@@ -79,6 +79,12 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def url(redis_server: RedisServer) -> str:
+    """The private server as a ``redis://`` URL (a module may override it to seed data)."""
+    return f"redis://127.0.0.1:{redis_server.port}/0"
+
+
+@pytest.fixture
 async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis(port=redis_server.port, socket_timeout=5)
     # Start every test with an empty script cache so the NOSCRIPT reload path runs.

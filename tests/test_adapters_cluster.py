@@ -4,7 +4,6 @@ script's keys share one slot, and two workers share sessions through it."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +13,7 @@ from google.adk.events.event_actions import EventActions
 from llama_index.core.llms import ChatMessage
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
+from support import running_cluster
 
 from conversation._redis.sessions import SessionKeySpace
 from conversation.integrations.adk import EngineSessionService, _app, _owner
@@ -24,13 +24,7 @@ pytestmark = pytest.mark.real_server
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    deployment = LocalCluster(
-        Path(tmp_path_factory.mktemp("cluster")), primaries=3, replicas_per_primary=0
-    ).start()
-    try:
-        yield deployment
-    finally:
-        deployment.stop()
+    yield from running_cluster(tmp_path_factory, primaries=3, replicas_per_primary=0)
 
 
 def _client(cluster: LocalCluster) -> RedisCluster:

@@ -43,11 +43,6 @@ pytestmark = pytest.mark.real_server
 RUN = RunConfig(tracing_disabled=True)
 
 
-@pytest.fixture
-def url(redis_server: RedisServer) -> str:
-    return f"redis://127.0.0.1:{redis_server.port}/0"
-
-
 class CountingModel(Model):
     """Answers with how many user turns it was sent: what the session remembered."""
 

@@ -32,11 +32,6 @@ pytestmark = pytest.mark.real_server
 
 
 @pytest.fixture
-def url(redis_server: RedisServer) -> str:
-    return f"redis://127.0.0.1:{redis_server.port}/0"
-
-
-@pytest.fixture
 def worker(url: str) -> Iterator[BlockingConversationManager]:
     with BlockingConversationManager.from_url(url) as manager:
         yield manager

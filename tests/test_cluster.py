@@ -29,6 +29,7 @@ from cluster_servers import (
 from multiproc import run_in_processes
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
+from support import running_cluster
 
 from conversation import ConversationManager, DurabilityError
 
@@ -40,11 +41,7 @@ MakeClient = Callable[[], RedisCluster]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    deployment = LocalCluster(tmp_path_factory.mktemp("cluster")).start()
-    try:
-        yield deployment
-    finally:
-        deployment.stop()
+    yield from running_cluster(tmp_path_factory)
 
 
 def new_client(startup_nodes: list[tuple[str, int]]) -> RedisCluster:

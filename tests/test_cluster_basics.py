@@ -8,13 +8,13 @@ reload on every primary after SCRIPT FLUSH.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 from cluster_servers import LocalCluster
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
+from support import running_cluster
 
 from conversation import ConversationManager
 from conversation._redis.keys import KeySpace
@@ -26,13 +26,7 @@ ROOMS = [f"discord:{i}" for i in range(12)]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    deployment = LocalCluster(
-        Path(tmp_path_factory.mktemp("cluster")), primaries=3, replicas_per_primary=0
-    ).start()
-    try:
-        yield deployment
-    finally:
-        deployment.stop()
+    yield from running_cluster(tmp_path_factory, primaries=3, replicas_per_primary=0)
 
 
 @pytest.fixture

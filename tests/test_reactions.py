@@ -9,12 +9,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import fakeredis
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
-from redis_servers import RedisServer
-from support import window_key
+from support import backend_client, window_key
 
 import conversation._reactions
 from conversation import (
@@ -44,19 +42,8 @@ async def workers(
         only = make_manager(None)
         yield lambda: only
         return
-    server: RedisServer | None = None
-    if request.param == "real":
-        server = RedisServer(tmp_path / "redis").start()
-        client: aioredis.Redis = aioredis.Redis(port=server.port, socket_timeout=5)
-        await client.script_flush()
-    else:
-        client = fakeredis.FakeAsyncRedis()
-    try:
+    async with backend_client(request.param, tmp_path) as client:
         yield lambda: make_manager(client)
-    finally:
-        await client.aclose()
-        if server is not None:
-            server.stop()
 
 
 async def text_of(manager: ConversationManager, room: str, index: int = 0) -> object:

@@ -6,10 +6,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import fakeredis
 import pytest
-import redis.asyncio as aioredis
-from redis_servers import RedisServer
+from support import backend_client
 
 from conversation import InvalidMessage, SessionStore
 
@@ -21,19 +19,8 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     if request.param == "memory":
         yield SessionStore(max_messages=5)
         return
-    server = None
-    if request.param == "real":
-        server = RedisServer(tmp_path / "redis").start()
-        client: aioredis.Redis = aioredis.Redis(port=server.port, socket_timeout=5)
-        await client.script_flush()
-    else:
-        client = fakeredis.FakeAsyncRedis()
-    try:
+    async with backend_client(request.param, tmp_path) as client:
         yield SessionStore(client, max_messages=5)
-    finally:
-        await client.aclose()
-        if server is not None:
-            server.stop()
 
 
 def _msg(text: str) -> dict[str, str]:

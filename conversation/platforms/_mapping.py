@@ -1,13 +1,19 @@
-"""What every binding maps the same way: rooms, markers, names, attachments."""
+"""What every binding maps the same way: rooms, markers, names, attachments, and the
+guarded engine calls (``BindingBase``)."""
 
 from __future__ import annotations
 
+import logging
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, ClassVar, Final, TypeVar
+
+from .._errors import InvalidMessage
+from .._manager import ConversationManager
 
 #: The pattern OpenAI checks ``messages[].name`` against (the API's own error text:
 #: "Expected a string that matches the pattern '^[a-zA-Z0-9_-]+$'"), 64 at most.
@@ -42,6 +48,19 @@ def label(text: str | None) -> str:
     cleaned = _CONTROL.sub(" ", (text or "").replace("\n", " ").replace("\r", " "))
     cleaned = cleaned.replace("[", "(").replace("]", ")").strip()
     return cleaned[:MAX_LABEL_CHARS] or "unknown"
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def remember(memory: OrderedDict[_K, _V], key: _K, value: _V, cap: int) -> None:
+    """Store ``key``: a platform fact a later event needs but does not carry (a
+    reaction's thread, a user's name), bounded so a busy workspace cannot grow it:
+    past ``cap`` the oldest entry is forgotten."""
+    memory[key] = value
+    if len(memory) > cap:
+        memory.popitem(last=False)
 
 
 def room_id(prefix: str, channel: object) -> str:
@@ -98,3 +117,46 @@ class Turn:
             {"type": "text", "text": text.rstrip()},
             *({"type": "image_url", "image_url": {"url": a.url}} for a in images),
         ]
+
+
+class BindingBase:
+    """What every binding does once a platform event is mapped: the engine call, with
+    input the engine refuses (a hostile emoji, an oversized text) logged as ``refused``
+    instead of raised into the platform library's event loop."""
+
+    #: Each binding's own logger and the word its platform uses ("slack event").
+    _logger: ClassVar[logging.Logger]
+    _refused: ClassVar[str]
+
+    def __init__(self, manager: ConversationManager, *, room_prefix: str) -> None:
+        self.manager = manager
+        self.room_prefix = room_prefix
+
+    async def _guard(self, room: str, call: Awaitable[bool | None]) -> bool | None:
+        try:
+            return await call
+        except InvalidMessage as exc:
+            self._logger.warning("room %s: %s refused: %s", room, self._refused, exc)
+            return False
+
+    async def _append_turn(self, room: str, turn: Turn, idempotency_key: str) -> bool:
+        """Append ``turn``; a platform's redelivery carries the same ``idempotency_key``,
+        so it lands once whichever worker gets it."""
+        appended = await self._guard(
+            room,
+            self.manager.append_async(
+                room,
+                turn.role,
+                turn.content(),
+                message_id=turn.message_id,
+                name=turn.name,
+                idempotency_key=idempotency_key,
+            ),
+        )
+        return appended is not False  # append_async answers None
+
+    async def _update_turn(self, room: str, turn: Turn) -> bool | None:
+        """An edited message's new content in place of the old."""
+        return await self._guard(
+            room, self.manager.update_message_async(room, turn.message_id, turn.content())
+        )

@@ -25,9 +25,8 @@ from typing import Any
 
 import discord
 
-from .._errors import InvalidMessage
 from .._manager import ConversationManager
-from ._mapping import Attachment, Turn, label, now_iso, room_id, safe_name
+from ._mapping import Attachment, BindingBase, Turn, label, now_iso, room_id, safe_name
 
 __all__ = ["Binding"]
 
@@ -51,12 +50,15 @@ EVENTS = (
 )
 
 
-class Binding:
+class Binding(BindingBase):
     """Maps a discord.py client's events onto ``manager``.
 
     ``bot_user_id``: the bot's own user id (its messages become ``assistant``
     turns); by default the attached client's ``user``.
     """
+
+    _logger = logger
+    _refused = "discord event"
 
     def __init__(
         self,
@@ -65,9 +67,8 @@ class Binding:
         bot_user_id: int | str | None = None,
         room_prefix: str = "discord",
     ) -> None:
-        self.manager = manager
+        super().__init__(manager, room_prefix=room_prefix)
         self.bot_user_id = None if bot_user_id is None else int(bot_user_id)
-        self.room_prefix = room_prefix
         self._client: discord.Client | None = None
 
     def room(self, channel_id: int) -> str:
@@ -112,19 +113,8 @@ class Binding:
     async def on_message(self, message: discord.Message) -> bool | None:
         turn = self.turn(message)
         room = self.room(message.channel.id)
-        appended = await self._guard(
-            room,
-            self.manager.append_async(
-                room,
-                turn.role,
-                turn.content(),
-                message_id=turn.message_id,
-                name=turn.name,
-                # A redelivered MESSAGE_CREATE lands once, whichever worker gets it.
-                idempotency_key=f"{self.room_prefix}:{message.id}",
-            ),
-        )
-        return appended is not False  # append_async answers None
+        # A redelivered MESSAGE_CREATE lands once, whichever worker gets it.
+        return await self._append_turn(room, turn, f"{self.room_prefix}:{message.id}")
 
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> bool | None:
         data: dict[str, Any] = dict(payload.data)
@@ -132,9 +122,7 @@ class Binding:
             return None  # an embed unfurled: the text did not change
         turn = self.turn(payload.message)
         room = self.room(payload.channel_id)
-        return await self._guard(
-            room, self.manager.update_message_async(room, turn.message_id, turn.content())
-        )
+        return await self._update_turn(room, turn)
 
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> bool | None:
         room = self.room(payload.channel_id)
@@ -232,15 +220,6 @@ class Binding:
             return self.bot_user_id
         user = self._client.user if self._client is not None else None
         return user.id if user is not None else None
-
-    async def _guard(self, room: str, call: Awaitable[bool | None]) -> bool | None:
-        """Run an engine call; input the engine refuses (a hostile emoji) is logged, not
-        raised into discord.py's event loop."""
-        try:
-            return await call
-        except InvalidMessage as exc:
-            logger.warning("room %s: discord event refused: %s", room, exc)
-            return False
 
 
 def _emoji(emoji: discord.PartialEmoji) -> str:

@@ -30,9 +30,8 @@ from typing import Any
 
 from slack_bolt.async_app import AsyncApp
 
-from .._errors import InvalidMessage
 from .._manager import ConversationManager
-from ._mapping import Attachment, Turn, label, now_iso, room_id, safe_name
+from ._mapping import Attachment, BindingBase, Turn, label, now_iso, remember, room_id, safe_name
 
 __all__ = ["Binding"]
 
@@ -51,12 +50,15 @@ _TURN_SUBTYPES = frozenset({None, "bot_message", "file_share", "thread_broadcast
 _THREAD_MEMORY = 10_000
 
 
-class Binding:
+class Binding(BindingBase):
     """Maps a slack-bolt ``AsyncApp``'s events onto ``manager``.
 
     ``bot_user_id``: the bot's user id (its messages become ``assistant``
     turns); by default the one Bolt's authorization found for the request.
     """
+
+    _logger = logger
+    _refused = "slack event"
 
     def __init__(
         self,
@@ -67,9 +69,8 @@ class Binding:
         threads_as_rooms: bool = False,
         user_names: UserNames | None = None,
     ) -> None:
-        self.manager = manager
+        super().__init__(manager, room_prefix=room_prefix)
         self.bot_user_id = bot_user_id
-        self.room_prefix = room_prefix
         self.threads_as_rooms = threads_as_rooms
         self._user_names = user_names
         self._app: AsyncApp | None = None
@@ -122,19 +123,10 @@ class Binding:
         self._remember_thread(channel, str(event["ts"]), thread)
         turn = await self.turn(event, bot)
         room = self.room(channel, thread)
-        appended = await self._guard(
-            room,
-            self.manager.append_async(
-                room,
-                turn.role,
-                turn.content(),
-                message_id=turn.message_id,
-                name=turn.name,
-                # Slack retries an event it thinks was not received: it lands once.
-                idempotency_key=f"{self.room_prefix}:{channel}:{turn.message_id}",
-            ),
+        # Slack retries an event it thinks was not received: it lands once.
+        return await self._append_turn(
+            room, turn, f"{self.room_prefix}:{channel}:{turn.message_id}"
         )
-        return appended is not False  # append_async answers None
 
     async def _changed(self, event: Mapping[str, Any], bot: str | None) -> bool | None:
         message = event.get("message")
@@ -150,9 +142,7 @@ class Binding:
         channel = str(event["channel"])
         turn = await self.turn({**message, "channel": channel}, bot)
         room = self.room(channel, message.get("thread_ts"))
-        return await self._guard(
-            room, self.manager.update_message_async(room, turn.message_id, turn.content())
-        )
+        return await self._update_turn(room, turn)
 
     async def _deleted(self, event: Mapping[str, Any]) -> bool | None:
         channel = str(event["channel"])
@@ -228,21 +218,10 @@ class Binding:
                 name = profile.get("display_name") or profile.get("real_name")
         except Exception as exc:  # a rate limit or a missing scope: the id will do
             logger.warning("slack: could not look up user %s: %s", user, exc)
-        self._names[user] = name or user
-        if len(self._names) > _THREAD_MEMORY:
-            self._names.popitem(last=False)
+        remember(self._names, user, name or user, _THREAD_MEMORY)
         return self._names[user]
 
     def _remember_thread(self, channel: str, ts: str, thread: object) -> None:
         if not self.threads_as_rooms or not thread:
             return
-        self._threads[(channel, ts)] = str(thread)
-        if len(self._threads) > _THREAD_MEMORY:
-            self._threads.popitem(last=False)
-
-    async def _guard(self, room: str, call: Awaitable[bool | None]) -> bool | None:
-        try:
-            return await call
-        except InvalidMessage as exc:
-            logger.warning("room %s: slack event refused: %s", room, exc)
-            return False
+        remember(self._threads, (channel, ts), str(thread), _THREAD_MEMORY)

@@ -38,9 +38,8 @@ from telegram import (
 )
 from telegram.ext import Application, ContextTypes, TypeHandler
 
-from .._errors import InvalidMessage
 from .._manager import ConversationManager
-from ._mapping import Attachment, Turn, label, room_id, safe_name
+from ._mapping import Attachment, BindingBase, Turn, label, remember, room_id, safe_name
 
 __all__ = ["Binding"]
 
@@ -53,12 +52,15 @@ HANDLER_GROUP = -100
 _TOPIC_MEMORY = 10_000
 
 
-class Binding:
+class Binding(BindingBase):
     """Maps a python-telegram-bot ``Application``'s updates onto ``manager``.
 
     ``bot_user_id``: the bot's id (its messages become ``assistant`` turns); by
     default the attached application's bot.
     """
+
+    _logger = logger
+    _refused = "telegram update"
 
     def __init__(
         self,
@@ -69,9 +71,8 @@ class Binding:
         topics_as_rooms: bool = False,
         file_url: FileUrl | None = None,
     ) -> None:
-        self.manager = manager
+        super().__init__(manager, room_prefix=room_prefix)
         self.bot_user_id = bot_user_id
-        self.room_prefix = room_prefix
         self.topics_as_rooms = topics_as_rooms
         self._file_url = file_url
         self._application: Application[Any, Any, Any, Any, Any, Any] | None = None
@@ -123,26 +124,15 @@ class Binding:
         topic = self._topic_of(message)
         room = self.room(message.chat.id, topic)
         turn = await self.turn(message)
-        appended = await self._guard(
-            room,
-            self.manager.append_async(
-                room,
-                turn.role,
-                turn.content(),
-                message_id=turn.message_id,
-                name=turn.name,
-                # Telegram delivers an update again after a webhook failure: once.
-                idempotency_key=f"{self.room_prefix}:{message.chat.id}:{message.message_id}",
-            ),
+        # Telegram delivers an update again after a webhook failure: once.
+        return await self._append_turn(
+            room, turn, f"{self.room_prefix}:{message.chat.id}:{message.message_id}"
         )
-        return appended is not False  # append_async answers None
 
     async def _edited(self, message: Message) -> bool | None:
         room = self.room(message.chat.id, self._topic_of(message))
         turn = await self.turn(message)
-        return await self._guard(
-            room, self.manager.update_message_async(room, turn.message_id, turn.content())
-        )
+        return await self._update_turn(room, turn)
 
     async def _reaction(self, update: MessageReactionUpdated) -> bool | None:
         chat = update.chat.id
@@ -242,9 +232,7 @@ class Binding:
         if not (self.topics_as_rooms and message.is_topic_message and message.message_thread_id):
             return None
         topic = message.message_thread_id
-        self._topics[(message.chat.id, message.message_id)] = topic
-        if len(self._topics) > _TOPIC_MEMORY:
-            self._topics.popitem(last=False)
+        remember(self._topics, (message.chat.id, message.message_id), topic, _TOPIC_MEMORY)
         return topic
 
     def _bot_id(self) -> int | None:
@@ -257,13 +245,6 @@ class Binding:
             return bot_id
         except RuntimeError:  # not initialized yet (get_me has not run)
             return None
-
-    async def _guard(self, room: str, call: Awaitable[bool | None]) -> bool | None:
-        try:
-            return await call
-        except InvalidMessage as exc:
-            logger.warning("room %s: telegram update refused: %s", room, exc)
-            return False
 
 
 def _emoji(reaction: ReactionType) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis_servers import RedisServer
 from support import backend_client, window_key
 
 import conversation._reactions

@@ -67,6 +67,17 @@ def _assert_converged(result: subprocess.CompletedProcess[str], rooms: int) -> N
     assert "Traceback" not in result.stderr
 
 
+def _note_count(out: str, note: str) -> int:
+    """How often the demo's notes say ``note``: ``note: N``, or ``note`` alone for one."""
+    for line in out.splitlines():
+        text = line.strip().removeprefix("· ")
+        if text == note:
+            return 1
+        if text.startswith(note + ": "):
+            return int(text.removeprefix(note + ": "))
+    return 0
+
+
 def test_demo_converges_on_a_private_redis_server(redis_server: RedisServer) -> None:
     result = _demo("--redis-url", redis_server.url, "--rooms", "2", "--events", "60", "--seed", "3")
     _assert_converged(result, rooms=2)
@@ -85,7 +96,12 @@ def test_demo_converges_on_a_private_redis_server(redis_server: RedisServer) -> 
         row = next(line.split() for line in out.splitlines() if line.strip().startswith(role))
         assert row[2] == "60", row  # events
         assert row[-1] == "0", row  # errors
-    assert "agents: tool calls: 2" in out
+    # Each of the two /weather requests gets its tool call, unless the room lost the
+    # request first: a /clear or a fold may come before a slow agents worker reads it
+    # (as on a loaded machine), and the demo says so rather than answer it.
+    tool_calls = _note_count(out, "agents: tool calls")
+    gone = _note_count(out, "agents: requests gone before the agent ran")
+    assert tool_calls >= 1 and tool_calls + gone == 2, (tool_calls, gone)
     # The consolidation worker folded the long rooms: a summary heads their windows.
     assert "consolidation: rooms folded" in out
 

@@ -199,4 +199,34 @@ async def test_handle_takes_events_built_by_discord_py(workers: list[Worker]) ->
         "[Message ID: 950] [Reactions: :party: 1] Ann (admin) (Message ID: 1): hi"
     ]
     with pytest.raises(TypeError, match=r"not a discord\.py event"):
-        await bot.binding.handle({"t": "MESSAGE_CREATE"})
+        await bot.binding.handle("MESSAGE_CREATE")
+
+
+async def test_handle_takes_raw_gateway_payloads(workers: list[Worker]) -> None:
+    """SPEC §32: ``handle(event)`` for a raw payload, out of order and redelivered."""
+    first, second = workers
+    update = {**message(960, "fixed"), "edited_timestamp": "2026-01-01T00:01:00.000000+00:00"}
+    # The edit and a reaction reach one worker before the other has the message.
+    assert await first.binding.handle({"t": "MESSAGE_UPDATE", "d": update}) is False
+    add = {"t": "MESSAGE_REACTION_ADD", "d": reaction(960, "222", THUMBS)}
+    assert await first.binding.handle(add) is False
+    create = {"t": "MESSAGE_CREATE", "d": message(960, "typo")}
+    assert await second.binding.handle(create) is True
+    assert await second.binding.handle(create) is True  # redelivered: lands once
+    for _ in range(2):  # a redelivered reaction counts once
+        assert await first.binding.handle(add) is True
+    await first.binding.handle({"t": "MESSAGE_REACTION_ADD", "d": reaction(960, "333", PARTY)})
+    expected = "[Message ID: 960] [Reactions: 👍 1, :party: 1] Ann (admin) (Message ID: 1): fixed"
+    for worker in workers:
+        assert await worker.texts("discord:55") == [expected]
+    await second.binding.handle({"t": "MESSAGE_DELETE", "d": {"id": "960", "channel_id": "55"}})
+    assert "[deleted at " in (await first.texts("discord:55"))[0]
+    # A dispatch the binding does not map records nothing; a malformed one is refused.
+    assert await first.binding.handle({"t": "TYPING_START", "d": {}}) is None
+    with pytest.raises(TypeError, match="gateway payload"):
+        await first.binding.handle({"t": "MESSAGE_CREATE"})
+    with pytest.raises(ValueError, match="MESSAGE_DELETE payload"):
+        await first.binding.handle({"t": "MESSAGE_DELETE", "d": {"channel_id": "55"}})
+    unattached = Binding(first.manager)
+    with pytest.raises(TypeError, match=r"attached discord\.Client"):
+        await unattached.handle(create)

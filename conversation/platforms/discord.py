@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import discord
@@ -48,6 +48,45 @@ EVENTS = (
     "raw_reaction_clear",
     "raw_reaction_clear_emoji",
 )
+
+
+def _message(state: Any, data: dict[str, Any]) -> discord.Message:
+    channel, _ = state._get_guild_channel(data)
+    return discord.Message(channel=channel, data=data, state=state)  # type: ignore[arg-type]
+
+
+def _payload_emoji(state: Any, data: dict[str, Any]) -> discord.PartialEmoji:
+    emoji = discord.PartialEmoji.from_dict(data["emoji"])
+    emoji._state = state
+    return emoji
+
+
+# Gateway dispatches and how discord.py's ConnectionState parsers build each one's
+# object (without dispatching it: handle() calls the binding's own handler).
+_PAYLOADS: dict[str, Callable[[Any, dict[str, Any]], object]] = {
+    "MESSAGE_CREATE": _message,
+    "MESSAGE_UPDATE": lambda state, data: discord.RawMessageUpdateEvent(
+        data=data,  # type: ignore[arg-type]
+        message=_message(state, data),
+    ),
+    "MESSAGE_DELETE": lambda _, data: discord.RawMessageDeleteEvent(data),  # type: ignore[arg-type]
+    "MESSAGE_DELETE_BULK": lambda _, data: discord.RawBulkMessageDeleteEvent(data),  # type: ignore[arg-type]
+    "MESSAGE_REACTION_ADD": lambda state, data: discord.RawReactionActionEvent(
+        data,  # type: ignore[arg-type]
+        _payload_emoji(state, data),
+        "REACTION_ADD",
+    ),
+    "MESSAGE_REACTION_REMOVE": lambda state, data: discord.RawReactionActionEvent(
+        data,  # type: ignore[arg-type]
+        _payload_emoji(state, data),
+        "REACTION_REMOVE",
+    ),
+    "MESSAGE_REACTION_REMOVE_ALL": lambda _, data: discord.RawReactionClearEvent(data),  # type: ignore[arg-type]
+    "MESSAGE_REACTION_REMOVE_EMOJI": lambda state, data: discord.RawReactionClearEmojiEvent(
+        data,  # type: ignore[arg-type]
+        _payload_emoji(state, data),
+    ),
+}
 
 
 class Binding(BindingBase):
@@ -88,8 +127,15 @@ class Binding(BindingBase):
             setattr(client, f"on_{name}", _chained(getattr(client, f"on_{name}", None), handler))
 
     async def handle(self, event: object) -> bool | None:
-        """One event (a ``discord.Message`` or a ``Raw…Event``): what the engine call
-        returned (None: nothing to record)."""
+        """One event: a ``discord.Message`` or a ``Raw…Event``, or a raw gateway
+        dispatch payload (``{"t": "MESSAGE_CREATE", "d": {...}}``, which discord.py
+        builds with the attached client's state); what the engine call returned
+        (None: nothing to record)."""
+        if isinstance(event, Mapping):
+            built = self._from_payload(event)
+            if built is None:
+                return None
+            event = built
         if isinstance(event, discord.Message):
             return await self.on_message(event)
         if isinstance(event, discord.RawMessageUpdateEvent):
@@ -107,6 +153,22 @@ class Binding(BindingBase):
                 return await self.on_raw_reaction_add(event)
             return await self.on_raw_reaction_remove(event)
         raise TypeError(f"not a discord.py event this binding maps: {type(event).__name__}")
+
+    def _from_payload(self, payload: Mapping[str, Any]) -> object | None:
+        """The discord.py object a gateway dispatch payload becomes, as the library's
+        own parsers build it; None for a dispatch this binding does not map."""
+        kind, data = payload.get("t"), payload.get("d")
+        if not isinstance(kind, str) or not isinstance(data, Mapping):
+            raise TypeError('a gateway payload is {"t": <event name>, "d": {...}}')
+        build = _PAYLOADS.get(kind)
+        if build is None:
+            return None
+        if self._client is None:
+            raise TypeError("a raw gateway payload needs an attached discord.Client to build it")
+        try:
+            return build(self._client._connection, dict(data))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"a {kind} payload discord.py cannot read: {exc!r:.200}") from exc
 
     # ------------------------------------------------------------- events
 

@@ -50,6 +50,7 @@ TIERS = {
         "test_docs_changes",
         "test_demo",
         "test_bench_smoke",
+        "test_bench_peers",
         "test_wheel",
         "test_servers",
     ),

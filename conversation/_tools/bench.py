@@ -22,6 +22,10 @@ And (issue 12): folding a window of 1000 entries that each carry a 100 KB image,
 while another process PINGs the server: the worst PING, the slowest command the
 server ran, and the folding worker's worst loop stall.
 
+And (issue 15, ``--only peers``, in ``bench_peers``): other frameworks' own
+Redis-backed histories against the engine in each freshness mode, each against
+raw redis-py: appends, a warm read and the bytes it moves, an edit.
+
 Bytes come from ``INFO stats`` deltas (so they need a server nobody else uses:
 the default private ``redis-server``), round trips from ``stats()``. ``--quick``
 is a smoke run with small sizes; its numbers are not meant to be read.
@@ -64,6 +68,7 @@ from .._redis.keys import KeySpace, RoomKeys
 from .._renderer import PromptRenderer, describe_time, now_in
 from .._resources import data_dir
 from .bench_core import NetMeter, Row, median, paired, percentile, progress, ratio_row, value_row
+from .bench_peers import PEER_ROW_KEYS, PeerSizes, bench_peers
 from .redis_server import RedisServerProcess, server_identity
 
 __all__ = ["ROW_KEYS", "main"]
@@ -113,6 +118,7 @@ ROW_KEYS: tuple[str, ...] = (
     "fold_ping_max",
     "fold_call_max",
     "fold_loop_max",
+    *PEER_ROW_KEYS,
 )
 
 TEMPLATES = ("inference", "agents", "consolidation")
@@ -1863,6 +1869,22 @@ async def bench_fold(bench: Bench) -> list[Row]:
     return rows
 
 
+async def bench_peer_section(bench: Bench) -> list[Row]:
+    """Other frameworks' Redis histories vs the engine in each freshness mode (bench_peers)."""
+    sizes = bench.sizes
+    # Fewer rooms than the append rows, and few edits: google-adk's append rewrites
+    # the whole session (50 rooms x 100 took 25 s a run), and a peer with no edit
+    # API rewrites its whole history for each edit.
+    peer_sizes = PeerSizes(
+        repeats=sizes.repeats,
+        rooms=min(sizes.append_rooms, 20),
+        per_room=sizes.append_per_room,
+        reads=sizes.warm_calls,
+        edits=max(2, sizes.edit_calls // 30),
+    )
+    return await bench_peers(bench.url, peer_sizes, private=bench.private, prefix=bench.prefix)
+
+
 SECTIONS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "append": bench_append,
     "warm": bench_warm_read,
@@ -1876,6 +1898,7 @@ SECTIONS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "scaling": bench_scaling,
     "outage": bench_outage,
     "fold": bench_fold,
+    "peers": bench_peer_section,
 }
 
 

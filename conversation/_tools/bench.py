@@ -68,6 +68,7 @@ from .._redis.keys import KeySpace, RoomKeys
 from .._renderer import PromptRenderer, describe_time, now_in
 from .._resources import data_dir
 from .bench_core import NetMeter, Row, median, paired, percentile, progress, ratio_row, value_row
+from .bench_core import skipped_row as _skipped
 from .bench_peers import PEER_ROW_KEYS, PeerSizes, bench_peers
 from .redis_server import RedisServerProcess, server_identity
 
@@ -1494,10 +1495,6 @@ async def _wait_cost(bench: Bench) -> Row:
         median(without),
         details={"engine_runs": with_wait, "baseline_runs": without, "unconfirmed": unconfirmed},
     )
-
-
-def _skipped(key: str, reason: str) -> Row:
-    return Row(key, key, "", None, None, "n/a", None, skipped=reason)
 
 
 # ---------------------------------------------------------------------- output

@@ -24,6 +24,7 @@ __all__ = [
     "percentile",
     "progress",
     "ratio_row",
+    "skipped_row",
     "value_row",
 ]
 
@@ -86,6 +87,11 @@ def ratio_row(
     else:
         target, passed = "report", None
     return Row(key, title, unit, engine, baseline, target, passed, details or {})
+
+
+def skipped_row(key: str, reason: str) -> Row:
+    """A row that could not be measured here, and says why."""
+    return Row(key, key, "", None, None, "n/a", None, skipped=reason)
 
 
 def value_row(

@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 
 from .._engine import settings as engine_settings
 from .._manager import ConversationManager
-from .bench_core import NetMeter, Row, median, paired, progress, ratio_row
+from .bench_core import NetMeter, Row, median, paired, progress, ratio_row, skipped_row
 
 __all__ = [
     "FRESHNESS_MODES",
@@ -204,8 +204,10 @@ class EngineSubject:
 class AgentsSubject:
     """``agents.extensions.memory.RedisSession``: one session per room."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str | None, window: int) -> None:
-        self.module = importlib.import_module("agents.extensions.memory.redis_session")
+    def __init__(
+        self, module: Any, client: aioredis.Redis, prefix: str | None, window: int
+    ) -> None:
+        self.module = module
         self.client, self.prefix, self.window = client, prefix, window
         self.sessions: dict[str, Any] = {}
         self.label = "openai-agents RedisSession"
@@ -246,8 +248,10 @@ class AdkSubject:
 
     APP, USER = "bench", "user"
 
-    def __init__(self, client: aioredis.Redis, prefix: str | None, window: int) -> None:
-        module = importlib.import_module("google.adk.integrations.redis")
+    def __init__(
+        self, module: Any, client: aioredis.Redis, prefix: str | None, window: int
+    ) -> None:
+        # The event and content types its users build events with.
         self.events = importlib.import_module("google.adk.events")
         self.types = importlib.import_module("google.genai.types")
         sessions = importlib.import_module("google.adk.sessions.base_session_service")
@@ -403,12 +407,13 @@ class Section:
             (f"engine_{mode}", EngineSubject(self.client(), self.prefix, window, mode), "")
             for mode in FRESHNESS_MODES
         ]
-        drivers: dict[str, Callable[[], Subject]] = {
-            "openai_agents": lambda: AgentsSubject(
-                self.client(), self.peer_prefix("agents"), window
+        # Each peer on a client as its own docs build one (ADK's decodes replies).
+        drivers: dict[str, Callable[[Any], Subject]] = {
+            "openai_agents": lambda module: AgentsSubject(
+                module, self.client(), self.peer_prefix("agents"), window
             ),
-            "google_adk": lambda: AdkSubject(
-                self.client(decode=True), self.peer_prefix("adk"), window
+            "google_adk": lambda module: AdkSubject(
+                module, self.client(decode=True), self.peer_prefix("adk"), window
             ),
         }
         for peer in PEERS:
@@ -417,12 +422,9 @@ class Section:
             elif peer.key not in drivers:
                 found.append((peer.key, None, f"installed, no driver here for {peer.label}"))
             else:
-                found.append((peer.key, drivers[peer.key](), ""))
+                module = importlib.import_module(peer.module)
+                found.append((peer.key, drivers[peer.key](module), ""))
         return found
-
-
-def _skipped(key: str, reason: str) -> Row:
-    return Row(key, key, "", None, None, "n/a", None, skipped=reason)
 
 
 async def _append_row(section: Section, key: str, subject: Subject, raw: Raw, net: NetMeter) -> Row:
@@ -560,7 +562,7 @@ async def bench_peers(url: str, sizes: PeerSizes, *, private: bool, prefix: str)
             for key, subject, why_not in section.subjects(window):
                 if subject is None:
                     names = ("append",) if measure == "append" else ("read", "read_bytes", "edit")
-                    rows.extend(_skipped(f"peers_{name}_{key}", why_not) for name in names)
+                    rows.extend(skipped_row(f"peers_{name}_{key}", why_not) for name in names)
                     continue
                 progress(f"peers {measure}: {subject.label}")
                 try:

@@ -18,8 +18,11 @@ from .._engine.window import RoomState
 from .._entries import (
     MARKER_RE,
     SUMMARY_ID_PREFIX,
+    Cell,
+    cell_bytes,
     first_text,
     is_summary,
+    message_of,
 )
 from .config import ConsolidationConfig
 
@@ -43,39 +46,39 @@ TOKEN_SLICE_BYTES = 256 * 1024
 # ------------------------------------------------------------------------ tokens
 
 
-def _row_tokens(row: bytes) -> int:
-    return estimate_tokens(orjson.loads(row))
+def _cell_tokens(cell: Cell, role: str) -> int:
+    return estimate_tokens(message_of(cell, role))
 
 
-def window_tokens(room: Room, rows: Sequence[bytes]) -> int:
-    """The rows' token estimates, each row parsed once while it is in the window.
+def window_tokens(room: Room, cells: Sequence[tuple[Cell, str]]) -> int:
+    """The rows' token estimates, each row estimated once while it is in the window.
 
-    Rows are immutable ``bytes`` that a window keeps as long as they are current
-    (an edit puts a new object in), so an estimate stays right for as long as its
-    object is there; the room remembers the rows of its last check only.
+    A window's cells are immutable and kept as long as their row is current (an
+    edit puts a new object in), so an estimate stays right for as long as its
+    object is there; the room remembers the cells of its last check only.
     """
     known = room.token_estimates
-    counts: dict[int, tuple[bytes, int]] = {}
+    counts: dict[int, tuple[Cell, int]] = {}
     total = 0
-    for row in rows:
-        hit = known.get(id(row))
-        count = hit[1] if hit is not None and hit[0] is row else _row_tokens(row)
-        counts[id(row)] = (row, count)
+    for cell, role in cells:
+        hit = known.get(id(cell))
+        count = hit[1] if hit is not None and hit[0] is cell else _cell_tokens(cell, role)
+        counts[id(cell)] = (cell, count)
         total += count
     room.token_estimates = counts
     return total
 
 
-async def estimate_room_tokens(room: Room, rows: Sequence[bytes]) -> None:
+async def estimate_room_tokens(room: Room, cells: Sequence[tuple[Cell, str]]) -> None:
     """Estimate the rows not seen yet, yielding to the loop between slices."""
     known = room.token_estimates
     done = 0
-    for row in rows:
-        hit = known.get(id(row))
-        if hit is not None and hit[0] is row:
+    for cell, role in cells:
+        hit = known.get(id(cell))
+        if hit is not None and hit[0] is cell:
             continue
-        known[id(row)] = (row, _row_tokens(row))
-        done += len(row)
+        known[id(cell)] = (cell, _cell_tokens(cell, role))
+        done += cell_bytes(cell)
         if done >= TOKEN_SLICE_BYTES:
             done = 0
             await asyncio.sleep(0)
@@ -140,11 +143,11 @@ def plan_fold(
     """``read_limit``: fold none of the window's rows from this index on (rows the
     ``wait_for_cursors`` readers have not read); None: no such limit."""
     window = state.window
-    size, roles, ids, rows = len(window), window.roles, window.ids, window.rows
+    size, roles, ids, row = len(window), window.roles, window.ids, window.row
     start, previous_id, previous_text, seq = 0, None, None, 1
     if size and is_summary(ids[0], roles[0]):
         start, previous_id = 1, ids[0]
-        previous_text = _summary_text(rows[0], config.summary_prefix)
+        previous_text = _summary_text(row(0), config.summary_prefix)
         seq = _summary_seq(previous_id) + 1
     end = size - keep_recent
     if read_limit is not None:
@@ -153,7 +156,7 @@ def plan_fold(
     while start < end < size and roles[end] == "tool":
         end -= 1
     # ...and a call still waiting for its results stays where they will land.
-    while end > start and roles[end - 1] == "assistant" and _has_tool_calls(rows[end - 1]):
+    while end > start and roles[end - 1] == "assistant" and _has_tool_calls(row(end - 1)):
         end -= 1
     if end <= start:
         return None
@@ -164,6 +167,7 @@ def plan_fold(
     corrupt = end - start - len(archived) - (1 if keep >= 0 else 0)
     if len(archived) < config.min_fold:
         return None
+    rows = [row(index) for index in range(end)]
     return FoldPlan(
         epoch=state.epoch,
         head=state.head,

@@ -239,25 +239,41 @@ def decode_cell(row: bytes) -> tuple[Cell, str | None, str] | None:
 
     A row is held decoded only if ``orjson.dumps`` gives its bytes back exactly
     (checked here, a few microseconds even for an image), so ``row_of`` can
-    rebuild the bytes an edit compares instead of keeping a second copy.
+    rebuild the bytes an edit compares instead of keeping a second copy. The
+    rules of ``_checked``, inlined: this runs for every row a snapshot brings.
     """
-    checked = _checked(row)
-    if checked is None:
+    try:
+        entry = _loads(row)
+    except orjson.JSONDecodeError:
         return None
-    entry, identity, role = checked
+    if type(entry) is not dict:
+        return None
+    identity = entry.get("message_id")
+    role = entry.get("role")
+    if type(role) is not str or role not in _ROLE_NAMES:
+        return None
+    role = _ROLE_NAMES[role]
+    if identity is not None and type(identity) is not str:
+        return None
+    content = entry.get("content")
+    kind = type(content)
+    if kind is not str and kind is not list and not (content is None and role == "assistant"):
+        return None
     fields = iter(entry)
     if (
-        next(fields, None) != "message_id"
+        next(fields) != "message_id"
         or next(fields, None) != "role"
         or next(fields, None) != "content"
-        or orjson.dumps(entry) != row
+        or _dumps(entry) != row
     ):
         return row, identity, role
-    content = entry["content"]
-    if len(entry) == 3 and type(content) is str:
+    if type(content) is str and len(entry) == 3:
         return content, identity, role
     extras = {key: value for key, value in entry.items() if key not in _HEAD_FIELDS}
     return Decoded(content, extras), identity, role
+
+
+_loads, _dumps = orjson.loads, orjson.dumps
 
 
 def row_of(cell: Cell, identity: str | None, role: str | None) -> bytes:

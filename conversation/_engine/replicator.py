@@ -442,8 +442,7 @@ class Replicator:
         decoded = None
         if reply.kind != 0 and needs_slices(reply.rows):
             base = (synced.epoch, synced.version, synced.head, synced.size)
-            decoded, slices = await decode_rows(reply.rows, room.room_id)
-            self.stats.decode_slices += slices
+            decoded = await decode_rows(reply.rows, room.room_id, self.stats)
             if reply.kind == 1 and (synced.epoch, synced.version, synced.head, synced.size) != base:
                 # Another absorb got in while the rows were decoded (every caller
                 # holds room.lock, so none should): this patch no longer fits, and

@@ -27,6 +27,7 @@ from .._entries import (
 )
 from .._reactions import RoomReactions
 from .._redis.replies import SyncReply
+from .._stats import Stats
 
 logger = logging.getLogger(__name__)
 
@@ -53,23 +54,27 @@ def needs_slices(rows: Sequence[bytes]) -> bool:
     return len(rows) > DECODE_SLICE_ROWS or sum(map(len, rows)) > DECODE_SLICE_BYTES
 
 
-async def decode_rows(rows: Sequence[bytes], room_id: str) -> tuple[list[Held], int]:
-    """``rows`` as a window holds them, yielding to the loop between slices; and
-    how many slices it took. No slice decodes more than ``DECODE_SLICE_BYTES``
-    (one bigger row alone) or ``DECODE_SLICE_ROWS``, so a snapshot of a window
-    of images never holds the loop for long."""
+async def decode_rows(rows: Sequence[bytes], room_id: str, stats: Stats) -> list[Held]:
+    """``rows`` as a window holds them, yielding to the loop between slices, each
+    counted in ``stats.decode_slices``. No slice decodes more than
+    ``DECODE_SLICE_BYTES`` (one bigger row alone) or ``DECODE_SLICE_ROWS``, so a
+    snapshot of a window of images never holds the loop for long."""
     held: list[Held] = []
-    slices = 1
-    size = count = 0
-    for row in rows:
-        if count and (size + len(row) > DECODE_SLICE_BYTES or count >= DECODE_SLICE_ROWS):
+    start = slices = 0
+    while start < len(rows):
+        stop, size = start, 0
+        while stop < len(rows) and stop - start < DECODE_SLICE_ROWS:
+            size += len(rows[stop])
+            if size > DECODE_SLICE_BYTES and stop > start:
+                break
+            stop += 1
+        if slices:
             await asyncio.sleep(0)
-            slices += 1
-            size = count = 0
-        held.append(hold(row, room_id))
-        size += len(row)
-        count += 1
-    return held, slices
+        held.extend([hold(row, room_id) for row in rows[start:stop]])
+        slices += 1
+        stats.decode_slices += 1
+        start = stop
+    return held
 
 
 @dataclass(slots=True)
@@ -128,25 +133,10 @@ class Window:
                 append(message_of(cell, role, metadata=metadata))
         return out
 
-    def healthy_entries(self) -> list[Entry]:
-        """Every healthy row's whole entry (identity and metadata included)."""
-        return [
-            entry_of(cell, identity, role)
-            for cell, identity, role in zip(self.cells, self.ids, self.roles, strict=True)
-            if role is not None
-        ]
-
     def healthy_cells(self) -> list[tuple[Cell, str]]:
         """(cell, role) of every healthy row: cells are immutable, so their
         identity says a row is unchanged (the token estimates rely on it)."""
         return [(c, r) for c, r in zip(self.cells, self.roles, strict=True) if r is not None]
-
-    def healthy_rows(self) -> list[bytes]:
-        return [
-            row_of(c, i, r)
-            for c, i, r in zip(self.cells, self.ids, self.roles, strict=True)
-            if r is not None
-        ]
 
     def find_last(self, identity: str) -> int | None:
         ids = self.ids
@@ -175,23 +165,24 @@ class Window:
         before); a row that does not decode is held as corrupt."""
         self.push_held(*_own(row, identity, role))
 
-    def extend(self, rows: Iterable[Held]) -> None:
+    def extend(self, rows: Sequence[Held]) -> None:
         """Append held rows (none corrupt), in one step."""
-        for cell, identity, role in rows:
-            self.cells.append(cell)
-            self.ids.append(identity)
-            self.roles.append(role)
+        self.cells.extend([cell for cell, _, _ in rows])
+        self.ids.extend([identity for _, identity, _ in rows])
+        self.roles.extend([role for _, _, role in rows])
 
     def push_stored(self, rows: Iterable[bytes], room_id: str) -> int:
         """Append rows read from Redis, decoding each; returns how many were corrupt."""
         return self.push_decoded([hold(row, room_id) for row in rows])
 
-    def push_decoded(self, held: Iterable[Held]) -> int:
+    def push_decoded(self, held: Sequence[Held]) -> int:
         """Append rows ``decode_rows`` made; returns how many were corrupt."""
-        bad = 0
-        for cell, identity, role in held:
-            bad += role is None
-            self.push_held(cell, identity, role)
+        roles = [role for _, _, role in held]
+        bad = roles.count(None)
+        self.cells.extend([cell for cell, _, _ in held])
+        self.ids.extend([identity for _, identity, _ in held])
+        self.roles.extend(roles)
+        self.corrupt += bad
         return bad
 
     def set_held(self, index: int, cell: Cell, identity: str | None, role: str | None) -> None:

@@ -84,7 +84,14 @@ from .._redis.retry import TRANSIENT_ERRORS, is_permanent
 from .._redis.rooms import index_ranges
 from .archive import ArchiveAssembler, ArchiveMoved, batch_of, read_archive
 from .config import ConsolidationConfig
-from .plan import FoldPlan, clean_summary, estimate_room_tokens, plan_fold, window_tokens
+from .plan import (
+    FoldPlan,
+    can_fold,
+    clean_summary,
+    estimate_room_tokens,
+    plan_fold,
+    window_tokens,
+)
 from .records import ArchiveBatch, ConsolidationResult, Summarizer
 from .summarizer import ExtractiveSummarizer
 
@@ -190,7 +197,7 @@ class Consolidator:
             window_tokens(room, state.window.healthy_cells()) <= config.max_tokens
         ):
             return False
-        return plan_fold(state, config, config.keep_recent) is not None
+        return can_fold(state, config, config.keep_recent)
 
     async def prepare(self, room_id: str) -> None:
         """Estimate the tokens of rows ``should_consolidate`` has not seen, in slices."""

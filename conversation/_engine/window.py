@@ -15,8 +15,11 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import orjson
+
 from .._entries import (
     Cell,
+    Decoded,
     Entry,
     decode_cell,
     entry_of,
@@ -113,6 +116,18 @@ class Window:
         role = self.roles[index]
         assert role is not None, "a corrupt row has no entry"
         return entry_of(self.cells[index], self.ids[index], role)
+
+    def has_tool_calls(self, index: int) -> bool:
+        """Whether the row at ``index`` carries a non-empty ``tool_calls``."""
+        cell = self.cells[index]
+        if type(cell) is str:
+            return False
+        if type(cell) is bytes:
+            if self.roles[index] is None or b'"tool_calls"' not in cell:
+                return False  # a byte scan spares parsing a row of images
+            return bool(orjson.loads(cell).get("tool_calls"))
+        assert isinstance(cell, Decoded)
+        return bool(cell.extras.get("tool_calls"))
 
     def held(self, start: int = 0, stop: int | None = None) -> list[Held]:
         cells, ids, roles = self.cells[start:stop], self.ids[start:stop], self.roles[start:stop]

@@ -40,16 +40,21 @@ Held = tuple[Cell, str | None, str | None]
 #: A reply's rows are decoded at most this many bytes, or rows, between two
 #: yields to the loop (about a millisecond of decoding; see ``decode_rows``).
 DECODE_SLICE_BYTES = 1024 * 1024
-DECODE_SLICE_ROWS = 512
+DECODE_SLICE_ROWS = 2048
 
 
 def hold(row: bytes, room_id: str) -> Held:
     """A row read from Redis as a window holds it (a corrupt row is logged)."""
-    held = decode_cell(row)
-    if held is None:
-        logger.warning("room %s: skipping a corrupt row from Redis (%d bytes)", room_id, len(row))
-        return row, None, None
-    return held
+    return decode_cell(row) or _corrupt(row, room_id)
+
+
+def hold_all(rows: Iterable[bytes], room_id: str) -> list[Held]:
+    return [decode_cell(row) or _corrupt(row, room_id) for row in rows]
+
+
+def _corrupt(row: bytes, room_id: str) -> Held:
+    logger.warning("room %s: skipping a corrupt row from Redis (%d bytes)", room_id, len(row))
+    return row, None, None
 
 
 def needs_slices(rows: Sequence[bytes]) -> bool:
@@ -73,7 +78,7 @@ async def decode_rows(rows: Sequence[bytes], room_id: str, stats: Stats) -> list
             stop += 1
         if slices:
             await asyncio.sleep(0)
-        held.extend([hold(row, room_id) for row in rows[start:stop]])
+        held.extend(hold_all(rows[start:stop], room_id))
         slices += 1
         stats.decode_slices += 1
         start = stop
@@ -188,7 +193,7 @@ class Window:
 
     def push_stored(self, rows: Iterable[bytes], room_id: str) -> int:
         """Append rows read from Redis, decoding each; returns how many were corrupt."""
-        return self.push_decoded([hold(row, room_id) for row in rows])
+        return self.push_decoded(hold_all(rows, room_id))
 
     def push_decoded(self, held: Sequence[Held]) -> int:
         """Append rows ``decode_rows`` made; returns how many were corrupt."""
@@ -308,7 +313,7 @@ def apply_reply(
         return 0
     window = state.window
     if decoded is None:
-        decoded = [hold(row, room_id) for row in reply.rows]
+        decoded = hold_all(reply.rows, room_id)
     bad = 0
     if reply.kind == 2:
         window.clear()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
@@ -215,19 +214,16 @@ _ROLE_NAMES: Final = {role: role for role in ROLES}
 _HEAD_FIELDS: Final = ("message_id", "role", "content")
 
 
-@dataclass(frozen=True, slots=True)
-class Decoded:
-    """A canonical row that is more than a string of text: its content and the
-    fields after it (``name``, ``tool_calls``, ``tool_call_id``, ``metadata``, in
-    the row's order). Never mutated: handing it out rebuilds the containers."""
-
-    content: Any
-    extras: dict[str, Any]
-
+#: A canonical row that is more than a string of text, as a window holds it: its
+#: content, then the fields after it in the row's order, flat (``name``,
+#: ``tool_calls``, ``tool_call_id``, ``metadata``): ``(content, key, value, ...)``.
+#: A tuple, the smallest container (a row with a ``name`` costs 64 bytes more
+#: than its strings). Never mutated: handing it out rebuilds the containers.
+Decoded = tuple[Any, ...]
 
 #: How a window holds one row. Identity and role are held beside it, so:
 #: ``str``: the content of a row that is exactly ``{"message_id", "role", "content"}``;
-#: ``Decoded``: any other row orjson writes back byte for byte;
+#: ``Decoded`` (a tuple): any other row orjson writes back byte for byte;
 #: ``bytes``: the row as Redis holds it, for a row orjson would write otherwise
 #: (another writer's spacing or field order: edits compare the exact bytes) and
 #: for a corrupt row (kept for its position, never handed out).
@@ -269,8 +265,11 @@ def decode_cell(row: bytes) -> tuple[Cell, str | None, str] | None:
         return row, identity, role
     if type(content) is str and len(entry) == 3:
         return content, identity, role
-    extras = {key: value for key, value in entry.items() if key not in _HEAD_FIELDS}
-    return Decoded(content, extras), identity, role
+    held = [content]
+    for key, value in entry.items():
+        if key not in _HEAD_FIELDS:
+            held += (key, value)
+    return tuple(held), identity, role
 
 
 _loads, _dumps = orjson.loads, orjson.dumps
@@ -282,10 +281,11 @@ def row_of(cell: Cell, identity: str | None, role: str | None) -> bytes:
         return cell
     if type(cell) is str:
         return orjson.dumps({"message_id": identity, "role": role, "content": cell})
-    assert isinstance(cell, Decoded)
-    return orjson.dumps(
-        {"message_id": identity, "role": role, "content": cell.content, **cell.extras}
-    )
+    assert type(cell) is tuple
+    entry = {"message_id": identity, "role": role, "content": cell[0]}
+    for at in range(1, len(cell), 2):
+        entry[cell[at]] = cell[at + 1]
+    return orjson.dumps(entry)
 
 
 def cell_bytes(cell: Cell) -> int:
@@ -316,10 +316,11 @@ def message_of(cell: Cell, role: str, *, metadata: bool = False) -> Entry:
         if not metadata:
             message.pop(METADATA_FIELD, None)
         return message
-    assert isinstance(cell, Decoded)
-    content = cell.content
+    assert type(cell) is tuple
+    content = cell[0]
     message = {"role": role, "content": content if type(content) is str else fresh(content)}
-    for key, value in cell.extras.items():
+    for at in range(1, len(cell), 2):
+        key, value = cell[at], cell[at + 1]
         if key != METADATA_FIELD or metadata:
             message[key] = value if type(value) is str else fresh(value)
     return message

@@ -19,7 +19,6 @@ import orjson
 
 from .._entries import (
     Cell,
-    Decoded,
     Entry,
     decode_cell,
     entry_of,
@@ -131,8 +130,9 @@ class Window:
             if self.roles[index] is None or b'"tool_calls"' not in cell:
                 return False  # a byte scan spares parsing a row of images
             return bool(orjson.loads(cell).get("tool_calls"))
-        assert isinstance(cell, Decoded)
-        return bool(cell.extras.get("tool_calls"))
+        assert type(cell) is tuple
+        fields = cell[1::2]
+        return "tool_calls" in fields and bool(cell[2 + 2 * fields.index("tool_calls")])
 
     def held(self, start: int = 0, stop: int | None = None) -> list[Held]:
         cells, ids, roles = self.cells[start:stop], self.ids[start:stop], self.roles[start:stop]

@@ -184,8 +184,8 @@ def encode(entry: Entry, max_bytes: int) -> bytes:
     return memoryview(row).tobytes()
 
 
-def decode_row(row: bytes) -> tuple[str | None, str] | None:
-    """(identity, role) of a stored row, or None when the row is corrupt."""
+def _checked(row: bytes) -> tuple[Entry, str | None, str] | None:
+    """The decoded row with its identity and role, or None when the row is corrupt."""
     try:
         entry = orjson.loads(row)
     except orjson.JSONDecodeError:
@@ -198,7 +198,140 @@ def decode_row(row: bytes) -> tuple[str | None, str] | None:
     content = entry.get("content")
     if not isinstance(content, (str, list)) and not (content is None and role == "assistant"):
         return None
-    return identity, role
+    return entry, identity, _ROLE_NAMES[role]
+
+
+def decode_row(row: bytes) -> tuple[str | None, str] | None:
+    """(identity, role) of a stored row, or None when the row is corrupt."""
+    checked = _checked(row)
+    return None if checked is None else checked[1:]
+
+
+# --- rows held decoded -------------------------------------------------------------
+
+# One str object per role, whatever row it was read from.
+_ROLE_NAMES: Final = {role: role for role in ROLES}
+_HEAD_FIELDS: Final = ("message_id", "role", "content")
+
+
+#: A canonical row that is more than a string of text, as a window holds it: its
+#: content, then the fields after it in the row's order, flat (``name``,
+#: ``tool_calls``, ``tool_call_id``, ``metadata``): ``(content, key, value, ...)``.
+#: A tuple, the smallest container (a row with a ``name`` costs 64 bytes more
+#: than its strings). Never mutated: handing it out rebuilds the containers.
+Decoded = tuple[Any, ...]
+
+#: How a window holds one row. Identity and role are held beside it, so:
+#: ``str``: the content of a row that is exactly ``{"message_id", "role", "content"}``;
+#: ``Decoded`` (a tuple): any other row orjson writes back byte for byte;
+#: ``bytes``: the row as Redis holds it, for a row orjson would write otherwise
+#: (another writer's spacing or field order: edits compare the exact bytes) and
+#: for a corrupt row (kept for its position, never handed out).
+Cell = str | Decoded | bytes
+
+
+def decode_cell(row: bytes) -> tuple[Cell, str | None, str] | None:
+    """A stored row as a window holds it, with its identity and role; None: corrupt.
+
+    A row is held decoded only if ``orjson.dumps`` gives its bytes back exactly
+    (checked here, a few microseconds even for an image), so ``row_of`` can
+    rebuild the bytes an edit compares instead of keeping a second copy. The
+    rules of ``_checked``, inlined: this runs for every row a snapshot brings.
+    """
+    try:
+        entry = _loads(row)
+    except orjson.JSONDecodeError:
+        return None
+    if type(entry) is not dict:
+        return None
+    identity = entry.get("message_id")
+    role = entry.get("role")
+    if type(role) is not str or role not in _ROLE_NAMES:
+        return None
+    role = _ROLE_NAMES[role]
+    if identity is not None and type(identity) is not str:
+        return None
+    content = entry.get("content")
+    kind = type(content)
+    if kind is not str and kind is not list and not (content is None and role == "assistant"):
+        return None
+    fields = iter(entry)
+    if (
+        next(fields) != "message_id"
+        or next(fields, None) != "role"
+        or next(fields, None) != "content"
+        or _dumps(entry) != row
+    ):
+        return row, identity, role
+    if type(content) is str and len(entry) == 3:
+        return content, identity, role
+    held = [content]
+    for key, value in entry.items():
+        if key not in _HEAD_FIELDS:
+            held += (key, value)
+    return tuple(held), identity, role
+
+
+_loads, _dumps = orjson.loads, orjson.dumps
+
+
+def row_of(cell: Cell, identity: str | None, role: str | None) -> bytes:
+    """The exact bytes Redis holds for a held row."""
+    if type(cell) is bytes:
+        return cell
+    if type(cell) is str:
+        return orjson.dumps({"message_id": identity, "role": role, "content": cell})
+    assert type(cell) is tuple
+    entry = {"message_id": identity, "role": role, "content": cell[0]}
+    for at in range(1, len(cell), 2):
+        entry[cell[at]] = cell[at + 1]
+    return orjson.dumps(entry)
+
+
+def cell_bytes(cell: Cell) -> int:
+    """About the serialised size of a held row (exact but for its identity and role)."""
+    if type(cell) is str or type(cell) is bytes:
+        return len(cell)
+    return len(row_of(cell, None, ""))
+
+
+def fresh(value: Any) -> Any:
+    """``value`` with every dict and list rebuilt and every leaf (str, number,
+    bool, None: immutable) shared: a copy the caller may mutate at no risk."""
+    kind = type(value)
+    if kind is list:
+        return [fresh(item) for item in value]
+    if kind is dict:
+        return {key: fresh(item) for key, item in value.items()}
+    return value
+
+
+def message_of(cell: Cell, role: str, *, metadata: bool = False) -> Entry:
+    """A fresh, caller-owned OpenAI-chat message for a held (healthy) row."""
+    if type(cell) is str:
+        return {"role": role, "content": cell}
+    if type(cell) is bytes:
+        message: Entry = orjson.loads(cell)
+        message.pop("message_id", None)
+        if not metadata:
+            message.pop(METADATA_FIELD, None)
+        return message
+    assert type(cell) is tuple
+    content = cell[0]
+    message = {"role": role, "content": content if type(content) is str else fresh(content)}
+    for at in range(1, len(cell), 2):
+        key, value = cell[at], cell[at + 1]
+        if key != METADATA_FIELD or metadata:
+            message[key] = value if type(value) is str else fresh(value)
+    return message
+
+
+def entry_of(cell: Cell, identity: str | None, role: str) -> Entry:
+    """The whole stored entry of a held row (identity first), caller-owned."""
+    if type(cell) is bytes:
+        entry: Entry = orjson.loads(cell)
+        return entry
+    return {"message_id": identity, **message_of(cell, role, metadata=True)}
 
 
 _JOIN_LIMIT = 64 * 1024

@@ -31,8 +31,6 @@ from ._engine.settings import checked_settings
 from ._engine.writes import Writes, limit_write
 from ._entries import (
     Entry,
-    to_messages,
-    to_messages_yielding,
 )
 from ._errors import (
     ConfigurationError,
@@ -381,7 +379,7 @@ class ConversationManager:
         writer's own use: strip it before sending messages to a model).
         """
         room = self._room(room_id)
-        messages = to_messages(room.view.window.healthy_rows(), metadata=include_metadata)
+        messages = room.view.window.messages(metadata=include_metadata)
         if self._renderer is None:
             return messages
         return [_system(self._renderer.render(_context(room_id, room_context))), *messages]
@@ -413,8 +411,7 @@ class ConversationManager:
             logger.warning(
                 "room %s: serving memory, Redis unreachable: %s", room_id, describe_error(exc)
             )
-        rows = room.view.window.healthy_rows()
-        messages = await to_messages_yielding(rows, metadata=include_metadata)
+        messages = room.view.window.messages(metadata=include_metadata)
         if self._renderer is not None:
             system = await self._renderer.render_async(_context(room_id, room_context))
             messages = [_system(system), *messages]

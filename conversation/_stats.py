@@ -26,6 +26,7 @@ class Stats:
     folds: int = 0
     change_reads: int = 0
     corrupt_rows: int = 0
+    decode_slices: int = 0
     round_trips: int = 0
     script_reloads: int = 0
     stale_reads: int = 0

@@ -24,6 +24,7 @@ TIERS = {
     "scripts": ("test_scripts",),
     "engine": (
         "test_engine",
+        "test_window",
         "test_hardening",
         "test_hardening_small",
         "test_consolidation",

@@ -28,7 +28,7 @@ from conversation import (
     ExtractiveSummarizer,
     format_transcript,
 )
-from conversation._entries import first_text
+from conversation._entries import Cell, cell_bytes, first_text
 
 pytestmark = pytest.mark.real_server
 
@@ -875,13 +875,13 @@ async def test_should_consolidate_estimates_each_row_once(
     make_manager: Make, room: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     parsed: list[int] = []
-    real = consolidation_module._row_tokens
+    real = consolidation_module._cell_tokens
 
-    def counting(row: bytes) -> int:
-        parsed.append(len(row))
-        return real(row)
+    def counting(cell: Cell, role: str) -> int:
+        parsed.append(cell_bytes(cell))
+        return real(cell, role)
 
-    monkeypatch.setattr(consolidation_module, "_row_tokens", counting)
+    monkeypatch.setattr(consolidation_module, "_cell_tokens", counting)
     config = ConsolidationConfig(max_turns=50, keep_recent=2, min_fold=2, max_tokens=100_000)
     manager = make_manager(None, consolidation=config)
     await fill_images(manager, room, range(10))

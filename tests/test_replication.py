@@ -277,10 +277,10 @@ async def test_an_error_after_redis_applied_the_write_lands_it_once(
     real_absorb = replicator.absorb
     failures = iter([KeyError("a bug while reading the reply")])
 
-    def flaky_absorb(*args: Any, **kwargs: Any) -> None:
+    async def flaky_absorb(*args: Any, **kwargs: Any) -> None:
         for error in failures:
             raise error
-        real_absorb(*args, **kwargs)
+        await real_absorb(*args, **kwargs)
 
     monkeypatch.setattr(replicator, "absorb", flaky_absorb)
     await manager.append_async(room, "user", "[Message ID: 2] applied, reply lost")

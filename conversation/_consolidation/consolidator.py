@@ -84,7 +84,14 @@ from .._redis.retry import TRANSIENT_ERRORS, is_permanent
 from .._redis.rooms import index_ranges
 from .archive import ArchiveAssembler, ArchiveMoved, batch_of, read_archive
 from .config import ConsolidationConfig
-from .plan import FoldPlan, clean_summary, estimate_room_tokens, plan_fold, window_tokens
+from .plan import (
+    FoldPlan,
+    can_fold,
+    clean_summary,
+    estimate_room_tokens,
+    plan_fold,
+    window_tokens,
+)
 from .records import ArchiveBatch, ConsolidationResult, Summarizer
 from .summarizer import ExtractiveSummarizer
 
@@ -187,16 +194,16 @@ class Consolidator:
         room = self._engine.room(room_id)
         state = room.view
         if not self._past_turns(state) and (
-            window_tokens(room, state.window.healthy_rows()) <= config.max_tokens
+            window_tokens(room, state.window.healthy_cells()) <= config.max_tokens
         ):
             return False
-        return plan_fold(state, config, config.keep_recent) is not None
+        return can_fold(state, config, config.keep_recent)
 
     async def prepare(self, room_id: str) -> None:
         """Estimate the tokens of rows ``should_consolidate`` has not seen, in slices."""
         room = self._engine.room(room_id)
         if not self._past_turns(room.view):
-            await estimate_room_tokens(room, room.view.window.healthy_rows())
+            await estimate_room_tokens(room, room.view.window.healthy_cells())
 
     def _past_turns(self, state: RoomState) -> bool:
         config = self.config
@@ -440,7 +447,7 @@ class Consolidator:
                     staged=staged,
                     archived=index_ranges(calls[-1]),
                 )
-                self._engine.absorb(room, reply)
+                await self._engine.absorb(room, reply)
                 return reply
 
         return (await self._confirmed(room, commit)).status != 0
@@ -470,15 +477,16 @@ class Consolidator:
     def _fold_in_memory(self, room: Room, plan: FoldPlan, text: str) -> bool:
         window = room.view.window
         n = len(plan.rows)
-        if window.rows[:n] != plan.rows or (len(window) > n and window.roles[n] == "tool"):
+        if len(window) < n or any(window.row(i) != row for i, row in enumerate(plan.rows)):
             return False
-        kept = list(zip(window.rows[n:], window.ids[n:], window.roles[n:], strict=True))
+        if len(window) > n and window.roles[n] == "tool":
+            return False
+        kept = window.held(n)
+        pinned = window.held(plan.keep, plan.keep + 1) if plan.keep >= 0 else []
         window.clear()
         window.push(self._summary_row(plan, text), f"{SUMMARY_ID_PREFIX}{plan.seq}", SUMMARY_ROLE)
-        if plan.keep >= 0:
-            window.push(plan.rows[plan.keep], *plan.keep_meta)
-        for row, identity, role in kept:
-            window.push(row, identity, role)
+        for cell, identity, role in pinned + kept:
+            window.push_held(cell, identity, role)
         # The rows are kept as they are (no record is serialised): the same caps apply.
         meta = self._record_meta(plan, text)
         size = len(orjson.dumps(meta)) + sum(len(row) + 1 for row in plan.folded)

@@ -18,8 +18,11 @@ from .._engine.window import RoomState
 from .._entries import (
     MARKER_RE,
     SUMMARY_ID_PREFIX,
+    Cell,
+    cell_bytes,
     first_text,
     is_summary,
+    message_of,
 )
 from .config import ConsolidationConfig
 
@@ -43,39 +46,39 @@ TOKEN_SLICE_BYTES = 256 * 1024
 # ------------------------------------------------------------------------ tokens
 
 
-def _row_tokens(row: bytes) -> int:
-    return estimate_tokens(orjson.loads(row))
+def _cell_tokens(cell: Cell, role: str) -> int:
+    return estimate_tokens(message_of(cell, role))
 
 
-def window_tokens(room: Room, rows: Sequence[bytes]) -> int:
-    """The rows' token estimates, each row parsed once while it is in the window.
+def window_tokens(room: Room, cells: Sequence[tuple[Cell, str]]) -> int:
+    """The rows' token estimates, each row estimated once while it is in the window.
 
-    Rows are immutable ``bytes`` that a window keeps as long as they are current
-    (an edit puts a new object in), so an estimate stays right for as long as its
-    object is there; the room remembers the rows of its last check only.
+    A window's cells are immutable and kept as long as their row is current (an
+    edit puts a new object in), so an estimate stays right for as long as its
+    object is there; the room remembers the cells of its last check only.
     """
     known = room.token_estimates
-    counts: dict[int, tuple[bytes, int]] = {}
+    counts: dict[int, tuple[Cell, int]] = {}
     total = 0
-    for row in rows:
-        hit = known.get(id(row))
-        count = hit[1] if hit is not None and hit[0] is row else _row_tokens(row)
-        counts[id(row)] = (row, count)
+    for cell, role in cells:
+        hit = known.get(id(cell))
+        count = hit[1] if hit is not None and hit[0] is cell else _cell_tokens(cell, role)
+        counts[id(cell)] = (cell, count)
         total += count
     room.token_estimates = counts
     return total
 
 
-async def estimate_room_tokens(room: Room, rows: Sequence[bytes]) -> None:
+async def estimate_room_tokens(room: Room, cells: Sequence[tuple[Cell, str]]) -> None:
     """Estimate the rows not seen yet, yielding to the loop between slices."""
     known = room.token_estimates
     done = 0
-    for row in rows:
-        hit = known.get(id(row))
-        if hit is not None and hit[0] is row:
+    for cell, role in cells:
+        hit = known.get(id(cell))
+        if hit is not None and hit[0] is cell:
             continue
-        known[id(row)] = (row, _row_tokens(row))
-        done += len(row)
+        known[id(cell)] = (cell, _cell_tokens(cell, role))
+        done += cell_bytes(cell)
         if done >= TOKEN_SLICE_BYTES:
             done = 0
             await asyncio.sleep(0)
@@ -131,6 +134,45 @@ class FoldPlan:
         return calls
 
 
+@dataclass(frozen=True, slots=True)
+class _Bounds:
+    start: int  # 1 past a previous summary at the head, else 0
+    end: int  # the first row that stays
+    keep: int  # the pinned turn, or -1
+    archived: list[int]
+
+
+def _bounds(
+    state: RoomState, config: ConsolidationConfig, keep_recent: int, read_limit: int | None
+) -> _Bounds | None:
+    window = state.window
+    size, roles, ids = len(window), window.roles, window.ids
+    start = 1 if size and is_summary(ids[0], roles[0]) else 0
+    end = size - keep_recent
+    if read_limit is not None:
+        end = min(end, read_limit)
+    # Never split a tool-call group: results stay with the call they answer...
+    while start < end < size and roles[end] == "tool":
+        end -= 1
+    # ...and a call still waiting for its results stays where they will land.
+    while end > start and roles[end - 1] == "assistant" and window.has_tool_calls(end - 1):
+        end -= 1
+    if end <= start:
+        return None
+    keep = -1
+    if config.pin_first_user:
+        keep = next((i for i in range(start, end) if roles[i] == "user"), -1)
+    archived = [i for i in range(start, end) if i != keep and roles[i] is not None]
+    if len(archived) < config.min_fold:
+        return None
+    return _Bounds(start, end, keep, archived)
+
+
+def can_fold(state: RoomState, config: ConsolidationConfig, keep_recent: int) -> bool:
+    """Whether ``plan_fold`` would make a plan (without writing any row's bytes)."""
+    return _bounds(state, config, keep_recent, None) is not None
+
+
 def plan_fold(
     state: RoomState,
     config: ConsolidationConfig,
@@ -139,55 +181,31 @@ def plan_fold(
 ) -> FoldPlan | None:
     """``read_limit``: fold none of the window's rows from this index on (rows the
     ``wait_for_cursors`` readers have not read); None: no such limit."""
+    bounds = _bounds(state, config, keep_recent, read_limit)
+    if bounds is None:
+        return None
     window = state.window
-    size, roles, ids, rows = len(window), window.roles, window.ids, window.rows
-    start, previous_id, previous_text, seq = 0, None, None, 1
-    if size and is_summary(ids[0], roles[0]):
-        start, previous_id = 1, ids[0]
-        previous_text = _summary_text(rows[0], config.summary_prefix)
+    start, end, keep, archived = bounds.start, bounds.end, bounds.keep, bounds.archived
+    previous_id, previous_text, seq = None, None, 1
+    if start:
+        previous_id = window.ids[0]
+        previous_text = _summary_text(window.row(0), config.summary_prefix)
         seq = _summary_seq(previous_id) + 1
-    end = size - keep_recent
-    if read_limit is not None:
-        end = min(end, read_limit)
-    # Never split a tool-call group: results stay with the call they answer...
-    while start < end < size and roles[end] == "tool":
-        end -= 1
-    # ...and a call still waiting for its results stays where they will land.
-    while end > start and roles[end - 1] == "assistant" and _has_tool_calls(rows[end - 1]):
-        end -= 1
-    if end <= start:
-        return None
-    keep = -1
-    if config.pin_first_user:
-        keep = next((i for i in range(start, end) if roles[i] == "user"), -1)
-    archived = [i for i in range(start, end) if i != keep and roles[i] is not None]
-    corrupt = end - start - len(archived) - (1 if keep >= 0 else 0)
-    if len(archived) < config.min_fold:
-        return None
+    rows = [window.row(index) for index in range(end)]
     return FoldPlan(
         epoch=state.epoch,
         head=state.head,
         version=state.version,
-        rows=rows[:end],
+        rows=rows,
         keep=keep,
-        keep_meta=(ids[keep], roles[keep]) if keep >= 0 else (None, None),
+        keep_meta=(window.ids[keep], window.roles[keep]) if keep >= 0 else (None, None),
         archived=archived,
         folded=[rows[i] for i in archived],
-        corrupt=corrupt,
+        corrupt=end - start - len(archived) - (1 if keep >= 0 else 0),
         previous_id=previous_id,
         previous_text=previous_text,
         seq=seq,
     )
-
-
-def _has_tool_calls(row: bytes) -> bool:
-    if b'"tool_calls"' not in row:  # a byte scan spares parsing a row of images
-        return False
-    try:
-        entry = orjson.loads(row)
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(entry, dict) and bool(entry.get("tool_calls"))
 
 
 def _summary_text(row: bytes, prefix: str) -> str | None:

@@ -59,9 +59,9 @@ class Core:
     def encode(self, entry: Entry) -> bytes:
         return encode(entry, self.max_entry_bytes)
 
-    def absorb(self, room: Room, reply: SyncReply) -> None:
+    async def absorb(self, room: Room, reply: SyncReply) -> None:
         """Bring the room's synced state to a script reply and rebuild its view."""
-        self.backend.absorb(room, reply)
+        await self.backend.absorb(room, reply)
         self.backend.rebuild_view(room)
 
     def count(self, counter: str) -> None:

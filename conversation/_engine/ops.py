@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Protocol
 import orjson
 
 from .._deferred import apply_events, identity_field, reaction_event, stored_events
-from .._entries import Entry, Transform, encode, is_summary, reactions_transform
+from .._entries import Cell, Transform, decode_cell, encode, is_summary, reactions_transform
 from .._errors import InvalidMessage, PersistError
 from .._reactions import (
     MAX_EMOJI_PER_MESSAGE,
@@ -35,7 +35,7 @@ from .._redis.keys import RoomKeys
 from .._redis.replies import SyncReply
 from .._redis.rooms import DeferredEventsWaiting, RoomStore
 from .._stats import Stats
-from .window import RoomState, Window
+from .window import Held, RoomState, Window
 
 Row = tuple[bytes, str | None, str]  # stored bytes, identity, role
 
@@ -138,7 +138,7 @@ class Link(Protocol):
     store: RoomStore
     stats: Stats
 
-    def absorb(self, reply: SyncReply, own_rows: Sequence[Row] = ()) -> None: ...
+    async def absorb(self, reply: SyncReply, own_rows: Sequence[Held] = ()) -> None: ...
 
     def mark_view_stale(self) -> None: ...
 
@@ -173,8 +173,8 @@ class Op:
         """The event to keep when the write's message has not arrived (None: not kept)."""
         return None
 
-    def appended_rows(self) -> list[Row] | None:
-        """The rows a plain append adds (a run of them is replayed at once), else None."""
+    def appended_rows(self) -> list[Held] | None:
+        """The rows a plain append adds, held (a run of them is replayed at once), else None."""
         return None
 
     def gather(self, queue: Iterable[Op]) -> list[Op]:
@@ -193,6 +193,9 @@ class AppendOp(Op):
     applied_deferred: int = field(default=0, init=False)
     # The rows as made, before any deferred event was applied to them.
     original: list[Row] = field(default_factory=list, init=False, repr=False)
+    # Each row decoded once, with the bytes it was decoded from: the view and the
+    # synced window hold the same cells (one copy of every string).
+    _held: list[tuple[bytes, Held]] = field(default_factory=list, init=False, repr=False)
     # The caller named the write's key (idempotency_key=): re-sending that key
     # recalls this write, so the worker remembers the key once Redis confirms it.
     keyed: bool = field(default=False, kw_only=True)
@@ -201,10 +204,27 @@ class AppendOp(Op):
     def apply(self, state: RoomState, default_limit: int) -> bool:
         if state.deferred:
             self.apply_deferred(state, state.limit or default_limit)
-        for row in self.rows:
-            state.window.push(*row)
+        state.window.extend(self.held())
         state.window.trim(state.limit or default_limit)
         return True
+
+    def held(self) -> list[Held]:
+        """The rows as a window holds them, decoded once per row's bytes."""
+        cache = self._held
+        out: list[Held] = []
+        for index, (row, identity, role) in enumerate(self.rows):
+            if index < len(cache) and cache[index][0] is row:
+                out.append(cache[index][1])
+                continue
+            decoded = decode_cell(row)
+            cell: Cell = row if decoded is None else decoded[0]
+            held: Held = (cell, identity, role)
+            if index < len(cache):
+                cache[index] = (row, held)
+            else:
+                cache.append((row, held))
+            out.append(held)
+        return out
 
     def apply_deferred(self, state: RoomState, window_limit: int) -> None:
         """Memory-only: apply the events that wait for these rows, and drop them."""
@@ -216,8 +236,8 @@ class AppendOp(Op):
         stats.appends += len(self.rows)
         stats.deferred_applied += self.applied_deferred
 
-    def appended_rows(self) -> list[Row]:
-        return self.rows
+    def appended_rows(self) -> list[Held]:
+        return self.held()
 
     def gather(self, queue: Iterable[Op]) -> list[Op]:
         ops: list[Op] = [self]
@@ -265,8 +285,8 @@ class AppendOp(Op):
         # Rows of a write whose token had applied are in Redis where its first
         # attempt put them (the reply carries them); only the others are ours now.
         pushed = [row for op, flag in zip(appends, flags, strict=True) if flag == "1"
-                  for row in op.rows]  # fmt: skip
-        link.absorb(reply, pushed)
+                  for row in op.held()]  # fmt: skip
+        await link.absorb(reply, pushed)
         # A write taken as landed is not in the view; if Redis stored it after all
         # (its key was lost), synced now holds rows the view lacks.
         flagged = zip(appends, flags, strict=True)
@@ -285,18 +305,26 @@ class EditOp(Op):
     forgets_reactions: bool = False
     # What to keep if the message has not arrived yet (see _deferred).
     event: bytes | None = None
-    # Transforms are pure: the same base row (the same bytes object: the view and
-    # the synced window share rows) always gives the same edited row.
+    # Transforms are pure: the same base row (the view and the synced window
+    # hold the same row) always gives the same edited row, held as one cell.
     _base: bytes | None = field(default=None, init=False, repr=False)
     _edited: bytes = field(default=b"", init=False, repr=False)
+    _cell: Cell = field(default=b"", init=False, repr=False)
 
     def edited_row(self, row: bytes) -> bytes:
-        if row is self._base:
+        if row == self._base:
             return self._edited
-        entry: Entry = orjson.loads(row)
+        entry = orjson.loads(row)
         edited = encode(self.transform(entry, self.identity), self.max_bytes)
+        decoded = decode_cell(edited)
         self._base, self._edited = row, edited
+        self._cell = edited if decoded is None else decoded[0]
         return edited
+
+    def edited_cell(self, row: bytes) -> Cell:
+        """``edited_row`` as a window holds it (decoded once per base row)."""
+        self.edited_row(row)
+        return self._cell
 
     def apply(self, state: RoomState, default_limit: int) -> bool:
         window = state.window
@@ -304,7 +332,7 @@ class EditOp(Op):
         if index is None:
             return False
         role = window.roles[index]
-        window.set(index, self.edited_row(window.rows[index]), self.identity, role)
+        window.set_held(index, self.edited_cell(window.row(index)), self.identity, role)
         if self.forgets_reactions and state.reactions is not None:
             state.reactions.forget(self.identity)
         return True
@@ -335,11 +363,12 @@ class EditOp(Op):
             if index is None:
                 link.mark_view_stale()  # the view may still show the edit
                 return [False] * len(edits)
-            old_row = synced.window.rows[index]
+            old_row = synced.window.row(index)
             try:
-                new_row = old_row
+                base = new_row = old_row
                 for edit in edits:
-                    new_row = edit.edited_row(new_row)
+                    base, new_row = new_row, edit.edited_row(new_row)
+                new_cell = edits[-1].edited_cell(base)
             except InvalidMessage as exc:
                 return [exc] * len(edits)
             position = synced.head + index
@@ -353,11 +382,12 @@ class EditOp(Op):
                 forget_reactions_of=forget,
                 direct=direct,
             )
-            link.absorb(reply)
+            await link.absorb(reply)
             if reply.status == 1 and reply.kind == 1:
                 here = position - synced.head
                 if 0 <= here < len(synced.window):
-                    synced.window.set(here, new_row, self.identity, synced.window.roles[here])
+                    role = synced.window.roles[here]
+                    synced.window.set_held(here, new_cell, self.identity, role)
             if reply.status != 0:
                 return [True] * len(edits)
             # Someone changed the entry since we last saw it: the reply brought us
@@ -398,7 +428,7 @@ class ReactionOp(Op):
         # big) leaves the tracked reactions and the row as they were.
         trial = MessageReactions([(key, shown, list(users)) for key, shown, users in tracked.emoji])
         if trial.apply(self.event):
-            entry: Entry = orjson.loads(window.rows[index])
+            entry = window.entry(index)
             row = encode(reactions_transform(trial.summary())(entry, self.identity), self.max_bytes)
             window.set(index, row, self.identity, window.roles[index])
             tracked.emoji = trial.emoji
@@ -420,7 +450,7 @@ class ReactionOp(Op):
                 return [False]
             try:
                 slot = tag_slot(
-                    synced.window.rows[index], self.identity, reactions_transform, self.max_bytes
+                    synced.window.row(index), self.identity, reactions_transform, self.max_bytes
                 )
             except InvalidMessage as exc:
                 return [exc]
@@ -435,7 +465,7 @@ class ReactionOp(Op):
                 self.event,
                 direct=direct,
             )
-            link.absorb(reply)
+            await link.absorb(reply)
             if reply.status in (1, 2, 3):
                 return [True]
             if reply.status == 4:
@@ -474,7 +504,7 @@ class ClearOp(Op):
         return True
 
     async def send(self, batch: list[Op], link: Link, epoch: str, direct: bool) -> list[Any]:
-        link.absorb(await link.store.clear(link.keys, link.synced, self.token, epoch))
+        await link.absorb(await link.store.clear(link.keys, link.synced, self.token, epoch))
         return [True]
 
 
@@ -497,7 +527,7 @@ class LimitOp(Op):
         reply = await link.store.set_limit(
             link.keys, link.synced, self.token, epoch, self.limit, self.rebackfill
         )
-        link.absorb(reply)
+        await link.absorb(reply)
         return [True]
 
 
@@ -512,7 +542,7 @@ class BackfillOp(Op):
     def merged(self, window: Window) -> list[Row]:
         present = {identity for identity in window.ids if identity is not None}
         older: Sequence[Row] = self.older
-        if window.rows and is_summary(window.ids[0], window.roles[0]):
+        if len(window) and is_summary(window.ids[0], window.roles[0]):
             # A consolidation summary stands for everything before it (archived):
             # platform history older than the window would come back twice.
             older = ()
@@ -524,8 +554,8 @@ class BackfillOp(Op):
                 break
         kept = [row for row in older if row[1] is None or row[1] not in present]
         current = [
-            (row, identity, role)
-            for row, identity, role in zip(window.rows, window.ids, window.roles, strict=True)
+            (window.row(index), identity, role)
+            for index, (identity, role) in enumerate(zip(window.ids, window.roles, strict=True))
             if role is not None
         ]
         return kept + current
@@ -567,7 +597,7 @@ class BackfillOp(Op):
                 pending = waiting.pending
                 link.mark_view_stale()
                 continue
-            link.absorb(reply)
+            await link.absorb(reply)
             if reply.status == 1 and consumed:
                 link.stats.deferred_applied += sum(len(stored_events(c[1])) for c in consumed)
             if reply.status != 0:

@@ -35,10 +35,10 @@ from .._redis.replies import SyncReply
 from .._redis.retry import TRANSIENT_ERRORS, is_permanent
 from .._redis.rooms import RoomStore
 from .._stats import Stats
-from .ops import MAX_CONFLICTS, AppendOp, Op, Row, now_ms
+from .ops import MAX_CONFLICTS, AppendOp, Op, now_ms
 from .rooms import Batch, Room, RoomTable
 from .settings import Settings
-from .window import RoomState, apply_reply
+from .window import Held, RoomState, apply_reply, decode_rows, needs_slices
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Backend(Protocol):
 
     async def refresh(self, room: Room) -> None: ...
 
-    def absorb(self, room: Room, reply: SyncReply, own_rows: Sequence[Row] = ()) -> None: ...
+    async def absorb(self, room: Room, reply: SyncReply, own_rows: Sequence[Held] = ()) -> None: ...
 
     def rebuild_view(self, room: Room) -> None: ...
 
@@ -157,7 +157,7 @@ class MemoryBackend:
     async def refresh(self, room: Room) -> None:
         return None
 
-    def absorb(self, room: Room, reply: SyncReply, own_rows: Sequence[Row] = ()) -> None:
+    async def absorb(self, room: Room, reply: SyncReply, own_rows: Sequence[Held] = ()) -> None:
         raise TypeError("a memory-only engine receives no script replies")
 
     def rebuild_view(self, room: Room) -> None:
@@ -185,8 +185,8 @@ class _Link:
         self.room_id, self.keys, self.synced = room.room_id, room.keys, room.synced
         self.store, self.stats = replicator.store, replicator.stats
 
-    def absorb(self, reply: SyncReply, own_rows: Sequence[Row] = ()) -> None:
-        self.replicator.absorb(self.room, reply, own_rows)
+    async def absorb(self, reply: SyncReply, own_rows: Sequence[Held] = ()) -> None:
+        await self.replicator.absorb(self.room, reply, own_rows)
 
     def mark_view_stale(self) -> None:
         self.room.view_stale = True
@@ -432,8 +432,25 @@ class Replicator:
         error.__cause__ = exc
         self._finish(room, batch, [error] * len(batch.ops))
 
-    def absorb(self, room: Room, reply: SyncReply, own_rows: Sequence[Row] = ()) -> None:
+    async def absorb(self, room: Room, reply: SyncReply, own_rows: Sequence[Held] = ()) -> None:
+        """Bring the room's synced state to ``reply`` (its caller holds ``room.lock``).
+
+        A big reply (a snapshot, a long catch-up) is decoded in slices that yield
+        to the loop, then applied in one step.
+        """
         synced = room.synced
+        decoded = None
+        if reply.kind != 0 and needs_slices(reply.rows):
+            base = (synced.epoch, synced.version, synced.head, synced.size)
+            decoded = await decode_rows(reply.rows, room.room_id, self.stats)
+            if reply.kind == 1 and (synced.epoch, synced.version, synced.head, synced.size) != base:
+                # Another absorb got in while the rows were decoded (every caller
+                # holds room.lock, so none should): this patch no longer fits, and
+                # the next call brings a snapshot instead.
+                logger.error("room %s: a catch-up went stale while decoding", room.room_id)
+                synced.epoch = ""
+                room.view_stale = True
+                return
         if (
             reply.kind == 2
             or reply.replaced
@@ -444,7 +461,7 @@ class Replicator:
             or (reply.kind == 1 and reply.rebackfill != synced.rebackfill)
         ):
             room.view_stale = True
-        self.stats.corrupt_rows += apply_reply(room.synced, reply, room.room_id, own_rows)
+        self.stats.corrupt_rows += apply_reply(synced, reply, room.room_id, own_rows, decoded)
 
     def _finish(self, room: Room, batch: Batch, results: list[Any]) -> None:
         confirmed: set[str] = set()
@@ -507,7 +524,7 @@ class Replicator:
         # Runs of appends are pushed at once and trimmed once: the same window as
         # one trim per append (trimming keeps a suffix), at a fraction of the
         # cost when a long outage has queued many thousands of writes.
-        run: list[Row] = []
+        run: list[Held] = []
         for op in room.pending:
             if op.landed:
                 continue  # already in synced: it landed before (a lost reply, a recall)
@@ -544,7 +561,7 @@ class Replicator:
                         op.landed = landed = True
             if reply.kind == 0 and reply.version == room.synced.version and not landed:
                 return
-            self.absorb(room, reply)
+            await self.absorb(room, reply)
             if reply.kind == 2:
                 self.stats.reloads += 1
             else:
@@ -585,7 +602,7 @@ class Replicator:
                         f"{identity!r:.80}: {describe_error(exc)}",
                         room_id=room.room_id,
                     ) from exc
-                self.absorb(room, reply)
+                await self.absorb(room, reply)
                 if room.view_stale:
                     self.rebuild_view(room)
             if reply.status == 1:
@@ -670,7 +687,7 @@ _MAX_ASKED_TOKENS = 1024
 _LOST_CONNECTION = (RedisConnectionError, ConnectionError)
 
 
-def _push_trimmed(state: RoomState, rows: list[Row], default_limit: int) -> None:
+def _push_trimmed(state: RoomState, rows: list[Held], default_limit: int) -> None:
     limit = state.limit or default_limit
     # A window keeps at most ``limit`` rows, so older rows of the run cannot survive.
     state.window.extend(rows[-limit:])

@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from .._entries import Cell
 from .._redis.keys import KeySpace, RoomKeys, validate_room_id
 from .ops import Op
 from .window import RoomState
@@ -60,7 +61,7 @@ class Room:
     # Consolidation's token estimate of each row object in the window, by id (the
     # entry holds the row, so the id is not reused while it is here): kept with the
     # room so it goes when the room does.
-    token_estimates: dict[int, tuple[bytes, int]] = field(default_factory=dict)
+    token_estimates: dict[int, tuple[Cell, int]] = field(default_factory=dict)
     # The caller-chosen keys of this worker's appends that Redis confirmed, newest
     # last (a bounded few): a re-send of one is a recall of a stored write, which
     # the view must not show a second time while the re-send is in flight.

@@ -105,7 +105,7 @@ async def export_room(
         async with asyncio.timeout(timeout):
             tracked = await store.redis.hmget(keys.reactions, identities) if identities else []
             waiting = await store.redis.hgetall(keys.deferred)
-        state.window.rows = rows  # as its holder: sync answers "nothing changed" or not
+        state.window.push_stored(rows, room_id)  # sync answers "nothing changed" or not
         if (await store.sync(keys, state)).kind != 0:
             continue  # a write came between the two reads: read again
         extensions: dict[str, Any] = {}

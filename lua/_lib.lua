@@ -22,6 +22,8 @@
 --               applies and drops it
 --   [8] cursors HASH the room's named change-feed cursors (cursor_set.lua writes
 --               it); room scripts only refresh its TTL in touch(), and clear keeps it
+-- Every key but the deferred hash (which expires with its newest event) expires
+-- TTL after the room was last written, give or take a quarter (see touch).
 -- ARGV (every script): [1] caller epoch ('' = knows nothing), [2] caller version,
 --   [3] caller head, [4] caller length (the caller's synced window), [5] idempotency
 --   token ('' = none), [6] TTL in ms (0 = keys do not expire), [7] default window
@@ -65,7 +67,16 @@ local IDEM_CAP = 1024
 -- The ZSET is trimmed by score once every IDEM_TRIM_EVERY writes, not on every
 -- write: it holds between IDEM_CAP and IDEM_CAP + IDEM_TRIM_EVERY tokens.
 local IDEM_TRIM_EVERY = 64
+-- Not a token (tokens are hex): see remember.
+local IDEM_MARK = '~'
 local PUSH_CHUNK = 1000
+-- See touch().
+local REFRESH_FRACTION = 4
+local created = {} -- per call: keys this call may have created (see touch)
+
+local function created_key(key)
+  created[#created + 1] = key
+end
 
 -- The epoch workers hold is the stored epoch plus the replication id of the
 -- primary that answers. A replica promoted by a failover has a new replication
@@ -115,6 +126,7 @@ local function ensure_meta()
     return m
   end
   redis.call('DEL', LOG)
+  created_key(META)
   redis.call('HSET', META, 'epoch', FRESH_EPOCH, 'version', 0, 'head', 0, 'base', 0,
              'logfloor', 0, 'logn', 0)
   return {epoch = FRESH_EPOCH .. primary_suffix(), version = 0, head = 0, base = 0,
@@ -150,20 +162,37 @@ local function save(m, ...)
   redis.call('HSET', META, unpack(fields))
 end
 
--- Every write refreshes every key of the room, the archive included: an archive
--- that only a fold refreshed would expire under a room that is still in use. So are
--- the named cursors (PEXPIRE of a missing key creates nothing): a reader down longer
--- than the TTL finds its cursor as long as the room lives.
-local function touch()
+-- Keys that live as long as the room is written: a write refreshes their TTLs
+-- together, but only once a quarter of the TTL has gone by since the last refresh
+-- (meta's PTTL says when: ONE call instead of a PEXPIRE per key). So every key
+-- always has at least three quarters of the TTL left after a write. A key that
+-- this call may have created (RPUSH onto nothing, the first ZADD, HSET of a new
+-- hash) has no TTL yet: the call names it in `created`, and touch() gives it one
+-- whatever meta's PTTL says. The archive is refreshed with the others when its TTL
+-- is the room's (the default), else on every write, as the cursors hash is by
+-- cursor_set.lua. A PEXPIRE of a missing key creates nothing: a reader down
+-- longer than the TTL finds its cursor as long as the room lives.
+-- full: refresh every key now (the rare scripts that rewrite much of the room).
+local function touch(full)
   if TTL > 0 then
-    redis.call('PEXPIRE', WINDOW, TTL)
-    redis.call('PEXPIRE', META, TTL)
-    redis.call('PEXPIRE', LOG, TTL)
-    redis.call('PEXPIRE', IDEM, TTL)
-    redis.call('PEXPIRE', REACTIONS, TTL)
-    redis.call('PEXPIRE', CURSORS, TTL)
+    local left = full and -1 or redis.call('PTTL', META)
+    if left < TTL - TTL / REFRESH_FRACTION or left > TTL then
+      redis.call('PEXPIRE', WINDOW, TTL)
+      redis.call('PEXPIRE', META, TTL)
+      redis.call('PEXPIRE', LOG, TTL)
+      redis.call('PEXPIRE', IDEM, TTL)
+      redis.call('PEXPIRE', REACTIONS, TTL)
+      redis.call('PEXPIRE', CURSORS, TTL)
+      if ARCHIVE_TTL == TTL then
+        redis.call('PEXPIRE', ARCHIVE, TTL)
+      end
+    else
+      for i = 1, #created do
+        redis.call('PEXPIRE', created[i], TTL)
+      end
+    end
   end
-  if ARCHIVE_TTL > 0 then
+  if ARCHIVE_TTL > 0 and ARCHIVE_TTL ~= TTL then
     redis.call('PEXPIRE', ARCHIVE, ARCHIVE_TTL)
   end
 end
@@ -208,20 +237,25 @@ local function remember(m, tokens)
   local seq = m.iseq
   if not seq then
     local last = redis.call('ZRANGE', IDEM, -1, -1, 'WITHSCORES')
-    seq = tonumber(last[2]) or 0
+    seq = math.max(tonumber(last[2]) or 0, 0)
   end
   local before = seq
-  local pairs_ = {}
+  -- IDEM_MARK (score -1, below every token) tells whether the ZSET was created
+  -- by this ZADD: then it is one more element added, and the key needs its TTL.
+  local pairs_ = {-1, IDEM_MARK}
   for i = 1, #tokens do
     seq = seq + 1
-    pairs_[2 * i - 1] = seq
-    pairs_[2 * i] = tokens[i]
+    pairs_[2 * i + 1] = seq
+    pairs_[2 * i + 2] = tokens[i]
   end
   m.iseq = seq
-  redis.call('ZADD', IDEM, unpack(pairs_))
+  if redis.call('ZADD', IDEM, unpack(pairs_)) > #tokens then
+    created_key(IDEM)
+  end
   if math.floor(seq / IDEM_TRIM_EVERY) > math.floor(before / IDEM_TRIM_EVERY) then
-    -- Scores are consecutive, so this keeps exactly the newest IDEM_CAP tokens.
-    redis.call('ZREMRANGEBYSCORE', IDEM, '-inf', seq - IDEM_CAP)
+    -- Scores are consecutive, so this keeps exactly the newest IDEM_CAP tokens
+    -- (and the mark, below 0).
+    redis.call('ZREMRANGEBYSCORE', IDEM, 0, seq - IDEM_CAP)
   end
 end
 
@@ -230,7 +264,11 @@ end
 local function push_rows(first, last)
   local len = 0
   for i = first, last, PUSH_CHUNK do
-    len = redis.call('RPUSH', WINDOW, unpack(ARGV, i, math.min(i + PUSH_CHUNK - 1, last)))
+    local upto = math.min(i + PUSH_CHUNK - 1, last)
+    len = redis.call('RPUSH', WINDOW, unpack(ARGV, i, upto))
+    if len == upto - i + 1 then
+      created_key(WINDOW)
+    end
   end
   return len
 end
@@ -318,12 +356,16 @@ end
 log_replace = function(m, pos)
   local record = m.version .. ':' .. pos
   local n = redis.call('RPUSH', LOG, record)
+  if n == 1 then
+    created_key(LOG)
+  end
   local expected = log_expected(m) or (n - 1)
   if n - 1 ~= expected then
     -- The log lost records on its own (evicted, deleted): start it again from
     -- this record. Callers older than it cannot be patched any more.
     redis.call('DEL', LOG)
     redis.call('RPUSH', LOG, record)
+    created_key(LOG)
     m.logn = 1
     m.logfloor = math.max(m.logfloor, m.version - 1)
     return
@@ -691,6 +733,7 @@ local function deferred_ready(m, ranges, at)
       redis.call('HDEL', REACTIONS, applied[2])
     elseif applied[3] ~= '' then
       redis.call('HSET', REACTIONS, applied[2], m.version .. '|' .. applied[3])
+      created_key(REACTIONS)
     end
   end
   return nil

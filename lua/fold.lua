@@ -147,7 +147,7 @@ if pinned then
 end
 remember(m)
 save(m, 'base', m.base, 'foldv', m.version, 'rbase', rbase)
-touch()
+touch(true)
 if not patch then
   return sync_reply(1, m, 0, -1)
 end

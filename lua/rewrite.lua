@@ -32,5 +32,5 @@ m.rebackfill = 0
 trim(m, len)
 remember(m)
 save(m, 'base', m.base, 'rbase', m.base, 'rebackfill', 0)
-touch()
+touch(true)
 return sync_reply(1, m, 0, -1)

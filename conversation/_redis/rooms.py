@@ -221,7 +221,9 @@ class RoomStore:
     async def idempotency_tokens(self, keys: RoomKeys) -> list[bytes]:
         """The tokens of the writes the room has applied (its IDEM set), oldest first."""
         async with asyncio.timeout(self._timeout):
-            tokens = await self.redis.zrange(keys.idem, 0, -1)
+            # By score from 0: the set's mark (score -1, see remember in _lib.lua)
+            # is not a token.
+            tokens = await self.redis.zrange(keys.idem, 0, "+inf", byscore=True)
         self._stats.round_trips += 1
         return [bytes(token) for token in tokens]
 

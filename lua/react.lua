@@ -49,7 +49,7 @@ end
 -- The row must still be the caller's row but for its reactions tag: another
 -- worker's reaction only changes the tag, so it never makes this one conflict.
 local current = nil
-if C_EPOCH == m.epoch and C_VERSION >= m.base and pos >= m.head then
+if m.known and C_VERSION >= m.base and pos >= m.head then
   current = redis.call('LINDEX', WINDOW, pos - m.head)
 end
 if not current or #current < #before + #after

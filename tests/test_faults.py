@@ -226,7 +226,7 @@ async def test_on_a_cluster_a_dead_node_fails_only_its_own_rooms_calls() -> None
         async def initialize(self) -> None:
             return None
 
-    pipeliner = Pipeliner(TwoNodes(), ScriptSet({}, probes_info=True), Stats(), 1.0)
+    pipeliner = Pipeliner(TwoNodes(), ScriptSet({}), Stats(), 1.0)
     pipeliner._cluster = True
     script = Script("append", "", "0" * 40)
     calls = [_Call(script, [key], [], None) for key in ("dead", "alive", "alive")]

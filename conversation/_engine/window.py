@@ -142,6 +142,7 @@ class RoomState:
     # A memory-only room's deferred events: identity -> (expiry ms, event), in
     # arrival order. With Redis they live in the room's deferred hash.
     deferred: dict[str, list[tuple[int, bytes]]] | None = None
+    tag: str = ""  # the lineage tag of ``version`` (see lua/_lib.lua), sent back with it
 
     @property
     def size(self) -> int:
@@ -157,6 +158,7 @@ class RoomState:
             self.rebackfill,
             self.reactions,
             self.deferred,
+            self.tag,
         )
 
 
@@ -167,6 +169,7 @@ def apply_reply(
     own_rows: Sequence[tuple[bytes, str | None, str]] = (),
 ) -> int:
     """Bring a synced state to the reply's version; returns corrupt rows seen."""
+    state.tag = reply.tag
     if reply.kind == 0:
         state.version = reply.version
         return 0

@@ -37,10 +37,6 @@ from .scripts import NO_WAIT_SCRIPT_NAMES, Arg, Script, ScriptSet
 
 logger = logging.getLogger(__name__)
 
-# Whether scripts may call INFO, which lua/_lib.lua needs to tag epochs with the
-# primary's replication id.
-_INFO_PROBE = "return (pcall(redis.call, 'INFO', 'replication')) and 1 or 0"
-
 
 @dataclass(slots=True)
 class _Call:
@@ -76,8 +72,6 @@ class Pipeliner:
         self._cluster_ready = False
         self._reload_before_next = False
         self._outstanding = 0  # calls sent or queued whose replies are not in yet
-        # Only a family whose scripts call INFO asks whether they may.
-        self._info_checked = not scripts.probes_info
         self._repair: asyncio.Task[None] | None = None
 
     async def run(self, script: Script, keys: list[str], args: list[Arg], direct: bool) -> Any:
@@ -146,27 +140,9 @@ class Pipeliner:
             else:
                 call.future.set_result(result)
 
-    async def _check_info(self) -> None:
-        """Once per manager, before its first script call: may scripts call INFO?"""
-        try:
-            async with asyncio.timeout(self._timeout):
-                allowed = bool(await self._redis.eval(_INFO_PROBE, 0))
-        except ResponseError as exc:  # EVAL itself refused: the scripts will say so
-            logger.debug("could not probe INFO inside scripts: %s", exc)
-            allowed = True
-        self._info_checked = True  # not before: a probe lost to a fault is retried
-        if not allowed:
-            logger.warning(
-                "INFO is refused inside scripts on this server (ACL, rename-command, or an "
-                "emulator): epochs carry no replication id, so after a failover to a "
-                "replica that missed writes, workers may patch instead of reloading"
-            )
-
     async def _results(self, calls: list[_Call]) -> list[Any]:
         """Each call's reply or error (NOSCRIPT handled); raises what failed them all."""
         try:
-            if not self._info_checked:
-                await self._check_info()
             if self._cluster and not self._cluster_ready:
                 # Learn the slot map before the first calls go out side by side:
                 # redis-py's cluster client, asked concurrently while it is still

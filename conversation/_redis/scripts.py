@@ -64,15 +64,10 @@ class Script:
 
 
 class ScriptSet(Mapping[str, Script]):
-    """A family of scripts, by name, loaded together.
+    """A family of scripts, by name, loaded together."""
 
-    ``probes_info``: its scripts call INFO (the room prelude tags epochs with the
-    primary's replication id), so the pipeliner checks once that they may.
-    """
-
-    def __init__(self, scripts: dict[str, Script], *, probes_info: bool) -> None:
+    def __init__(self, scripts: dict[str, Script]) -> None:
         self._scripts = scripts
-        self.probes_info = probes_info
 
     def __getitem__(self, name: str) -> Script:
         return self._scripts[name]
@@ -89,11 +84,11 @@ def load_scripts() -> ScriptSet:
     prelude = (data_dir("lua") / "_lib.lua").read_text(encoding="utf-8")
     scripts = {name: Script.load(name, prelude) for name in ROOM_SCRIPT_NAMES}
     scripts.update((name, Script.load(name, "")) for name in STANDALONE_SCRIPT_NAMES)
-    return ScriptSet(scripts, probes_info=True)
+    return ScriptSet(scripts)
 
 
 def load_session_scripts() -> ScriptSet:
     prelude = (data_dir("lua") / "session_lib.lua").read_text(encoding="utf-8")
     scripts = {name: Script.load(name, prelude) for name in SESSION_SCRIPT_NAMES}
     scripts.update((name, Script.load(name, "")) for name in STANDALONE_SESSION_SCRIPT_NAMES)
-    return ScriptSet(scripts, probes_info=False)
+    return ScriptSet(scripts)

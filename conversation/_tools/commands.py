@@ -133,13 +133,11 @@ def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
             corrupt += 1
             continue
         entries.append({"position": position, **entry})
-    # The scripts report the epoch as "<stored epoch>@<primary's replication id>".
-    epoch, _, primary = snapshot.epoch.partition("@")
     return {
         "room": snapshot.room,
         "exists": snapshot.exists,
-        "epoch": epoch or None,
-        "primary_replid": primary or None,
+        "epoch": snapshot.epoch or None,
+        "tag": snapshot.tag or None,
         "version": snapshot.version,
         "head": snapshot.head,
         "limit": snapshot.limit or None,

@@ -1,5 +1,5 @@
--- Shared prelude: the loader prepends this file to every other script here, so
--- each script below is "this prelude + its own body", loaded and called by SHA.
+-- Shared prelude of the room scripts: each script here is "this prelude + its own
+-- body" (see bind() below for how the loader puts them together).
 --
 -- KEYS (every script, all sharing the room's hash tag {<room_id>}):
 --   [1] window  LIST of rows (orjson entries, identity and role first)
@@ -64,31 +64,54 @@
 -- echoed back); pos_i/row_i: rows replaced since the caller's version that lie
 -- inside what the caller holds; tail rows: rows past the caller's end.
 
-local unpack = unpack or table.unpack
+-- Lua 5.1 (Redis) has unpack, 5.4 (fakeredis) table.unpack. Globals other than
+-- redis are only there when a call runs (not while a function library loads), so
+-- bind() takes it; this function, defined before the local, reads the global.
+local function global_unpack()
+  return unpack or table.unpack
+end
+local unpack
 
-local WINDOW, META, LOG, IDEM, ARCHIVE = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local REACTIONS = KEYS[6]
-local DEFERRED = KEYS[7]
-local CURSORS = KEYS[8]
-local C_EPOCH, C_TAG = ARGV[1], ''
-do
+-- Per-call state: bound from KEYS and ARGV by bind() when a call starts. The loader
+-- builds two forms of every script from these files (conversation/_redis/scripts.py):
+-- for EVALSHA, this prelude then `bind(KEYS, ARGV)` then the script's body; for a
+-- Redis Function library, this prelude once, then per script a function that calls
+-- bind(keys, args) and runs the body. A function may not set globals, so every
+-- name below is a local of the chunk, assigned per call (calls are atomic: no two
+-- run at once).
+local KEYS, ARGV
+local WINDOW, META, LOG, IDEM, ARCHIVE, REACTIONS, DEFERRED, CURSORS
+local C_EPOCH, C_TAG, C_VERSION, C_HEAD, C_LEN
+local TOKEN, TTL, DEFAULT_LIMIT, FRESH_EPOCH, TAG, ARCHIVE_TTL
+local created -- keys this call may have created (see touch)
+local wrote -- whether this call saved meta (see sync_reply)
+
+local function bind(keys, args)
+  unpack = global_unpack()
+  KEYS, ARGV = keys, args
+  WINDOW, META, LOG, IDEM, ARCHIVE = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+  REACTIONS, DEFERRED, CURSORS = KEYS[6], KEYS[7], KEYS[8]
+  C_EPOCH, C_TAG = ARGV[1], ''
   local at = string.find(C_EPOCH, '/', 1, true)
   if at then
     C_EPOCH, C_TAG = string.sub(ARGV[1], 1, at - 1), string.sub(ARGV[1], at + 1)
   end
+  C_VERSION = tonumber(ARGV[2])
+  C_HEAD = tonumber(ARGV[3])
+  C_LEN = tonumber(ARGV[4])
+  TOKEN = ARGV[5]
+  TTL = tonumber(ARGV[6])
+  DEFAULT_LIMIT = tonumber(ARGV[7])
+  FRESH_EPOCH = ARGV[8]
+  -- The tag of the versions this call creates: fresh per call (a write sends a
+  -- fresh epoch, or else a fresh idempotency token).
+  TAG = string.sub(FRESH_EPOCH ~= '' and FRESH_EPOCH or TOKEN, 1, 8)
+  ARCHIVE_TTL = tonumber(ARGV[9])
+  created = {}
+  wrote = false
 end
-local C_VERSION = tonumber(ARGV[2])
-local C_HEAD = tonumber(ARGV[3])
-local C_LEN = tonumber(ARGV[4])
-local TOKEN = ARGV[5]
-local TTL = tonumber(ARGV[6])
-local DEFAULT_LIMIT = tonumber(ARGV[7])
-local FRESH_EPOCH = ARGV[8]
--- The tag of the versions this call creates: fresh per call (a write sends a fresh
--- epoch, or else a fresh idempotency token).
-local TAG = string.sub(FRESH_EPOCH ~= '' and FRESH_EPOCH or TOKEN, 1, 8)
+
 local TAG_RING = 64
-local ARCHIVE_TTL = tonumber(ARGV[9])
 local LOG_CAP = 256
 local IDEM_CAP = 1024
 -- The ZSET is trimmed by score once every IDEM_TRIM_EVERY writes, not on every
@@ -99,7 +122,6 @@ local IDEM_MARK = '~'
 local PUSH_CHUNK = 1000
 -- See touch().
 local REFRESH_FRACTION = 4
-local created = {} -- per call: keys this call may have created (see touch)
 
 local function created_key(key)
   created[#created + 1] = key
@@ -184,7 +206,6 @@ local function bump(m)
 end
 
 -- ...: more field/value pairs a script changed (base, limit, rebackfill).
-local wrote = false -- whether this call saved meta (see sync_reply)
 
 local function save(m, ...)
   wrote = true

@@ -585,6 +585,7 @@ async def test_consolidation_on_a_real_cluster(tmp_path: Path) -> None:
         for port in cluster.primary_ports():
             async with aioredis.Redis(port=port) as node:
                 await node.script_flush()
+                await node.function_flush()
         # Several rooms at once: their syncs and folds share loop ticks, which on a
         # cluster go out concurrently, each to its slot's primary.
         results = await ConsolidationWorker(manager, concurrency=6).run_once()

@@ -1,5 +1,5 @@
--- Shared prelude: the loader prepends this file to every other script here, so
--- each script below is "this prelude + its own body", loaded and called by SHA.
+-- Shared prelude of the room scripts: each script here is "this prelude + its own
+-- body" (see bind() below for how the loader puts them together).
 --
 -- KEYS (every script, all sharing the room's hash tag {<room_id>}):
 --   [1] window  LIST of rows (orjson entries, identity and role first)
@@ -22,11 +22,17 @@
 --               applies and drops it
 --   [8] cursors HASH the room's named change-feed cursors (cursor_set.lua writes
 --               it); room scripts only refresh its TTL in touch(), and clear keeps it
--- ARGV (every script): [1] caller epoch ('' = knows nothing), [2] caller version,
+-- Every key but the deferred hash (which expires with its newest event) expires
+-- TTL after the room was last written, give or take a quarter (see touch).
+-- ARGV (every script): [1] caller epoch ('' = knows nothing), followed by '/' and
+--   the tag of the caller's version when it has one (see "Lineage tags" below),
+--   [2] caller version,
 --   [3] caller head, [4] caller length (the caller's synced window), [5] idempotency
 --   token ('' = none), [6] TTL in ms (0 = keys do not expire), [7] default window
---   limit, [8] fresh epoch to adopt when the room has no meta yet, [9] archive TTL
---   in ms (0 = the archive does not expire).
+--   limit, [8] fresh epoch to adopt when the room has no meta yet (its first 8
+--   characters also tag the versions this call creates; '': the token's do),
+--   [9] archive TTL in ms
+--   (0 = the archive does not expire).
 --
 -- Invariants kept by every script:
 --   * version only grows within an epoch; every mutation advances it by one;
@@ -36,65 +42,120 @@
 --     date from head, length and the log alone, provided the log holds every
 --     record logn says it should; anyone else gets a snapshot.
 --
+-- Lineage tags: meta also holds `tag`, the tag of the current version, and a ring
+-- t0 .. t<TAG_RING - 1>, field t<v mod TAG_RING> the tag of version v. A tag is 8
+-- random hex digits chosen by the call that created the version. Workers hold the
+-- tag of the version they are at and send it back; a caller whose tag is not the
+-- one this server stored for its version saw writes this server never had (a
+-- replica promoted before it got them, or a restart that lost the tail of its
+-- AOF, which then reuses their versions for other rows): it gets a snapshot, never
+-- a patch. A caller older than the ring cannot be checked, so it gets a snapshot
+-- too. The caller's slot is read in read_meta's one HMGET and the tags are stored
+-- in save()'s one HSET: this costs no redis.call. A meta without `tag` (written
+-- only by an older engine) has nothing to check.
+--
 -- Every script returns a sync reply, prefixed by its own status:
---   {status, 0, version}                                   nothing changed
---   {status, 1, version, head, limit, rebackfill, own_k, n,
+--   {status, 0, version, tag}                               nothing changed
+--   {status, 1, version, tag, head, limit, rebackfill, own_k, n,
 --        pos_1, row_1, ..., pos_n, row_n, tail rows...}    incremental
---   {status, 2, epoch, version, head, limit, rebackfill, rows...}  snapshot
+--   {status, 2, epoch, version, tag, head, limit, rebackfill, rows...}  snapshot
+-- tag: the tag of the reply's version ('' when the room has none).
 -- own_k: how many of the caller's own just-appended rows end the window (not
 -- echoed back); pos_i/row_i: rows replaced since the caller's version that lie
 -- inside what the caller holds; tail rows: rows past the caller's end.
 
-local unpack = unpack or table.unpack
+-- Lua 5.1 (Redis) has unpack, 5.4 (fakeredis) table.unpack. Globals other than
+-- redis are only there when a call runs (not while a function library loads), so
+-- bind() takes it; this function, defined before the local, reads the global.
+local function global_unpack()
+  return unpack or table.unpack
+end
+local unpack
 
-local WINDOW, META, LOG, IDEM, ARCHIVE = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local REACTIONS = KEYS[6]
-local DEFERRED = KEYS[7]
-local CURSORS = KEYS[8]
-local C_EPOCH = ARGV[1]
-local C_VERSION = tonumber(ARGV[2])
-local C_HEAD = tonumber(ARGV[3])
-local C_LEN = tonumber(ARGV[4])
-local TOKEN = ARGV[5]
-local TTL = tonumber(ARGV[6])
-local DEFAULT_LIMIT = tonumber(ARGV[7])
-local FRESH_EPOCH = ARGV[8]
-local ARCHIVE_TTL = tonumber(ARGV[9])
+-- Per-call state: bound from KEYS and ARGV by bind() when a call starts. The loader
+-- builds two forms of every script from these files (conversation/_redis/scripts.py):
+-- for EVALSHA, this prelude then `bind(KEYS, ARGV)` then the script's body; for a
+-- Redis Function library, this prelude once, then per script a function that calls
+-- bind(keys, args) and runs the body. A function may not set globals, so every
+-- name below is a local of the chunk, assigned per call (calls are atomic: no two
+-- run at once).
+local KEYS, ARGV
+local WINDOW, META, LOG, IDEM, ARCHIVE, REACTIONS, DEFERRED, CURSORS
+local C_EPOCH, C_TAG, C_VERSION, C_HEAD, C_LEN
+local TOKEN, TTL, DEFAULT_LIMIT, FRESH_EPOCH, TAG, ARCHIVE_TTL
+local created -- keys this call may have created (see touch)
+local wrote -- whether this call saved meta (see sync_reply)
+
+local function bind(keys, args)
+  unpack = global_unpack()
+  KEYS, ARGV = keys, args
+  WINDOW, META, LOG, IDEM, ARCHIVE = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+  REACTIONS, DEFERRED, CURSORS = KEYS[6], KEYS[7], KEYS[8]
+  C_EPOCH, C_TAG = ARGV[1], ''
+  local at = string.find(C_EPOCH, '/', 1, true)
+  if at then
+    C_EPOCH, C_TAG = string.sub(ARGV[1], 1, at - 1), string.sub(ARGV[1], at + 1)
+  end
+  C_VERSION = tonumber(ARGV[2])
+  C_HEAD = tonumber(ARGV[3])
+  C_LEN = tonumber(ARGV[4])
+  TOKEN = ARGV[5]
+  TTL = tonumber(ARGV[6])
+  DEFAULT_LIMIT = tonumber(ARGV[7])
+  FRESH_EPOCH = ARGV[8]
+  -- The tag of the versions this call creates: fresh per call (a write sends a
+  -- fresh epoch, or else a fresh idempotency token).
+  TAG = string.sub(FRESH_EPOCH ~= '' and FRESH_EPOCH or TOKEN, 1, 8)
+  ARCHIVE_TTL = tonumber(ARGV[9])
+  created = {}
+  wrote = false
+end
+
+local TAG_RING = 64
 local LOG_CAP = 256
 local IDEM_CAP = 1024
 -- The ZSET is trimmed by score once every IDEM_TRIM_EVERY writes, not on every
 -- write: it holds between IDEM_CAP and IDEM_CAP + IDEM_TRIM_EVERY tokens.
 local IDEM_TRIM_EVERY = 64
+-- Not a token (tokens are hex): see remember.
+local IDEM_MARK = '~'
 local PUSH_CHUNK = 1000
+-- See touch().
+local REFRESH_FRACTION = 4
 
--- The epoch workers hold is the stored epoch plus the replication id of the
--- primary that answers. A replica promoted by a failover has a new replication
--- id, and it may have missed the last writes, whose versions it will then reuse
--- for other rows: a worker that saw those writes must reload, not patch.
--- Workers send the epoch back with every call, so it is kept short: 8 hex
--- digits of the replication id tell two primaries apart but for a 2**-32
--- chance per failover. (INFO is refused by some script engines, such as
--- fakeredis's: no suffix there.)
-local function primary_suffix()
-  local ok, info = pcall(redis.call, 'INFO', 'replication')
-  if not ok or type(info) ~= 'string' then
-    return ''
-  end
-  local id = string.match(info, 'master_replid:(%x%x%x%x%x%x%x%x)')
-  if not id then
-    return ''
-  end
-  return '@' .. id
+local function created_key(key)
+  created[#created + 1] = key
 end
 
+local function ring_field(v)
+  return 't' .. (v % TAG_RING)
+end
+
+-- Whether a caller at version v that holds tag for it saw this server's history
+-- (see "Lineage tags" above); stored: the tag this server keeps for v, if read.
+local function same_lineage(m, v, tag, stored)
+  if m.tag == nil then
+    return true -- no tags yet (an older engine's meta): nothing to check
+  end
+  if tag == '' or v > m.version or v <= m.version - TAG_RING then
+    return false
+  end
+  if stored == nil then
+    stored = redis.call('HGET', META, ring_field(v))
+  end
+  return stored == tag
+end
+
+-- m.known: the caller (ARGV[1..2]) is at a version of this room's history, as this
+-- server has it: same epoch and a tag that matches (see "Lineage tags" above).
 local function read_meta()
   local m = redis.call('HMGET', META, 'epoch', 'version', 'head', 'base', 'logfloor',
-                       'limit', 'rebackfill', 'iseq', 'logn')
+                       'limit', 'rebackfill', 'iseq', 'logn', 'tag', ring_field(C_VERSION))
   if not m[1] then
     return nil
   end
-  return {
-    epoch = m[1] .. primary_suffix(),
+  local meta = {
+    epoch = m[1],
     version = tonumber(m[2]) or 0,
     head = tonumber(m[3]) or 0,
     base = tonumber(m[4]) or 0,
@@ -103,7 +164,11 @@ local function read_meta()
     rebackfill = tonumber(m[7]) or 0,
     iseq = tonumber(m[8]), -- nil: not counted yet (see remember)
     logn = tonumber(m[9]), -- nil: written by an older engine (the log is trusted)
+    tag = m[10] or nil, -- nil: no tags yet (an older engine's meta)
   }
+  meta.tagged = meta.version -- the version whose tag is stored (see save)
+  meta.known = C_EPOCH == meta.epoch and same_lineage(meta, C_VERSION, C_TAG, m[11] or false)
+  return meta
 end
 
 -- A writer on a room without meta (new, expired, flushed, evicted) starts a new
@@ -115,10 +180,21 @@ local function ensure_meta()
     return m
   end
   redis.call('DEL', LOG)
-  redis.call('HSET', META, 'epoch', FRESH_EPOCH, 'version', 0, 'head', 0, 'base', 0,
-             'logfloor', 0, 'logn', 0)
-  return {epoch = FRESH_EPOCH .. primary_suffix(), version = 0, head = 0, base = 0,
-          logfloor = 0, logn = 0, limit = 0, rebackfill = 0}
+  created_key(META)
+  local m = {epoch = FRESH_EPOCH, version = 0, head = 0, base = 0, logfloor = 0, logn = 0,
+             limit = 0, rebackfill = 0, tagged = 0,
+             known = C_EPOCH == FRESH_EPOCH and C_VERSION == 0}
+  if TAG == '' then
+    -- A call that creates no version (defer.lua) has no tag to give version 0: the
+    -- room has no tags until its first write (nothing to check until then).
+    redis.call('HSET', META, 'epoch', FRESH_EPOCH, 'version', 0, 'head', 0, 'base', 0,
+               'logfloor', 0, 'logn', 0)
+  else
+    m.tag = TAG
+    redis.call('HSET', META, 'epoch', FRESH_EPOCH, 'version', 0, 'head', 0, 'base', 0,
+               'logfloor', 0, 'logn', 0, 'tag', TAG, ring_field(0), TAG)
+  end
+  return m
 end
 
 -- Every redis.call costs about a microsecond of script overhead, so a write
@@ -130,7 +206,6 @@ local function bump(m)
 end
 
 -- ...: more field/value pairs a script changed (base, limit, rebackfill).
-local wrote = false -- whether this call saved meta (see sync_reply)
 
 local function save(m, ...)
   wrote = true
@@ -143,6 +218,16 @@ local function save(m, ...)
     fields[#fields + 1] = 'iseq'
     fields[#fields + 1] = m.iseq
   end
+  if m.version ~= m.tagged then
+    -- A new version: its tag (the versions a call skips over get none; nobody is
+    -- told of them, and a caller that claims one is checked against a slot that
+    -- does not hold its tag).
+    m.tag, m.tagged = TAG, m.version
+    fields[#fields + 1] = 'tag'
+    fields[#fields + 1] = TAG
+    fields[#fields + 1] = ring_field(m.version)
+    fields[#fields + 1] = TAG
+  end
   local extra = {...}
   for i = 1, #extra do
     fields[#fields + 1] = extra[i]
@@ -150,20 +235,37 @@ local function save(m, ...)
   redis.call('HSET', META, unpack(fields))
 end
 
--- Every write refreshes every key of the room, the archive included: an archive
--- that only a fold refreshed would expire under a room that is still in use. So are
--- the named cursors (PEXPIRE of a missing key creates nothing): a reader down longer
--- than the TTL finds its cursor as long as the room lives.
-local function touch()
+-- Keys that live as long as the room is written: a write refreshes their TTLs
+-- together, but only once a quarter of the TTL has gone by since the last refresh
+-- (meta's PTTL says when: ONE call instead of a PEXPIRE per key). So every key
+-- always has at least three quarters of the TTL left after a write. A key that
+-- this call may have created (RPUSH onto nothing, the first ZADD, HSET of a new
+-- hash) has no TTL yet: the call names it in `created`, and touch() gives it one
+-- whatever meta's PTTL says. The archive is refreshed with the others when its TTL
+-- is the room's (the default), else on every write, as the cursors hash is by
+-- cursor_set.lua. A PEXPIRE of a missing key creates nothing: a reader down
+-- longer than the TTL finds its cursor as long as the room lives.
+-- full: refresh every key now (the rare scripts that rewrite much of the room).
+local function touch(full)
   if TTL > 0 then
-    redis.call('PEXPIRE', WINDOW, TTL)
-    redis.call('PEXPIRE', META, TTL)
-    redis.call('PEXPIRE', LOG, TTL)
-    redis.call('PEXPIRE', IDEM, TTL)
-    redis.call('PEXPIRE', REACTIONS, TTL)
-    redis.call('PEXPIRE', CURSORS, TTL)
+    local left = full and -1 or redis.call('PTTL', META)
+    if left < TTL - TTL / REFRESH_FRACTION or left > TTL then
+      redis.call('PEXPIRE', WINDOW, TTL)
+      redis.call('PEXPIRE', META, TTL)
+      redis.call('PEXPIRE', LOG, TTL)
+      redis.call('PEXPIRE', IDEM, TTL)
+      redis.call('PEXPIRE', REACTIONS, TTL)
+      redis.call('PEXPIRE', CURSORS, TTL)
+      if ARCHIVE_TTL == TTL then
+        redis.call('PEXPIRE', ARCHIVE, TTL)
+      end
+    else
+      for i = 1, #created do
+        redis.call('PEXPIRE', created[i], TTL)
+      end
+    end
   end
-  if ARCHIVE_TTL > 0 then
+  if ARCHIVE_TTL > 0 and ARCHIVE_TTL ~= TTL then
     redis.call('PEXPIRE', ARCHIVE, ARCHIVE_TTL)
   end
 end
@@ -208,20 +310,25 @@ local function remember(m, tokens)
   local seq = m.iseq
   if not seq then
     local last = redis.call('ZRANGE', IDEM, -1, -1, 'WITHSCORES')
-    seq = tonumber(last[2]) or 0
+    seq = math.max(tonumber(last[2]) or 0, 0)
   end
   local before = seq
-  local pairs_ = {}
+  -- IDEM_MARK (score -1, below every token) tells whether the ZSET was created
+  -- by this ZADD: then it is one more element added, and the key needs its TTL.
+  local pairs_ = {-1, IDEM_MARK}
   for i = 1, #tokens do
     seq = seq + 1
-    pairs_[2 * i - 1] = seq
-    pairs_[2 * i] = tokens[i]
+    pairs_[2 * i + 1] = seq
+    pairs_[2 * i + 2] = tokens[i]
   end
   m.iseq = seq
-  redis.call('ZADD', IDEM, unpack(pairs_))
+  if redis.call('ZADD', IDEM, unpack(pairs_)) > #tokens then
+    created_key(IDEM)
+  end
   if math.floor(seq / IDEM_TRIM_EVERY) > math.floor(before / IDEM_TRIM_EVERY) then
-    -- Scores are consecutive, so this keeps exactly the newest IDEM_CAP tokens.
-    redis.call('ZREMRANGEBYSCORE', IDEM, '-inf', seq - IDEM_CAP)
+    -- Scores are consecutive, so this keeps exactly the newest IDEM_CAP tokens
+    -- (and the mark, below 0).
+    redis.call('ZREMRANGEBYSCORE', IDEM, 0, seq - IDEM_CAP)
   end
 end
 
@@ -230,7 +337,11 @@ end
 local function push_rows(first, last)
   local len = 0
   for i = first, last, PUSH_CHUNK do
-    len = redis.call('RPUSH', WINDOW, unpack(ARGV, i, math.min(i + PUSH_CHUNK - 1, last)))
+    local upto = math.min(i + PUSH_CHUNK - 1, last)
+    len = redis.call('RPUSH', WINDOW, unpack(ARGV, i, upto))
+    if len == upto - i + 1 then
+      created_key(WINDOW)
+    end
   end
   return len
 end
@@ -318,12 +429,16 @@ end
 log_replace = function(m, pos)
   local record = m.version .. ':' .. pos
   local n = redis.call('RPUSH', LOG, record)
+  if n == 1 then
+    created_key(LOG)
+  end
   local expected = log_expected(m) or (n - 1)
   if n - 1 ~= expected then
     -- The log lost records on its own (evicted, deleted): start it again from
     -- this record. Callers older than it cannot be patched any more.
     redis.call('DEL', LOG)
     redis.call('RPUSH', LOG, record)
+    created_key(LOG)
     m.logn = 1
     m.logfloor = math.max(m.logfloor, m.version - 1)
     return
@@ -337,7 +452,7 @@ log_replace = function(m, pos)
 end
 
 local function snapshot(status, m)
-  local reply = {status, 2, m.epoch, m.version, m.head, m.limit, m.rebackfill}
+  local reply = {status, 2, m.epoch, m.version, m.tag or '', m.head, m.limit, m.rebackfill}
   local rows = redis.call('LRANGE', WINDOW, 0, -1)
   for i = 1, #rows do
     reply[#reply + 1] = rows[i]
@@ -353,18 +468,18 @@ local function sync_reply(status, m, own_k, own_pos)
     -- rows as they are under the empty epoch; the next writer starts a real one.
     if C_EPOCH == '' and C_VERSION == 0 and C_LEN == 0
         and redis.call('LLEN', WINDOW) == 0 then
-      return {status, 0, 0}
+      return {status, 0, 0, ''}
     end
     return snapshot(status, {epoch = '', version = 0, head = 0, limit = 0, rebackfill = 0})
   end
   local len = redis.call('LLEN', WINDOW)
   local caller_end = C_HEAD + C_LEN
-  if C_EPOCH ~= m.epoch or C_VERSION > m.version or C_VERSION < m.base
+  if not m.known or C_VERSION > m.version or C_VERSION < m.base
       or C_VERSION < m.logfloor or C_HEAD > m.head or caller_end > m.head + len then
     return snapshot(status, m)
   end
   if C_VERSION == m.version then
-    return {status, 0, m.version}
+    return {status, 0, m.version, m.tag or ''}
   end
   local expected = log_expected(m)
   if expected and redis.call('LLEN', LOG) ~= expected then
@@ -378,7 +493,7 @@ local function sync_reply(status, m, own_k, own_pos)
     return snapshot(status, m)
   end
   local tail_start = math.max(caller_end, m.head)
-  local reply = {status, 1, m.version, m.head, m.limit, m.rebackfill, own_k, 0}
+  local reply = {status, 1, m.version, m.tag or '', m.head, m.limit, m.rebackfill, own_k, 0}
   -- Each version logs at most one record, so the records newer than the caller
   -- are among the last (version - caller version): read only those.
   local records = redis.call('LRANGE', LOG, C_VERSION - m.version, -1)
@@ -390,7 +505,7 @@ local function sync_reply(status, m, own_k, own_pos)
       n = n + 1
     end
   end
-  reply[8] = n
+  reply[9] = n
   local tail_from = tail_start - m.head
   local tail_to = len - 1 - own_k
   if tail_to >= tail_from then
@@ -407,7 +522,7 @@ end
 -- caller must get: what sync_reply returns then, without its LLEN and LRANGE
 -- calls. Only the caller's own rows or row changed, and those are not echoed.
 local function own_reply(status, m, own_k)
-  return {status, 1, m.version, m.head, m.limit, m.rebackfill, own_k, 0}
+  return {status, 1, m.version, m.tag or '', m.head, m.limit, m.rebackfill, own_k, 0}
 end
 
 -- ------------------------------------------------------------------ consolidation
@@ -418,9 +533,15 @@ end
 -- according to a log known to hold every record newer than v. This is the test that
 -- lets sync_reply patch a caller at v from the log, so it trusts the log as far as
 -- sync does, and it costs O(log records newer than v), never O(bytes of the rows).
-local function prefix_unchanged(m, epoch, head, v, n)
+-- planned: the plan's epoch, then '/' and the tag of v (as ARGV[1] carries them).
+local function prefix_unchanged(m, planned, head, v, n)
+  local at = string.find(planned, '/', 1, true)
+  local epoch, tag = planned, ''
+  if at then
+    epoch, tag = string.sub(planned, 1, at - 1), string.sub(planned, at + 1)
+  end
   if not m or m.epoch ~= epoch or m.head ~= head or v > m.version or v < m.base
-      or v < m.logfloor then
+      or v < m.logfloor or not same_lineage(m, v, tag) then
     return false
   end
   if redis.call('LLEN', WINDOW) < n then
@@ -691,6 +812,7 @@ local function deferred_ready(m, ranges, at)
       redis.call('HDEL', REACTIONS, applied[2])
     elseif applied[3] ~= '' then
       redis.call('HSET', REACTIONS, applied[2], m.version .. '|' .. applied[3])
+      created_key(REACTIONS)
     end
   end
   return nil

@@ -72,7 +72,7 @@ if m.summary_moved then
   kept = kept - 1 -- the head slot now holds the summary, not one of our rows
 end
 local own = math.min(pushed, kept)
-if C_EPOCH == before.epoch and C_VERSION == before.version and C_HEAD == before.head
+if m.known and C_VERSION == before.version and C_HEAD == before.head
     and C_LEN == len - pushed and not m.summary_moved then
   return own_reply(status, m, own)
 end

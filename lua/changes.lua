@@ -30,7 +30,7 @@ if m == nil then
   -- A room nobody wrote (or rows whose meta was lost): nothing to say to a caller
   -- that holds what is there, a snapshot to anyone else.
   if C_EPOCH == '' and C_VERSION == 0 and C_HEAD == 0 and C_LEN == len then
-    return {'i', 0, 0, 0}
+    return {'i', 0, 0, 0, ''}
   end
   return snap('r')
 end
@@ -40,7 +40,7 @@ local rbase = tonumber(marks[1]) or m.base
 local clearv = tonumber(marks[2]) or -1
 local foldv = tonumber(marks[3]) or -1
 
-if C_EPOCH ~= m.epoch or C_VERSION > m.version then
+if not m.known or C_VERSION > m.version then
   return snap('r')
 end
 if C_VERSION < rbase then
@@ -53,7 +53,7 @@ if C_VERSION < m.logfloor or C_HEAD > m.head or caller_end > m.head + len then
   return snap('r')
 end
 if C_VERSION == m.version and C_HEAD == m.head and caller_end == m.head + len then
-  return {'i', 0, 0, m.version}
+  return {'i', 0, 0, m.version, m.tag or ''}
 end
 local expected = log_expected(m)
 if C_VERSION < m.version and expected and redis.call('LLEN', LOG) ~= expected then
@@ -62,7 +62,7 @@ end
 
 local folded = (C_VERSION < foldv) and 1 or 0
 local tail_start = math.max(caller_end, m.head)
-local reply = {'i', folded, 1, m.version, m.head, m.limit, m.rebackfill, 0, 0}
+local reply = {'i', folded, 1, m.version, m.tag or '', m.head, m.limit, m.rebackfill, 0, 0}
 local n = 0
 if C_VERSION < m.version then
   -- A fold logs two records under one version, so records are read until the first
@@ -76,7 +76,7 @@ if C_VERSION < m.version then
     end
   end
 end
-reply[9] = n
+reply[10] = n
 local tail_from = tail_start - m.head
 if len - 1 >= tail_from then
   local tail = redis.call('LRANGE', WINDOW, tail_from, -1)

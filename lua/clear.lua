@@ -15,5 +15,5 @@ m.head = 0
 m.base = m.version
 remember(m)
 save(m, 'base', m.base, 'rbase', m.base, 'clearv', m.version)
-touch()
+touch(true)
 return sync_reply(1, m, 0, -1)

@@ -18,7 +18,7 @@ local m = ensure_meta()
 if TTL > 0 and redis.call('PTTL', META) < 0 then
   redis.call('PEXPIRE', META, TTL)
 end
-if C_EPOCH ~= m.epoch or C_VERSION ~= m.version then
+if not m.known or C_VERSION ~= m.version then
   return sync_reply(0, m, 0, -1)
 end
 local field, event, now = ARGV[10], ARGV[11], tonumber(ARGV[12])

@@ -66,7 +66,7 @@ end
 local len = redis.call('LLEN', WINDOW)
 local caller_end = C_HEAD + C_LEN
 local patch = nil
-if C_EPOCH == m.epoch and C_HEAD == m.head and C_LEN >= n and caller_end <= m.head + len
+if m.known and C_HEAD == m.head and C_LEN >= n and caller_end <= m.head + len
     and C_VERSION <= m.version and C_VERSION >= m.base and C_VERSION >= m.logfloor then
   patch = {}
   if C_VERSION < m.version then
@@ -147,11 +147,11 @@ if pinned then
 end
 remember(m)
 save(m, 'base', m.base, 'foldv', m.version, 'rbase', rbase)
-touch()
+touch(true)
 if not patch then
   return sync_reply(1, m, 0, -1)
 end
-local reply = {1, 1, m.version, m.head, m.limit, m.rebackfill, 0, 0, m.head, ARGV[22]}
+local reply = {1, 1, m.version, m.tag, m.head, m.limit, m.rebackfill, 0, 0, m.head, ARGV[22]}
 local count = 1
 if pinned then
   reply[#reply + 1] = m.head + 1
@@ -163,7 +163,7 @@ for i = 1, #patch do
   reply[#reply + 1] = redis.call('LINDEX', WINDOW, patch[i] - m.head)
   count = count + 1
 end
-reply[8] = count
+reply[9] = count
 local tail = redis.call('LRANGE', WINDOW, caller_end - m.head, -1)
 for i = 1, #tail do
   reply[#reply + 1] = tail[i]

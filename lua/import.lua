@@ -78,5 +78,5 @@ if ARGV[15] == '1' then
     redis.call('LPUSH', ARCHIVE, ARGV[16])
   end
 end
-touch()
+touch(true)
 return {1, m.version}

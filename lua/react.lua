@@ -49,7 +49,7 @@ end
 -- The row must still be the caller's row but for its reactions tag: another
 -- worker's reaction only changes the tag, so it never makes this one conflict.
 local current = nil
-if C_EPOCH == m.epoch and C_VERSION >= m.base and pos >= m.head then
+if m.known and C_VERSION >= m.base and pos >= m.head then
   current = redis.call('LINDEX', WINDOW, pos - m.head)
 end
 if not current or #current < #before + #after
@@ -169,7 +169,11 @@ else
   -- Least recently reacted messages go once the room tracks too many (they left
   -- the window long ago: see MAX_TRACKED_MESSAGES in conversation/_reactions.py),
   -- a sixteenth more at a time, so the sort runs once per that many new messages.
-  if redis.call('HLEN', REACTIONS) > tracked + math.ceil(tracked / 16) then
+  local count = redis.call('HLEN', REACTIONS)
+  if count == 1 then
+    created_key(REACTIONS) -- this HSET may have made the hash: it needs its TTL
+  end
+  if count > tracked + math.ceil(tracked / 16) then
     local all = redis.call('HGETALL', REACTIONS)
     local ages = {}
     for i = 1, #all, 2 do

@@ -15,7 +15,7 @@ if replayed() then
   return sync_reply(2, m, 0, -1)
 end
 local pos = tonumber(ARGV[10])
-if C_EPOCH == m.epoch and C_VERSION >= m.base and pos >= m.head then
+if m.known and C_VERSION >= m.base and pos >= m.head then
   local current = redis.call('LINDEX', WINDOW, pos - m.head)
   local expected = ARGV[11]
   local same

@@ -14,7 +14,7 @@ local m = ensure_meta()
 if replayed() then
   return sync_reply(2, m, 0, -1)
 end
-if C_EPOCH ~= m.epoch or tonumber(ARGV[10]) ~= m.version then
+if not m.known or tonumber(ARGV[10]) ~= m.version then
   return sync_reply(0, m, 0, -1)
 end
 local last = 11 + tonumber(ARGV[11])
@@ -32,5 +32,5 @@ m.rebackfill = 0
 trim(m, len)
 remember(m)
 save(m, 'base', m.base, 'rbase', m.base, 'rebackfill', 0)
-touch()
+touch(true)
 return sync_reply(1, m, 0, -1)

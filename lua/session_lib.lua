@@ -1,6 +1,5 @@
--- Shared prelude of the session scripts. The loader prepends this file to every
--- other lua/session_*.lua, so each script is "this prelude + its own body",
--- loaded once and called by SHA. It is never called on its own.
+-- Shared prelude of the session scripts: each lua/session_*.lua is "this prelude +
+-- its own body" (see bind() below). It is never called on its own.
 --
 -- KEYS (every session script; all keys of one user share the hash tag {<user_id>},
 -- so a user's index and sessions live in one cluster slot):
@@ -28,19 +27,21 @@
 --   * the index and the seq counter expire with the user's longest-lived session.
 -- Times come from the server's TIME, so workers with skewed clocks agree.
 
-local unpack = unpack or table.unpack
+-- Lua 5.1 (Redis) has unpack, 5.4 (fakeredis) table.unpack. Globals other than
+-- redis are only there when a call runs (not while a function library loads), so
+-- bind() takes it; this function, defined before the local, reads the global.
+local function global_unpack()
+  return unpack or table.unpack
+end
+local unpack
 
-local INDEX, SEQ = KEYS[1], KEYS[2]
-local USER = ARGV[1]
-local TTL = tonumber(ARGV[2])
+-- Per-call state, bound by bind() when a call starts (see bind() in _lib.lua for
+-- the two forms the loader builds: EVALSHA and a Redis Function library).
+local KEYS, ARGV
+local INDEX, SEQ, USER, TTL, NOW
 local TOOL_ROW = '{"role":"tool"'
 local PUSH_CHUNK = 1000
 local IDEM_CAP = 64
-
--- Redis 3.2/4 need this before writing after TIME; 5+ replicate effects anyway.
-if redis.replicate_commands then
-  redis.replicate_commands()
-end
 
 -- Numbers go to Redis as plain integers ("1700000000000"), never "1.7e+12".
 local function int(n)
@@ -52,7 +53,18 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-local NOW = now_ms()
+local function bind(keys, args)
+  unpack = global_unpack()
+  -- Redis 3.2/4 need this before writing after TIME; 5+ replicate effects anyway.
+  if redis.replicate_commands then
+    redis.replicate_commands()
+  end
+  KEYS, ARGV = keys, args
+  INDEX, SEQ = KEYS[1], KEYS[2]
+  USER = ARGV[1]
+  TTL = tonumber(ARGV[2])
+  NOW = now_ms()
+end
 
 -- Drop members whose deadline passed (their keys are gone), then let the index
 -- and the seq counter live exactly as long as the longest-lived session left.

@@ -1198,8 +1198,9 @@ class FaultInjector:
             with server.sync_client() as client:
                 client.execute_command("CLIENT", "KILL", "TYPE", "normal")
         elif kind == "script_flush":
-            with server.sync_client() as client:
+            with server.sync_client() as client:  # scripts and functions
                 client.script_flush()
+                client.function_flush()
         elif kind == "restart":
             if rng.random() < 0.5:
                 server.kill()  # SIGKILL: AOF with appendfsync always keeps what was acknowledged

@@ -89,8 +89,9 @@ def url(redis_server: RedisServer) -> str:
 @pytest.fixture
 async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis(port=redis_server.port, socket_timeout=5)
-    # Start every test with an empty script cache so the NOSCRIPT reload path runs.
+    # Start every test with no scripts or functions loaded, so the reload path runs.
     await client.script_flush()
+    await client.function_flush()
     try:
         yield client
     finally:
@@ -113,6 +114,7 @@ async def any_client(request: pytest.FixtureRequest) -> AsyncIterator[aioredis.R
         server = RedisServer(Path(request.getfixturevalue("tmp_path")) / "redis").start()
         client = aioredis.Redis(port=server.port, socket_timeout=5)
         await client.script_flush()
+        await client.function_flush()
         try:
             yield client
         finally:

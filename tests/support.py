@@ -57,6 +57,7 @@ async def backend_client(kind: str, tmp_path: Path) -> AsyncIterator[aioredis.Re
         server = RedisServer(tmp_path / "redis").start()
         client: aioredis.Redis = aioredis.Redis(port=server.port, socket_timeout=5)
         await client.script_flush()
+        await client.function_flush()
     else:
         client = fakeredis.FakeAsyncRedis()
     try:

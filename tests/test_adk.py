@@ -38,6 +38,7 @@ async def workers(redis_server: RedisServer) -> AsyncIterator[tuple[Any, Any]]:
     """Two services with their own connections: two workers of one deployment."""
     clients = [aioredis.Redis(port=redis_server.port, socket_timeout=5) for _ in range(2)]
     await clients[0].script_flush()
+    await clients[0].function_flush()
     try:
         yield EngineSessionService(clients[0]), EngineSessionService(clients[1])
     finally:

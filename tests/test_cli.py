@@ -155,10 +155,9 @@ def test_inspect_json_is_the_atomic_snapshot(
     assert snapshot["exists"] is True
     assert snapshot["version"] == _meta_version(redis_server, ALPHA)
     with redis_server.sync_client() as direct:
-        stored_epoch = direct.hget(f"sg:conversation:{{{ALPHA}}}:meta", "epoch")
-        replid = str(direct.info("replication")["master_replid"])
+        stored_epoch, stored_tag = direct.hmget(f"sg:conversation:{{{ALPHA}}}:meta", "epoch", "tag")
     assert snapshot["epoch"] == stored_epoch.decode()
-    assert snapshot["primary_replid"] == replid[:8]
+    assert snapshot["tag"] == stored_tag.decode()  # the lineage tag of that version
     assert [e["position"] for e in snapshot["entries"]] == [0, 1, 2, 3]
     assert [e["message_id"] for e in snapshot["entries"]] == ["1", "2", None, None]
     image = snapshot["entries"][1]["content"][1]

@@ -66,6 +66,7 @@ async def cluster_client(cluster: LocalCluster) -> AsyncIterator[MakeClient]:
 
     flusher = make()
     await flusher.execute_command("SCRIPT FLUSH", target_nodes=RedisCluster.PRIMARIES)
+    await flusher.execute_command("FUNCTION FLUSH", target_nodes=RedisCluster.PRIMARIES)
     yield make
     for client in clients:
         await client.aclose()
@@ -158,9 +159,10 @@ async def test_workers_converge_with_rooms_on_every_primary(
                     for turn in range(30)
                 ]
 
-    # The script cache of every primary is emptied: the next writes reload it.
+    # The scripts and functions of every primary are gone: the next writes reload them.
     client = cluster_client()
     await client.execute_command("SCRIPT FLUSH", target_nodes=RedisCluster.PRIMARIES)
+    await client.execute_command("FUNCTION FLUSH", target_nodes=RedisCluster.PRIMARIES)
 
     # Edits from different workers, concurrently, in rooms on every primary.
     edits = []

@@ -70,6 +70,7 @@ async def test_workers_converge_on_a_cluster(
         for port in cluster.primary_ports():
             async with aioredis.Redis(port=port) as node:
                 await node.script_flush()
+                await node.function_flush()
         for room in ROOMS:
             assert await a.mark_deleted_async(room, 4, "T")
         await a.clear_async(ROOMS[0])

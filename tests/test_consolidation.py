@@ -214,7 +214,7 @@ async def test_fold_script_refuses_a_stale_plan_and_changes_nothing(
 
     async def fold(head: int, n: int, keep: int = -1, fold_rows: list[bytes] | None = None) -> int:
         reply = await store.fold(
-            manager._room(room).keys, state, "", epoch=state.epoch, head=head,
+            manager._room(room).keys, state, "", epoch=state.epoch, tag=state.tag, head=head,
             rows=rows[:n] if fold_rows is None else fold_rows, keep=keep,
             summary_row=b'{"message_id":"summary:1","role":"system","content":"s"}',
             record=b'{"seq":1}', archive_cap=10,
@@ -585,6 +585,7 @@ async def test_consolidation_on_a_real_cluster(tmp_path: Path) -> None:
         for port in cluster.primary_ports():
             async with aioredis.Redis(port=port) as node:
                 await node.script_flush()
+                await node.function_flush()
         # Several rooms at once: their syncs and folds share loop ticks, which on a
         # cluster go out concurrently, each to its slot's primary.
         results = await ConsolidationWorker(manager, concurrency=6).run_once()
@@ -778,7 +779,7 @@ async def test_staged_rows_of_an_abandoned_fold_never_count_and_the_next_fold_dr
     state = manager._room(room).synced
     # A worker that staged rows for its fold and crashed before the fold script.
     assert await store.stage(
-        manager._room(room).keys, state, epoch=state.epoch, head=state.head,
+        manager._room(room).keys, state, epoch=state.epoch, tag=state.tag, head=state.head,
         version=state.version, n=19, fold_id="crashed", before=0, ranges=[(0, 9)],
     )  # fmt: skip
     _, _, archive = await redis_state(any_client, room)
@@ -792,7 +793,7 @@ async def test_staged_rows_of_an_abandoned_fold_never_count_and_the_next_fold_dr
     assert [t["message_id"] for t in batch.turns] == [str(i) for i in range(19)]
     # A stage call planned on a window that has changed since is refused.
     assert not await store.stage(
-        manager._room(room).keys, state, epoch=state.epoch, head=state.head,
+        manager._room(room).keys, state, epoch=state.epoch, tag=state.tag, head=state.head,
         version=state.version, n=19, fold_id="late", before=0, ranges=[(0, 9)],
     )  # fmt: skip
     assert (await redis_state(any_client, room))[2] == archive

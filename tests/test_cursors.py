@@ -69,8 +69,10 @@ async def test_room_writes_keep_the_cursors_alive_with_the_room(
     redis_client: aioredis.Redis, make_manager: Make, room: str
 ) -> None:
     """An extractor down longer than ttl_seconds must find its cursor while the room
-    lives on: every write that refreshes the room's TTL refreshes the cursors'. A
-    clear keeps them (their next read gets the clear as a change)."""
+    lives on: every write that refreshes the room's TTL refreshes the cursors'. (Writes
+    refresh the room's keys together once a quarter of the TTL went by: "long gone"
+    is the whole room close to expiring.) A clear keeps them (their next read gets
+    the clear as a change)."""
     manager = make_manager(redis_client, ttl_seconds=600)
     await manager.append_async(room, "user", "[Message ID: 1] hi")
     # A room nobody reads by name gets no cursors key from its writes.
@@ -86,7 +88,8 @@ async def test_room_writes_keep_the_cursors_alive_with_the_room(
         lambda: manager.clear_async(room),
     ]
     for write in writes:
-        await redis_client.pexpire(key, 5_000)  # as if the extractor were long gone
+        for decayed in (key, KEYS.room(room).meta):  # as if the extractor were long gone
+            await redis_client.pexpire(decayed, 5_000)
         await write()
         assert 590_000 < int(await redis_client.pttl(key)) <= 600_000
     assert await manager.get_cursor(room, "memory") == cursor

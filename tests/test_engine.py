@@ -276,6 +276,23 @@ async def test_ttl_is_set_and_refreshed_on_writes(
     assert await any_client.pttl(window_key(room) + ":log") > 50_000
 
 
+async def test_keys_made_between_refreshes_get_the_ttl(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    """Writes refresh TTLs only once a quarter of it went by, so a key a write makes
+    in between (the first edit's log, the first reaction, a set evicted alone) gets
+    its TTL from that write: no key of a room outlives it."""
+    manager = make_manager(any_client, ttl_seconds=100)
+    await manager.append_async(room, "user", "[Message ID: 1] hi")
+    await manager.append_async(room, "user", "[Message ID: 2] there")
+    await any_client.delete(window_key(room) + ":idem")
+    await manager.update_message_async(room, 1, "[Message ID: 1] hello")
+    await manager.patch_reactions_async(room, 2, "x 1")
+    await manager.append_async(room, "user", "[Message ID: 3] again")
+    for suffix in ("", ":meta", ":log", ":idem"):
+        assert 0 < await any_client.pttl(window_key(room) + suffix) <= 100_000, suffix
+
+
 async def test_reads_do_not_refresh_ttl_and_reap_leaves_redis_alone(
     any_client: aioredis.Redis, make_manager: Make, room: str
 ) -> None:

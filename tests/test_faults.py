@@ -43,6 +43,7 @@ async def test_scripts_survive_script_flush_and_restart(
     manager = make_manager(client)
     await manager.append_async(room, "user", "[Message ID: 1] one")
     await client.script_flush()
+    await client.function_flush()  # a write still lands: the library is loaded again
     await manager.append_async(room, "user", "[Message ID: 2] two")
     assert await manager.patch_reactions_async(room, 1, "x")
     aof_server.restart()
@@ -98,7 +99,12 @@ class _LoseFirstReplies:
         self.remaining = n
 
     async def evalsha(self, *args: Any) -> Any:
-        result = await self._client.evalsha(*args)
+        return self._lose(await self._client.evalsha(*args))
+
+    async def fcall(self, *args: Any) -> Any:
+        return self._lose(await self._client.fcall(*args))
+
+    def _lose(self, result: Any) -> Any:
         if self.remaining > 0:
             self.remaining -= 1
             raise RedisTimeoutError("reply lost (injected)")
@@ -187,6 +193,7 @@ async def test_pipelined_calls_reload_scripts_after_flush(
     for name in rooms:
         await manager.append_async(name, "user", "warm")
     await client.script_flush()
+    await client.function_flush()
     before = manager.stats()
     for name in rooms:  # one loop tick: one pipeline, every call answered NOSCRIPT
         manager.append(name, "user", "after flush")
@@ -220,15 +227,18 @@ async def test_on_a_cluster_a_dead_node_fails_only_its_own_rooms_calls() -> None
                 raise RedisConnectionError("Error 111 connecting to the dead node")
             return b"ok"
 
+        async def fcall(self, function: str, numkeys: int, *keys_and_args: Any) -> Any:
+            return await self.evalsha(function, numkeys, *keys_and_args)
+
         async def eval(self, script: str, numkeys: int) -> int:
             return 1
 
         async def initialize(self) -> None:
             return None
 
-    pipeliner = Pipeliner(TwoNodes(), ScriptSet({}, probes_info=True), Stats(), 1.0)
+    pipeliner = Pipeliner(TwoNodes(), ScriptSet({}, "", ""), Stats(), 1.0)
     pipeliner._cluster = True
-    script = Script("append", "", "0" * 40)
+    script = Script("append", "", "0" * 40, "append_0")
     calls = [_Call(script, [key], [], None) for key in ("dead", "alive", "alive")]
     results = await pipeliner._results(calls)
     assert isinstance(results[0], RedisConnectionError)
@@ -236,3 +246,44 @@ async def test_on_a_cluster_a_dead_node_fails_only_its_own_rooms_calls() -> None
     # Every node gone: the whole tick fails as one, and scripts are reloaded next time.
     with pytest.raises(RedisConnectionError):
         await pipeliner._results([_Call(script, ["dead"], [], None)])
+
+
+@pytest.mark.parametrize("functions", ["1", "0"])
+async def test_scripts_run_as_functions_or_by_sha_and_reload_after_a_flush(
+    redis_server: RedisServer,
+    make_manager: Make,
+    room: str,
+    functions: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the server has functions the scripts are one library, named by a hash of
+    its code (two engine versions side by side each call their own); with
+    CONVERSATION_FUNCTIONS=0 they go by EVALSHA. Either way a server that lost them
+    (FUNCTION FLUSH, SCRIPT FLUSH: a restart without persistence) gets them again."""
+    monkeypatch.setenv("CONVERSATION_FUNCTIONS", functions)
+    client = client_for(redis_server)
+    await client.config_resetstat()
+    manager = make_manager(client)
+    await manager.append_async(room, "user", "[Message ID: 1] one")
+    await client.function_flush()
+    await client.script_flush()
+    await manager.append_async(room, "user", "[Message ID: 2] two")
+    assert await manager.update_message_async(room, 1, "[Message ID: 1] edited")
+    reader = make_manager(client)
+    assert [m["content"] for m in await reader.get_messages_async(room)] == [
+        "[Message ID: 1] edited",
+        "[Message ID: 2] two",
+    ]
+    stats = await client.info("commandstats")
+    # Each entry is a flat [b"library_name", name, ...] list.
+    libraries = [entry[1] for entry in await client.function_list()]
+    if functions == "1":
+        assert manager._store is not None
+        library = manager._store.scripts.library_name
+        assert "cmdstat_fcall" in stats and "cmdstat_evalsha" not in stats
+        assert [name.decode() for name in libraries] == [library]
+        assert library.startswith("conversation_")
+    else:
+        assert "cmdstat_evalsha" in stats and "cmdstat_fcall" not in stats
+        assert libraries == []
+    await client.aclose()

@@ -107,7 +107,7 @@ class ChangeFeed:
             ) from exc
         self._stats.change_reads += 1
         if reply.kind == 0:
-            end = Cursor(start.epoch, reply.version, start.head, start.size)
+            end = Cursor(start.epoch, reply.version, start.head, start.size, reply.tag)
             return Batch([], end.encode(room_id), start.epoch, reply.version, 0, False)
         batch = Batch(
             [],
@@ -119,7 +119,7 @@ class ChangeFeed:
             reason,
         )
         if reply.kind == 2:
-            self._snapshot(room_id, start, reason, reply.head, reply.rows, batch)
+            self._snapshot(room_id, start, reason, reply, batch)
         else:
             self._incremental(room_id, start, folded, reply.head, reply, batch)
         return batch
@@ -129,21 +129,21 @@ class ChangeFeed:
         room_id: str,
         start: Cursor,
         reason: str,
-        head: int,
-        rows: list[bytes],
+        reply: Any,
         batch: Batch,
     ) -> None:
-        epoch, version = batch.epoch, batch.version
+        epoch, version, tag = batch.epoch, batch.version, reply.tag
+        head, rows = reply.head, reply.rows
         if reason == "c":
-            cursor = Cursor(epoch, version, head, 0).encode(room_id)
+            cursor = Cursor(epoch, version, head, 0, tag).encode(room_id)
             batch.changes.append(Change("clear", head, cursor))
         elif not start.knows_nothing:
-            cursor = Cursor(epoch, version, head, 0).encode(room_id)
+            cursor = Cursor(epoch, version, head, 0, tag).encode(room_id)
             batch.changes.append(Change("reset", head, cursor))
         for offset, row in enumerate(rows):
-            cursor = Cursor(epoch, version, head, offset + 1).encode(room_id)
+            cursor = Cursor(epoch, version, head, offset + 1, tag).encode(room_id)
             self._emit(batch, room_id, "append", head + offset, row, cursor)
-        batch.cursor = Cursor(epoch, version, head, len(rows)).encode(room_id)
+        batch.cursor = Cursor(epoch, version, head, len(rows), tag).encode(room_id)
 
     def _incremental(
         self, room_id: str, start: Cursor, folded: bool, head: int, reply: Any, batch: Batch
@@ -152,7 +152,7 @@ class ChangeFeed:
         held_end = max(start.head + start.size, head)
         # Inside the batch a cursor keeps the old version: resuming from it asks for
         # the batch's replaced rows again (idempotent), never for appends it passed.
-        between = Cursor(epoch, start.version, head, held_end - head).encode(room_id)
+        between = Cursor(epoch, start.version, head, held_end - head, start.tag).encode(room_id)
         replaced = sorted(reply.replaced)
         tail = list(reply.rows)
         tail_start = held_end
@@ -169,7 +169,7 @@ class ChangeFeed:
                 at = between
             else:
                 tail, tail_start = tail[1:], head + 1
-                at = Cursor(epoch, start.version, head, 1).encode(room_id)
+                at = Cursor(epoch, start.version, head, 1, start.tag).encode(room_id)
             self._emit(batch, room_id, "fold", head, fold_row, at)
         elif head > start.head and start.size > 0:
             batch.changes.append(Change("trim", head, between))
@@ -177,9 +177,11 @@ class ChangeFeed:
             self._emit(batch, room_id, "edit", position, row, between)
         for offset, row in enumerate(tail):
             size = tail_start - head + offset + 1
-            cursor = Cursor(epoch, start.version, head, size).encode(room_id)
+            cursor = Cursor(epoch, start.version, head, size, start.tag).encode(room_id)
             self._emit(batch, room_id, "append", tail_start + offset, row, cursor)
-        final = Cursor(epoch, version, head, held_end - head + len(reply.rows)).encode(room_id)
+        final = Cursor(epoch, version, head, held_end - head + len(reply.rows), reply.tag).encode(
+            room_id
+        )
         batch.cursor = final
         if batch.changes:
             last = batch.changes[-1]

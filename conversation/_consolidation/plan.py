@@ -94,6 +94,7 @@ class FoldPlan:
     epoch: str
     head: int
     version: int  # the synced version the plan was made on (the fold checks the log since)
+    tag: str  # the lineage tag of that version: the fold refuses another history's
     rows: list[bytes]  # window[0:n]: the previous summary, folded turns, the pinned turn
     keep: int  # index in rows of the pinned turn kept after the summary, or -1
     keep_meta: tuple[str | None, str | None]
@@ -196,6 +197,7 @@ def plan_fold(
         epoch=state.epoch,
         head=state.head,
         version=state.version,
+        tag=state.tag,
         rows=rows,
         keep=keep,
         keep_meta=(window.ids[keep], window.roles[keep]) if keep >= 0 else (None, None),

@@ -277,6 +277,7 @@ class RoomState:
     # A memory-only room's deferred events: identity -> (expiry ms, event), in
     # arrival order. With Redis they live in the room's deferred hash.
     deferred: dict[str, list[tuple[int, bytes]]] | None = None
+    tag: str = ""  # the lineage tag of ``version`` (see lua/_lib.lua), sent back with it
 
     @property
     def size(self) -> int:
@@ -292,6 +293,7 @@ class RoomState:
             self.rebackfill,
             self.reactions,
             self.deferred,
+            self.tag,
         )
 
 
@@ -308,6 +310,7 @@ def apply_reply(
     held as its view holds them; ``decoded``: the reply's rows as
     ``decode_rows`` made them (None: decoded here).
     """
+    state.tag = reply.tag
     if reply.kind == 0:
         state.version = reply.version
         return 0

@@ -1,4 +1,4 @@
-"""Script calls batched per event-loop tick, with the one NOSCRIPT reload path.
+"""Script calls batched per event-loop tick, with the one reload path.
 
 Calls made in the same event-loop tick (by any room or session) travel in one
 non-transactional pipeline, the way ioredis auto-pipelines: with many rooms
@@ -9,12 +9,21 @@ by side instead, each to its slot's primary.
 With ``min_replicas`` every batch that writes ends with ``WAIT`` on the same
 connection as its scripts (on a cluster: one pinned pipeline per primary), and a
 write that too few replicas confirmed fails with ``ReplicationTimeout``.
+
+Scripts run as Redis Functions (``FCALL`` of the family's library, see
+``scripts.py``) unless the server has none (it answers ``FCALL`` with "unknown
+command": from then on ``EVALSHA``), or ``CONVERSATION_FUNCTIONS=0`` forces
+``EVALSHA`` (for a proxy that does not pass ``FCALL`` on, or to compare). A missing
+function or script (a restart without persistence, ``FUNCTION FLUSH``,
+``SCRIPT FLUSH``, a failover) is the one reload path: the family is loaded again
+and only the calls that did not run are sent again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,9 +46,25 @@ from .scripts import NO_WAIT_SCRIPT_NAMES, Arg, Script, ScriptSet
 
 logger = logging.getLogger(__name__)
 
-# Whether scripts may call INFO, which lua/_lib.lua needs to tag epochs with the
-# primary's replication id.
-_INFO_PROBE = "return (pcall(redis.call, 'INFO', 'replication')) and 1 or 0"
+#: Set to "0" to call the scripts by EVALSHA even where the server has functions.
+FUNCTIONS_ENV = "CONVERSATION_FUNCTIONS"
+
+
+def functions_enabled() -> bool:
+    return os.environ.get(FUNCTIONS_ENV, "1") != "0"
+
+
+def _missing(result: Any) -> bool:
+    """A reply saying the function or script is not loaded (it did not run)."""
+    return isinstance(result, NoScriptError) or (
+        isinstance(result, ResponseError) and "function not found" in str(result).lower()
+    )
+
+
+def _no_functions(result: Any) -> bool:
+    """A reply saying the server has no FCALL (it did not run)."""
+    text = str(result).lower()
+    return isinstance(result, ResponseError) and "unknown command" in text and "fcall" in text
 
 
 @dataclass(slots=True)
@@ -62,6 +87,7 @@ class Pipeliner:
         *,
         min_replicas: int = 0,
         replica_timeout_ms: int = 0,
+        functions: bool | None = None,
     ):
         self._redis = redis
         self._scripts = scripts
@@ -76,9 +102,9 @@ class Pipeliner:
         self._cluster_ready = False
         self._reload_before_next = False
         self._outstanding = 0  # calls sent or queued whose replies are not in yet
-        # Only a family whose scripts call INFO asks whether they may.
-        self._info_checked = not scripts.probes_info
         self._repair: asyncio.Task[None] | None = None
+        # Whether calls go by FCALL: until the server says it has no functions.
+        self._functions = functions_enabled() if functions is None else functions
 
     async def run(self, script: Script, keys: list[str], args: list[Arg], direct: bool) -> Any:
         """Run one script call; ``direct``: send it at once from the caller's task
@@ -146,27 +172,9 @@ class Pipeliner:
             else:
                 call.future.set_result(result)
 
-    async def _check_info(self) -> None:
-        """Once per manager, before its first script call: may scripts call INFO?"""
-        try:
-            async with asyncio.timeout(self._timeout):
-                allowed = bool(await self._redis.eval(_INFO_PROBE, 0))
-        except ResponseError as exc:  # EVAL itself refused: the scripts will say so
-            logger.debug("could not probe INFO inside scripts: %s", exc)
-            allowed = True
-        self._info_checked = True  # not before: a probe lost to a fault is retried
-        if not allowed:
-            logger.warning(
-                "INFO is refused inside scripts on this server (ACL, rename-command, or an "
-                "emulator): epochs carry no replication id, so after a failover to a "
-                "replica that missed writes, workers may patch instead of reloading"
-            )
-
     async def _results(self, calls: list[_Call]) -> list[Any]:
         """Each call's reply or error (NOSCRIPT handled); raises what failed them all."""
         try:
-            if not self._info_checked:
-                await self._check_info()
             if self._cluster and not self._cluster_ready:
                 # Learn the slot map before the first calls go out side by side:
                 # redis-py's cluster client, asked concurrently while it is still
@@ -185,10 +193,12 @@ class Pipeliner:
             # another task, two more loop iterations per round trip.
             async with asyncio.timeout(self._timeout):
                 results = await self._execute(calls)
+            if self._functions and any(map(_no_functions, results)):
+                self._functions = False  # a server without functions: EVALSHA from now on
             retry = [
                 call
                 for call, result in zip(calls, results, strict=True)
-                if isinstance(result, NoScriptError)
+                if _missing(result) or _no_functions(result)
             ]
             if retry:
                 # SCRIPT FLUSH, a restart or a failover emptied the script cache:
@@ -211,8 +221,22 @@ class Pipeliner:
 
     async def _load_all(self) -> None:
         self._stats.script_reloads += 1
+        if self._functions:
+            try:
+                # On a cluster redis-py sends FUNCTION LOAD to every primary.
+                await self._redis.function_load(self._scripts.library, replace=True)
+                return
+            except ResponseError as exc:
+                if "unknown command" not in str(exc).lower():
+                    raise
+                self._functions = False  # a server without functions
         for script in self._scripts.values():
             await self._redis.script_load(script.source)
+
+    def _command(self, call: _Call) -> tuple[Arg, ...]:
+        if self._functions:
+            return ("FCALL", call.script.function, len(call.keys), *call.keys, *call.args)
+        return ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
 
     async def _execute(self, calls: list[_Call]) -> list[Any]:
         self._stats.round_trips += 1
@@ -233,7 +257,7 @@ class Pipeliner:
                 outcome = exc
             return _per_call([outcome])
         if self._cluster:
-            # redis-py refuses EVALSHA inside a cluster pipeline: on a cluster the
+            # redis-py refuses EVALSHA (and FCALL) inside a cluster pipeline: on a cluster the
             # tick's calls go out concurrently instead, each to its slot's primary,
             # and a dead primary fails only its own rooms' calls.
             outcomes = await asyncio.gather(
@@ -247,7 +271,7 @@ class Pipeliner:
         connection, so WAIT counts the replicas that hold everything they wrote."""
         pipe = self._redis.pipeline(transaction=False)
         for call in calls:
-            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            pipe.execute_command(*self._command(call))
         if not wait:
             return list(await pipe.execute(raise_on_error=False))
         pipe.execute_command("WAIT", self._min_replicas, self._replica_timeout_ms)
@@ -289,8 +313,7 @@ class Pipeliner:
 
     async def _on_node(self, node: ClusterNode, calls: list[_Call]) -> list[Any]:
         commands = [
-            PipelineCommand(position, "EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args)
-            for position, c in enumerate(calls)
+            PipelineCommand(position, *self._command(c)) for position, c in enumerate(calls)
         ]
         commands.append(
             PipelineCommand(len(calls), "WAIT", self._min_replicas, self._replica_timeout_ms)
@@ -339,10 +362,14 @@ class Pipeliner:
 
     async def _evalsha(self, call: _Call) -> Any:
         try:
+            if self._functions:
+                return await self._redis.fcall(
+                    call.script.function, len(call.keys), *call.keys, *call.args
+                )
             return await self._redis.evalsha(
                 call.script.sha, len(call.keys), *call.keys, *call.args
             )
-        except ResponseError as exc:  # NOSCRIPT included
+        except ResponseError as exc:  # NOSCRIPT and "Function not found" included
             return exc  # per call, as a pipeline reports it
 
     async def wait_idle(self) -> None:

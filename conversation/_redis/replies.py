@@ -22,6 +22,9 @@ class SyncedState(Protocol):
     def version(self) -> int: ...
 
     @property
+    def tag(self) -> str: ...
+
+    @property
     def head(self) -> int: ...
 
     @property
@@ -35,6 +38,7 @@ class SyncReply:
     status: int
     kind: int  # 0 nothing changed, 1 incremental, 2 snapshot
     version: int
+    tag: str = ""  # the lineage tag of ``version`` (see lua/_lib.lua), sent back with it
     epoch: str = ""
     head: int = 0
     limit: int = 0
@@ -47,32 +51,42 @@ class SyncReply:
     def parse(cls, raw: list[Any]) -> SyncReply:
         status, kind = int(raw[0]), int(raw[1])
         if kind == 0:
-            return cls(status, kind, int(raw[2]))
+            return cls(status, kind, int(raw[2]), _text(raw[3]))
         if kind == 2:
-            epoch = raw[2]
             return cls(
                 status,
                 kind,
                 int(raw[3]),
-                epoch=epoch.decode() if isinstance(epoch, bytes) else str(epoch),
-                head=int(raw[4]),
-                limit=int(raw[5]),
-                rebackfill=bool(int(raw[6])),
-                rows=raw[7:],
+                _text(raw[4]),
+                epoch=_text(raw[2]),
+                head=int(raw[5]),
+                limit=int(raw[6]),
+                rebackfill=bool(int(raw[7])),
+                rows=raw[8:],
             )
-        count = int(raw[7])
-        pairs = raw[8 : 8 + 2 * count]
+        count = int(raw[8])
+        pairs = raw[9 : 9 + 2 * count]
         return cls(
             status,
             kind,
             int(raw[2]),
-            head=int(raw[3]),
-            limit=int(raw[4]),
-            rebackfill=bool(int(raw[5])),
-            own_kept=int(raw[6]),
+            _text(raw[3]),
+            head=int(raw[4]),
+            limit=int(raw[5]),
+            rebackfill=bool(int(raw[6])),
+            own_kept=int(raw[7]),
             replaced=[(int(pairs[i]), pairs[i + 1]) for i in range(0, len(pairs), 2)],
-            rows=raw[8 + 2 * count :],
+            rows=raw[9 + 2 * count :],
         )
 
     def payload_bytes(self) -> int:
         return sum(len(row) for row in self.rows) + sum(len(row) for _, row in self.replaced)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def lineage(epoch: str, tag: str) -> str:
+    """ARGV[1] of every room script: the epoch, and the tag of the caller's version."""
+    return f"{epoch}/{tag}" if tag else epoch

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ from .._reactions import ReactionEvent, TagSlot
 from .._stats import Stats
 from .keys import RoomKeys
 from .pipeliner import Pipeliner, forget_pooled_connections
-from .replies import SyncedState, SyncReply
+from .replies import SyncedState, SyncReply, lineage
 from .scripts import Arg, load_scripts
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class RoomStore:
 
     def _common(self, state: SyncedState, token: str, fresh_epoch: str) -> list[Arg]:
         return [
-            state.epoch,
+            lineage(state.epoch, state.tag),
             state.version,
             state.head,
             state.size,
@@ -221,7 +222,9 @@ class RoomStore:
     async def idempotency_tokens(self, keys: RoomKeys) -> list[bytes]:
         """The tokens of the writes the room has applied (its IDEM set), oldest first."""
         async with asyncio.timeout(self._timeout):
-            tokens = await self.redis.zrange(keys.idem, 0, -1)
+            # By score from 0: the set's mark (score -1, see remember in _lib.lua)
+            # is not a token.
+            tokens = await self.redis.zrange(keys.idem, 0, "+inf", byscore=True)
         self._stats.round_trips += 1
         return [bytes(token) for token in tokens]
 
@@ -389,6 +392,7 @@ class RoomStore:
         token: str,
         *,
         epoch: str,
+        tag: str = "",
         head: int,
         rows: Sequence[bytes],
         keep: int,
@@ -418,7 +422,7 @@ class RoomStore:
         if not (record.startswith(b"{") and record.endswith(b"}") and record[1:-1].strip()):
             raise ValueError("a commit record must be a JSON object with fields")
         extra: list[Arg] = [
-            epoch,
+            lineage(epoch, tag),
             head,
             n,
             state.version if version is None else version,
@@ -435,7 +439,8 @@ class RoomStore:
         ]
         for first, last in archived:
             extra.extend((first, last))
-        return await self._run("fold", keys, state, token, "", extra)
+        # fold.lua makes no meta (FRESH_EPOCH only tags the version it creates).
+        return await self._run("fold", keys, state, token, secrets.token_hex(6), extra)
 
     async def stage(
         self,
@@ -443,6 +448,7 @@ class RoomStore:
         state: SyncedState,
         *,
         epoch: str,
+        tag: str = "",
         head: int,
         version: int,
         n: int,
@@ -455,7 +461,7 @@ class RoomStore:
         folded rows changed since the plan, or another fold took over the staging."""
         count = sum(last - first + 1 for first, last in ranges)
         args = self._common(state, "", "")
-        args.extend((epoch, head, version, n, fold_id, before, count))
+        args.extend((lineage(epoch, tag), head, version, n, fold_id, before, count))
         for first, last in ranges:
             args.extend((first, last))
         script = self.scripts["archive_stage"]

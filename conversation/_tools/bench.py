@@ -55,6 +55,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from unittest import mock
 
 import jinja2
 import orjson
@@ -65,6 +66,7 @@ from .._consolidation.config import ConsolidationConfig
 from .._consolidation.worker import ConsolidationWorker
 from .._manager import ConversationManager
 from .._redis.keys import KeySpace, RoomKeys
+from .._redis.pipeliner import FUNCTIONS_ENV
 from .._renderer import PromptRenderer, describe_time, now_in
 from .._resources import data_dir
 from .bench_core import NetMeter, Row, median, paired, percentile, progress, ratio_row, value_row
@@ -113,6 +115,8 @@ ROW_KEYS: tuple[str, ...] = (
     "render_agents",
     "render_consolidation",
     "primary_capacity",
+    "primary_capacity_evalsha",
+    "functions_vs_evalsha",
     "append_async_wait_1",
     "outage_drain",
     "outage_drain_loop_max",
@@ -1358,12 +1362,14 @@ async def _server_cpu_seconds(client: aioredis.Redis) -> float:
 
 async def bench_scaling(bench: Bench) -> list[Row]:
     """What one primary can carry, and what waiting for a replica costs a write."""
-    return [await _primary_capacity(bench), await _wait_cost(bench)]
+    return [*await _primary_capacity(bench), await _wait_cost(bench)]
 
 
-async def _primary_capacity(bench: Bench) -> Row:
+async def _primary_capacity(bench: Bench) -> list[Row]:
     """Room events per CPU-second of the primary: awaited appends over many rooms, an
-    edit (reaction) every 10th event, against a raw pipeline doing the same writes.
+    edit (reaction) every 10th event, against a raw pipeline doing the same writes;
+    the engine once with its scripts as Redis Functions (FCALL, the default where
+    the server has them) and once forced to EVALSHA (``CONVERSATION_FUNCTIONS=0``).
 
     A single-threaded primary saturates when its main thread is busy all the time,
     so this is the event rate one primary (or one cluster shard) can carry.
@@ -1402,10 +1408,12 @@ async def _primary_capacity(bench: Bench) -> Row:
         await asyncio.gather(*(writer(room_id) for room_id in rooms))
 
     engine_client, raw_client, meter = bench.client(), bench.client(), bench.client()
+    evalsha_client = bench.client()
     manager = bench.manager(engine_client)
-    engine_rates: list[float] = []
-    raw_rates: list[float] = []
-    wall: dict[str, list[float]] = {"engine": [], "raw": []}
+    with mock.patch.dict(os.environ, {FUNCTIONS_ENV: "0"}):
+        evalsha_manager = bench.manager(evalsha_client)
+    rates: dict[str, list[float]] = {"engine": [], "evalsha": [], "raw": []}
+    wall: dict[str, list[float]] = {"engine": [], "evalsha": [], "raw": []}
 
     async def measured(kind: str, body: Callable[[], Awaitable[None]]) -> float:
         before = await _server_cpu_seconds(meter)
@@ -1416,35 +1424,76 @@ async def _primary_capacity(bench: Bench) -> Row:
         wall[kind].append(events / elapsed)
         return events / cpu
 
-    async with closing(manager):
+    async with closing(manager), closing(evalsha_manager):
         for repeat in range(sizes.repeats):
-            rooms = [bench.room("scale") for _ in range(sizes.scale_rooms)]
-            raw_rooms = [bench.raw_key("scale") for _ in range(sizes.scale_rooms)]
             runs = [
-                ("engine", functools.partial(engine_run, manager, rooms)),
-                ("raw", functools.partial(raw_run, raw_client, raw_rooms)),
+                (
+                    "engine",
+                    functools.partial(
+                        engine_run, manager, [bench.room("scale") for _ in range(sizes.scale_rooms)]
+                    ),
+                ),
+                (
+                    "evalsha",
+                    functools.partial(
+                        engine_run,
+                        evalsha_manager,
+                        [bench.room("scale") for _ in range(sizes.scale_rooms)],
+                    ),
+                ),
+                (
+                    "raw",
+                    functools.partial(
+                        raw_run,
+                        raw_client,
+                        [bench.raw_key("scale") for _ in range(sizes.scale_rooms)],
+                    ),
+                ),
             ]
-            if repeat % 2:
-                runs.reverse()  # alternate which goes first, as paired() does
+            # Rotate which goes first, as paired() alternates.
+            runs = runs[repeat % 3 :] + runs[: repeat % 3]
             for kind, body in runs:
                 gc.collect()
-                rate = await measured(kind, body)
-                (engine_rates if kind == "engine" else raw_rates).append(rate)
-    return ratio_row(
-        "primary_capacity",
-        f"events per primary CPU-second, {sizes.scale_rooms} rooms (1 edit per 10)",
-        "events/cpu-s",
-        median(engine_rates),
-        median(raw_rates),
-        details={
-            "rooms": sizes.scale_rooms,
-            "events_per_run": events,
-            "engine_runs": engine_rates,
-            "baseline_runs": raw_rates,
-            "engine_events_per_wall_s": median(wall["engine"]),
-            "baseline_events_per_wall_s": median(wall["raw"]),
-        },
-    )
+                rates[kind].append(await measured(kind, body))
+    label = f"events per primary CPU-second, {sizes.scale_rooms} rooms (1 edit per 10)"
+    details = {"rooms": sizes.scale_rooms, "events_per_run": events}
+    return [
+        ratio_row(
+            "primary_capacity",
+            label,
+            "events/cpu-s",
+            median(rates["engine"]),
+            median(rates["raw"]),
+            details={
+                **details,
+                "engine_runs": rates["engine"],
+                "baseline_runs": rates["raw"],
+                "engine_events_per_wall_s": median(wall["engine"]),
+                "baseline_events_per_wall_s": median(wall["raw"]),
+            },
+        ),
+        ratio_row(
+            "primary_capacity_evalsha",
+            label + ", scripts by EVALSHA",
+            "events/cpu-s",
+            median(rates["evalsha"]),
+            median(rates["raw"]),
+            details={
+                **details,
+                "engine_runs": rates["evalsha"],
+                "baseline_runs": rates["raw"],
+                "engine_events_per_wall_s": median(wall["evalsha"]),
+            },
+        ),
+        ratio_row(
+            "functions_vs_evalsha",
+            "the same writes: primary CPU per event, EVALSHA over FCALL (>1: functions cost less)",
+            "events/cpu-s",
+            median(rates["engine"]),
+            median(rates["evalsha"]),
+            details={"functions_runs": rates["engine"], "evalsha_runs": rates["evalsha"]},
+        ),
+    ]
 
 
 async def _wait_cost(bench: Bench) -> Row:

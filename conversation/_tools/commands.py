@@ -133,13 +133,11 @@ def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
             corrupt += 1
             continue
         entries.append({"position": position, **entry})
-    # The scripts report the epoch as "<stored epoch>@<primary's replication id>".
-    epoch, _, primary = snapshot.epoch.partition("@")
     return {
         "room": snapshot.room,
         "exists": snapshot.exists,
-        "epoch": epoch or None,
-        "primary_replid": primary or None,
+        "epoch": snapshot.epoch or None,
+        "tag": snapshot.tag or None,
         "version": snapshot.version,
         "head": snapshot.head,
         "limit": snapshot.limit or None,
@@ -442,7 +440,8 @@ def _bytes_text(value: object) -> str:
 
 
 async def _server_stats(target: RedisTarget) -> list[dict[str, Any]]:
-    shas = [script.sha for script in load_scripts().values()]
+    scripts = load_scripts()
+    shas = [script.sha for script in scripts.values()]
     servers = []
     for node in target.nodes():
         name = node.name if node is not None else _host_of(target.url)
@@ -469,8 +468,18 @@ async def _server_stats(target: RedisTarget) -> list[dict[str, Any]]:
             "keyspace_misses",
         )
         try:
-            exists = await target.execute_on(node, "SCRIPT", "EXISTS", *shas)
-            loaded: int | None = sum(1 for flag in exists if int(flag))
+            # Loaded as this engine's function library (FCALL), or else script by script.
+            library = await target.execute_on(
+                node, "FUNCTION", "LIST", "LIBRARYNAME", scripts.library_name
+            )
+        except ResponseError:  # a server without functions
+            library = []
+        try:
+            if library:
+                loaded: int | None = len(shas)
+            else:
+                exists = await target.execute_on(node, "SCRIPT", "EXISTS", *shas)
+                loaded = sum(1 for flag in exists if int(flag))
         except ResponseError:
             loaded = None
         servers.append(

@@ -33,6 +33,7 @@ class Snapshot:
     limit: int = 0
     rebackfill: bool = False
     rows: list[bytes] = field(default_factory=list)
+    tag: str = ""  # the lineage tag of ``version`` (see lua/_lib.lua)
 
     def entries(self) -> list[tuple[int, dict[str, Any] | None]]:
         """(absolute position, decoded entry or None when corrupt) for every row."""
@@ -84,6 +85,7 @@ class RoomReader:
             limit=reply.limit,
             rebackfill=reply.rebackfill,
             rows=list(reply.rows),
+            tag=reply.tag,
         )
 
     async def read_changes(self, room: str, cursor: str | None) -> Batch:

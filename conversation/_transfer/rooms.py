@@ -84,7 +84,7 @@ async def export_room(
     keys = keyspace.room(room_id)
     for _attempt in range(_ATTEMPTS):
         reply = await store.sync(keys, RoomState())
-        state = RoomState(epoch=reply.epoch, version=reply.version, head=reply.head)
+        state = RoomState(epoch=reply.epoch, version=reply.version, head=reply.head, tag=reply.tag)
         rows = list(reply.rows) if reply.kind == 2 else []
         elements: list[bytes] | None = None
         if archives:

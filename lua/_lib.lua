@@ -132,6 +132,15 @@ end
 -- ...: more field/value pairs a script changed (base, limit, rebackfill).
 local wrote = false -- whether this call saved meta (see sync_reply)
 
+-- freshness="push" workers subscribe to the room's notice channel (WINDOW ..
+-- ':notice', named in conversation/_redis/keys.py: the room's hash tag, so its
+-- slot) and trust their mirror while no notice runs ahead of it. SPUBLISH, as a
+-- Cluster shards it by slot; one server and fakeredis accept it as well. With no
+-- subscriber it costs one dictionary lookup.
+local function notify(m)
+  redis.call('SPUBLISH', WINDOW .. ':notice', m.epoch .. ' ' .. m.version)
+end
+
 local function save(m, ...)
   wrote = true
   local fields = {'version', m.version, 'head', m.head, 'logfloor', m.logfloor}
@@ -148,6 +157,7 @@ local function save(m, ...)
     fields[#fields + 1] = extra[i]
   end
   redis.call('HSET', META, unpack(fields))
+  notify(m)
 end
 
 -- Every write refreshes every key of the room, the archive included: an archive

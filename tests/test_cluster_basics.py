@@ -86,3 +86,22 @@ async def test_workers_converge_on_a_cluster(
     finally:
         await a.aclose()
         await b.aclose()
+
+
+async def test_push_freshness_falls_back_to_sync_on_a_cluster(
+    cluster: LocalCluster, clients: list[RedisCluster]
+) -> None:
+    """No subscriber on a Cluster yet (docs/scaling.md): every read makes its sync."""
+    prefix = "cl2"
+    writer = ConversationManager(None, redis=clients[0], key_prefix=prefix)
+    reader = ConversationManager(None, redis=clients[1], key_prefix=prefix, freshness="push")
+    try:
+        for room in ROOMS[:3]:
+            await writer.append_async(room, "user", f"hello {room}")
+            assert await reader.get_messages_async(room) == writer.get_messages(room)
+            await writer.append_async(room, "assistant", "again")
+            assert await reader.get_messages_async(room) == writer.get_messages(room)
+        assert reader.stats()["push_reads"] == 0
+    finally:
+        await writer.aclose()
+        await reader.aclose()

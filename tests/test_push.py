@@ -229,3 +229,43 @@ def test_the_blocking_manager_forwards_freshness(redis_server: RedisServer) -> N
         # The write is in Redis; its notice may still be on its way.
         poll(lambda: _texts(reader.get_messages(room)) == ["one", "two"], what="the write")
         assert reader.stats()["push_fallbacks"] >= 1
+
+
+async def test_a_silent_subscription_stops_vouching_after_its_lease(
+    redis_server: RedisServer, client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    """A connection that stalls without an error (a partition) delivers no notices
+    and no lease PINGs: within a lease the reader stops serving without a sync."""
+    from fault_proxy import FaultProxy
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    proxy = await FaultProxy(redis_server.port).start()
+    proxied = aioredis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 0))
+    try:
+        writer = make_manager(client)
+        reader = make_manager(proxied, freshness="push", command_timeout=0.3)
+        await writer.append_async(room, "user", "one")
+        await _pushed(reader, room)
+
+        proxy.blackhole("replies")  # the notices of what follows are held
+        await writer.append_async(room, "assistant", "two")
+
+        async def doubted() -> bool:
+            before = reader.stats()["push_fallbacks"]
+            await reader.get_messages_async(room)
+            return reader.stats()["push_fallbacks"] > before
+
+        await wait_until(doubted, what="the silent subscription to stop vouching")
+        assert reader.stats()["stale_reads"] >= 1  # its sync could not get through either
+
+        proxy.resume()
+
+        async def sees_two() -> bool:
+            return _texts(await reader.get_messages_async(room)) == ["one", "two"]
+
+        await wait_until(sees_two, what="the reader to catch up once the network healed")
+        await _pushed(reader, room)
+    finally:
+        await proxied.aclose()
+        await proxy.stop()

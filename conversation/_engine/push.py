@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._redis.keys import KeySpace
-from .._redis.notices import NoticeListener
+from .._redis.notices import notices_for
 from .._redis.retry import Backoff
 from .rooms import Room, RoomTable
 
@@ -58,7 +58,7 @@ class Push:
     def __init__(self, redis: Any, rooms: RoomTable, keyspace: KeySpace, backoff: Backoff) -> None:
         self._rooms = rooms
         self._keyspace = keyspace
-        self._listener = NoticeListener(redis, self._noticed, backoff)
+        self._listener = notices_for(redis, self._noticed, backoff)
         self._watches: dict[str, _Watch] = {}
         self._by_channel: dict[bytes, str] = {}
         _alive.add(self)

@@ -23,14 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
+import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
+from .pipeliner import forget_pooled_connections
 from .retry import Backoff
 
 logger = logging.getLogger(__name__)
@@ -40,30 +44,62 @@ LEASE_SECONDS = 1.0
 
 Notice = Callable[[bytes, str, int], None]
 
+# Generations are unique across every listener of the process, so a room that a
+# Cluster moved from one node's listener to another's is never vouched for by a
+# number that only happens to match.
+_GENERATIONS = itertools.count(1)
+
+
+class Notices(Protocol):
+    """What the engine asks of the subscriber side (one server, or one per primary)."""
+
+    def watch(self, channel: bytes) -> None: ...
+
+    def unwatch(self, channel: bytes) -> None: ...
+
+    def vouched(self, channel: bytes) -> int | None: ...
+
+    def rebind(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def notices_for(redis: Any, on_notice: Notice, backoff: Backoff) -> Notices:
+    """The subscriber side for this client: per primary on a Cluster."""
+    if isinstance(redis, RedisCluster):
+        return ClusterNotices(redis, on_notice, backoff)
+    return NoticeListener(redis, on_notice, backoff)
+
 
 def supports_push(redis: Any) -> bool:
-    """Whether this client can hold the one subscriber connection push needs.
-
-    A Cluster shards notices by slot, so it needs one connection per node and
-    resubscription as slots move; redis-py's asyncio ``ClusterPubSub`` is not
-    used for it yet, and push falls back to sync there (docs/scaling.md).
-    """
-    return not isinstance(redis, RedisCluster) and hasattr(redis, "pubsub")
+    """Whether this client can subscribe to notices at all (a client with pub/sub)."""
+    return isinstance(redis, RedisCluster) or hasattr(redis, "pubsub")
 
 
 class NoticeListener:
     """One pub/sub connection, the channels on it, and the lease that vouches for it."""
 
     def __init__(
-        self, redis: Any, on_notice: Notice, backoff: Backoff, *, lease: float = LEASE_SECONDS
+        self,
+        redis: Any,
+        on_notice: Notice,
+        backoff: Backoff,
+        *,
+        lease: float = LEASE_SECONDS,
+        per_slot: bool = False,
     ) -> None:
         self._redis = redis
+        # A Cluster node refuses one SSUBSCRIBE of channels in different slots (CROSSSLOT).
+        self._per_slot = per_slot
         self._on_notice = on_notice
         self._backoff = backoff
         self.lease = lease
-        self.generation = 0
+        self.generation = next(_GENERATIONS)
         self._wanted: set[bytes] = set()
-        self._asked: set[bytes] = set()  # what the current connection was asked to hold
+        # What the current connection still has to be asked (each wake sends only
+        # these, not a scan of every room held).
+        self._to_add: set[bytes] = set()
+        self._to_drop: set[bytes] = set()
         self._confirmed: dict[bytes, int] = {}  # channel -> generation of its SSUBSCRIBE reply
         self._pings: dict[bytes, float] = {}  # PING payload -> when it was sent
         self._ping_seq = 0
@@ -79,6 +115,8 @@ class NoticeListener:
         """Hold ``channel`` from now on (confirmed once its SSUBSCRIBE reply is read)."""
         if channel not in self._wanted:
             self._wanted.add(channel)
+            self._to_add.add(channel)
+            self._to_drop.discard(channel)
             self._poke()
         else:
             self._start()
@@ -87,6 +125,10 @@ class NoticeListener:
         if channel in self._wanted:
             self._wanted.discard(channel)
             self._confirmed.pop(channel, None)
+            if channel in self._to_add:
+                self._to_add.discard(channel)
+            else:
+                self._to_drop.add(channel)
             self._poke()
 
     def vouched(self, channel: bytes) -> int | None:
@@ -145,9 +187,11 @@ class NoticeListener:
 
     def _lost(self) -> None:
         """Nothing this connection confirmed or proved holds any more."""
-        self.generation += 1
+        self.generation = next(_GENERATIONS)
         self._confirmed.clear()
-        self._asked.clear()
+        # A new connection holds nothing yet: every wanted channel is asked again.
+        self._to_add = set(self._wanted)
+        self._to_drop = set()
         self._pings.clear()
         self._proven_at = None
 
@@ -196,15 +240,14 @@ class NoticeListener:
             if reader.done():
                 reader.result()  # its error ends this connection
                 return
-            wanted, asked = self._wanted, self._asked
-            new = [c for c in wanted if c not in asked]
-            gone = [c for c in asked if c not in wanted]
-            if new:
-                asked.update(new)
-                await pubsub.ssubscribe(*new)
-            if gone:
-                asked.difference_update(gone)
-                await pubsub.sunsubscribe(*gone)
+            if self._to_add:
+                new, self._to_add = self._to_add, set()
+                for group in self._groups(new):
+                    await pubsub.ssubscribe(*group)
+            if self._to_drop:
+                gone, self._to_drop = self._to_drop, set()
+                for group in self._groups(gone):
+                    await pubsub.sunsubscribe(*group)
             now = time.monotonic()
             if now >= next_ping:
                 self._ping_seq += 1
@@ -223,6 +266,14 @@ class NoticeListener:
                 )  # fmt: skip
             finally:
                 woken.cancel()
+
+    def _groups(self, channels: set[bytes]) -> list[list[bytes]]:
+        if not self._per_slot:
+            return [list(channels)]
+        by_slot: dict[int, list[bytes]] = {}
+        for channel in channels:
+            by_slot.setdefault(key_slot(channel), []).append(channel)
+        return list(by_slot.values())
 
     async def _read(self, pubsub: PubSub) -> None:
         while True:
@@ -260,3 +311,69 @@ class NoticeListener:
         if pubsub is not None:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
+
+
+class ClusterNotices:
+    """A Cluster's notices: one ``NoticeListener`` per primary, each channel on
+    the primary that owns its slot.
+
+    redis-py's asyncio ``ClusterPubSub`` is not used: it moves a migrated
+    channel to its new node by itself, which hides the gap a move leaves, and it
+    polls nodes in turn where a lease needs each node's own PINGs. Here a move
+    is a doubt like any other. A node that loses the slot unsubscribes the
+    channel (``sunsubscribe``), a failover drops the connection; either way the
+    room syncs, and the next sync's ``watch`` routes the channel by the slot map
+    the client holds then.
+    """
+
+    def __init__(self, cluster: RedisCluster, on_notice: Notice, backoff: Backoff) -> None:
+        self._cluster = cluster
+        self._on_notice = on_notice
+        self._backoff = backoff
+        self._listeners: dict[str, tuple[aioredis.Redis, NoticeListener]] = {}
+        self._route: dict[bytes, str] = {}
+
+    def watch(self, channel: bytes) -> None:
+        try:
+            node = self._cluster.get_node_from_key(channel)  # type: ignore[arg-type]
+        except Exception:  # slots not known yet, or not covered: the next sync routes it
+            node = None
+        if node is None:
+            return
+        previous = self._route.get(channel)
+        if previous is not None and previous != node.name:
+            self._listeners[previous][1].unwatch(channel)
+        self._route[channel] = node.name
+        entry = self._listeners.get(node.name)
+        if entry is None:
+            pool = aioredis.ConnectionPool(
+                connection_class=node.connection_class, **node.connection_kwargs
+            )
+            client = aioredis.Redis.from_pool(pool)
+            entry = self._listeners[node.name] = (
+                client,
+                NoticeListener(client, self._on_notice, self._backoff, per_slot=True),
+            )
+        entry[1].watch(channel)
+
+    def unwatch(self, channel: bytes) -> None:
+        name = self._route.pop(channel, None)
+        if name is not None and name in self._listeners:
+            self._listeners[name][1].unwatch(channel)
+
+    def vouched(self, channel: bytes) -> int | None:
+        name = self._route.get(channel)
+        entry = self._listeners.get(name) if name is not None else None
+        return entry[1].vouched(channel) if entry is not None else None
+
+    def rebind(self) -> None:
+        for client, listener in self._listeners.values():
+            listener.rebind()
+            forget_pooled_connections(client)
+
+    async def close(self) -> None:
+        for client, listener in self._listeners.values():
+            await listener.close()
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        self._listeners.clear()

@@ -136,9 +136,11 @@ local wrote = false -- whether this call saved meta (see sync_reply)
 -- ':notice', named in conversation/_redis/keys.py: the room's hash tag, so its
 -- slot) and trust their mirror while no notice runs ahead of it. SPUBLISH, as a
 -- Cluster shards it by slot; one server and fakeredis accept it as well. With no
--- subscriber it costs one dictionary lookup.
+-- subscriber it costs one dictionary lookup. pcall: an ACL user without channel
+-- rights (Redis 7's acl-pubsub-default is resetchannels) must still write; its
+-- own SSUBSCRIBE is refused just the same, so its push readers never vouch.
 local function notify(m)
-  redis.call('SPUBLISH', WINDOW .. ':notice', m.epoch .. ' ' .. m.version)
+  redis.pcall('SPUBLISH', WINDOW .. ':notice', m.epoch .. ' ' .. m.version)
 end
 
 local function save(m, ...)

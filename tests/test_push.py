@@ -269,3 +269,27 @@ async def test_a_silent_subscription_stops_vouching_after_its_lease(
     finally:
         await proxied.aclose()
         await proxy.stop()
+
+
+async def test_a_user_without_channel_rights_writes_and_push_reads_sync(
+    redis_server: RedisServer, make_manager: Make, room: str
+) -> None:
+    """Redis 7 gives a new ACL user no channels (acl-pubsub-default resetchannels):
+    its scripts still write (the notice is skipped), and its push reader, refused
+    SSUBSCRIBE, never vouches, so every read syncs."""
+    with redis_server.sync_client() as admin:
+        admin.acl_setuser(
+            "nochannels", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all"]
+        )
+        admin.execute_command("ACL", "SETUSER", "nochannels", "resetchannels")
+    client = aioredis.Redis(port=redis_server.port, username="nochannels", password="pw")
+    try:
+        writer = make_manager(client)
+        reader = make_manager(client, freshness="push")
+        for turn in range(5):
+            await writer.append_async(room, "user", f"turn {turn}")
+            messages = await reader.get_messages_async(room)
+            assert _texts(messages)[-1] == f"turn {turn}"
+        assert reader.stats()["push_reads"] == 0
+    finally:
+        await client.aclose()

@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 #: The default lease: how old the last proof of a live subscription may be.
 LEASE_SECONDS = 1.0
+# Unanswered PINGs remembered; an older one's late reply could not vouch anyway.
+_PINGS_KEPT = 16
 
 Notice = Callable[[bytes, str, int], None]
 
@@ -255,6 +257,8 @@ class NoticeListener:
                 self._pings[payload] = now
                 await pubsub.ping(payload)
                 next_ping = now + interval
+                if len(self._pings) > _PINGS_KEPT:  # a silent connection answers none
+                    del self._pings[next(iter(self._pings))]
             wake = self._wake
             assert wake is not None
             wake.clear()
@@ -309,6 +313,10 @@ class NoticeListener:
     async def _drop_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
+            connection: Any = pubsub.connection
+            if connection is not None:
+                # It goes back to the pool: its reconnects are no longer ours.
+                connection.deregister_connect_callback(self._reconnected)
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
 

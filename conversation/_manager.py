@@ -25,6 +25,7 @@ from ._engine.chains import Chains
 from ._engine.core import Core
 from ._engine.loop import LoopBinding, running_loop
 from ._engine.ops import BackfillOp, ClearOp, EditOp, LimitOp, Op, ReactionOp, Row
+from ._engine.push import Push
 from ._engine.replicator import Backend, Deferral, MemoryBackend, Replicator
 from ._engine.rooms import Room, RoomInfo, RoomTable
 from ._engine.settings import checked_settings
@@ -39,6 +40,7 @@ from ._errors import (
     describe_error,
 )
 from ._redis.keys import KeySpace, validate_room_id
+from ._redis.notices import supports_push
 from ._redis.retry import TRANSIENT_ERRORS
 from ._redis.rooms import RoomStore
 from ._stats import Stats
@@ -64,6 +66,11 @@ class ConversationManager:
     says N replicas hold it; until then it is retried under its idempotency token
     (``ReplicationTimeout``, counted as ``unreplicated_writes``). See
     ``docs/scaling.md`` for what that guarantees across a failover.
+
+    ``freshness="push"``: the worker subscribes to the change notices of the rooms
+    it holds, and a warm ``get_messages_async`` makes no round trip while that
+    subscription is known healthy (README, "Freshness"); ``"sync"`` (the default)
+    makes one on every read. ``ensure_fresh_from_redis`` always makes its round trip.
     """
 
     def __init__(
@@ -84,6 +91,7 @@ class ConversationManager:
         replica_timeout_ms: int = 1000,
         max_pending_writes: int = 100_000,
         defer_unknown_events_seconds: float = 600,
+        freshness: str = "sync",
     ) -> None:
         self._settings = checked_settings(
             redis=redis,
@@ -96,6 +104,7 @@ class ConversationManager:
             retry_backoff=retry_backoff,
             min_replicas=min_replicas,
             replica_timeout_ms=replica_timeout_ms,
+            freshness=freshness,
         )
         self._defer_ms = _defer_ms(defer_unknown_events_seconds)
         self._renderer = prompt_renderer
@@ -110,6 +119,7 @@ class ConversationManager:
         self._feed: ChangeFeed | None = None
         self._cursors: NamedCursors | None = None
         self._backend: Backend
+        self._push: Push | None = None
         if redis is None:
             self._backend = MemoryBackend(self._rooms, self._stats, self._settings)
         else:
@@ -123,7 +133,13 @@ class ConversationManager:
                 replica_timeout_ms=replica_timeout_ms,
                 archive_ttl_ms=_archive_ttl_ms(consolidation),
             )
-            self._backend = Replicator(self._store, self._rooms, self._stats, self._settings)
+            replicator = Replicator(self._store, self._rooms, self._stats, self._settings)
+            self._backend = replicator
+            if freshness == "push" and supports_push(redis):
+                self._push = replicator.push = Push(
+                    redis, self._rooms, self._keyspace, self._settings.backoff
+                )
+                self._rooms.on_forget = self._push.drop
             self._feed = ChangeFeed(self._store, self._keyspace, self._stats)
             self._cursors = NamedCursors(self._store, self._keyspace)
         core = Core(
@@ -400,17 +416,23 @@ class ConversationManager:
         the first user message and the newest turns stay, whole tool groups go.
         """
         room = self._room(room_id)
-        try:
-            # One command_timeout in all, waiting for the room's lock included:
-            # behind a persist stuck on a stalled Redis, memory is served after
-            # one timeout, not two.
-            async with asyncio.timeout(self._settings.command_timeout):
-                await self._backend.refresh(room)
-        except TRANSIENT_ERRORS as exc:
-            self._stats.stale_reads += 1
-            logger.warning(
-                "room %s: serving memory, Redis unreachable: %s", room_id, describe_error(exc)
-            )
+        push = self._push
+        if push is not None and push.current(room):
+            self._stats.push_reads += 1  # the notices vouch for the mirror
+        else:
+            if push is not None:
+                self._stats.push_fallbacks += 1
+            try:
+                # One command_timeout in all, waiting for the room's lock included:
+                # behind a persist stuck on a stalled Redis, memory is served after
+                # one timeout, not two.
+                async with asyncio.timeout(self._settings.command_timeout):
+                    await self._backend.refresh(room)
+            except TRANSIENT_ERRORS as exc:
+                self._stats.stale_reads += 1
+                logger.warning(
+                    "room %s: serving memory, Redis unreachable: %s", room_id, describe_error(exc)
+                )
         messages = room.view.window.messages(metadata=include_metadata)
         if self._renderer is not None:
             system = await self._renderer.render_async(_context(room_id, room_context))
@@ -588,6 +610,8 @@ class ConversationManager:
             await self._late_events.cancel()  # only after a drain that timed out
             await self._consolidation.wait_idle()
             await self._backend.close()
+            if self._push is not None:
+                await self._push.close()
 
     def rooms(self) -> list[RoomInfo]:
         """This process's working set: every room it holds, most recently used first.
@@ -701,6 +725,8 @@ class ConversationManager:
     def _moved(self, loop: asyncio.AbstractEventLoop) -> None:
         """The manager's loop closed and ``loop`` took it over (see ``LoopBinding``)."""
         resumed = self._backend.moved(loop)
+        if self._push is not None:
+            self._push.rebind()
         lost = self._late_events.drop()
         if lost:
             # Their tasks died with the old loop (nobody drained it).

@@ -30,6 +30,10 @@ class Stats:
     round_trips: int = 0
     script_reloads: int = 0
     stale_reads: int = 0
+    # freshness="push": warm reads served without a round trip, and reads that
+    # made the sync because a doubt stood (cold room, reconnect, notice ahead, ...).
+    push_reads: int = 0
+    push_fallbacks: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
 

@@ -207,6 +207,17 @@ end
 
 -- ...: more field/value pairs a script changed (base, limit, rebackfill).
 
+-- freshness="push" workers subscribe to the room's notice channel (WINDOW ..
+-- ':notice', named in conversation/_redis/keys.py: the room's hash tag, so its
+-- slot) and trust their mirror while no notice runs ahead of it. SPUBLISH, as a
+-- Cluster shards it by slot; one server and fakeredis accept it as well. With no
+-- subscriber it costs one dictionary lookup. pcall: an ACL user without channel
+-- rights (Redis 7's acl-pubsub-default is resetchannels) must still write; its
+-- own SSUBSCRIBE is refused just the same, so its push readers never vouch.
+local function notify(m)
+  redis.pcall('SPUBLISH', WINDOW .. ':notice', m.epoch .. ' ' .. m.version)
+end
+
 local function save(m, ...)
   wrote = true
   local fields = {'version', m.version, 'head', m.head, 'logfloor', m.logfloor}
@@ -233,6 +244,7 @@ local function save(m, ...)
     fields[#fields + 1] = extra[i]
   end
   redis.call('HSET', META, unpack(fields))
+  notify(m)
 end
 
 -- Keys that live as long as the room is written: a write refreshes their TTLs

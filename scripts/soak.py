@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--loop-phases", type=int, help="a worker runs its operations in 1..n event loops"
     )
     parser.add_argument("--no-faults", action="store_true", help="concurrency only, no faults")
+    parser.add_argument(
+        "--freshness", choices=("sync", "push"), help="the workers' freshness mode (default sync)"
+    )
     parser.add_argument("--dir", type=Path, help="where servers and dumps go (default: a tmp dir)")
     parser.add_argument("--json", type=Path, help="also write the totals here")
     return parser.parse_args(argv)
@@ -73,6 +76,7 @@ def options_for(args: argparse.Namespace) -> ChaosOptions:
         restart_every=base.restart_every if args.restart_every is None else args.restart_every,
         loop_phases=args.loop_phases or base.loop_phases,
         faults=base.faults and not args.no_faults,
+        freshness=args.freshness or base.freshness,
     )
 
 
@@ -125,6 +129,7 @@ class Totals:
                 "restart_every": options.restart_every,
                 "loop_phases": options.loop_phases,
                 "faults": options.faults,
+                "freshness": options.freshness,
             },
             "rounds": self.rounds,
             "operations": self.ops,
@@ -148,6 +153,9 @@ class Totals:
             "catch_ups": self.engine["catch_ups"],
             "reloads": self.engine["reloads"],
             "conflicts": self.engine["conflicts"],
+            # freshness="push": reads served without a round trip, and reads a doubt synced.
+            "push_reads": self.engine["push_reads"],
+            "push_fallbacks": self.engine["push_fallbacks"],
             "violations": dict(self.violations),
         }
 

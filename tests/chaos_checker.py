@@ -93,7 +93,9 @@ The final checks, per room (W = the window in Redis):
   the media parts of an image post survive text edits;
 * limit: the room's limit is one no later limit change (or meta loss)
   superseded; W fits it;
-* views: every worker's window (and limit) equals Redis after the final sync;
+* views: every worker's window (and limit) equals Redis after the final sync (the
+  window as three more `get_messages_async` serve it: with `"push"` the last ones
+  may be served without a round trip);
 * during the run: what ``get_messages_async`` / ``ensure_fresh_from_redis``
   leave in a worker's view never holds an id twice nor its own appends out of
   order (floating appends aside).
@@ -183,6 +185,7 @@ class ChaosOptions:
     retry_backoff: tuple[float, float] = (0.02, 0.25)
     clear_weight: int = OP_WEIGHTS["clear"]
     round_timeout: float = 90.0
+    freshness: str = "sync"  # the workers' ConversationManager(freshness=...)
 
 
 #: The long variant (scripts/soak.py --soak): more rooms, longer rounds, more restarts.
@@ -325,7 +328,7 @@ def replay_args(seed: int, options: ChaosOptions | None) -> str:
     return (
         f"--seed {seed} --processes {options.processes} --rooms {options.rooms} "
         f"--ops {options.ops_per_room} --restart-every {options.restart_every} "
-        f"--loop-phases {options.loop_phases}"
+        f"--loop-phases {options.loop_phases} --freshness {options.freshness}"
     )
 
 
@@ -398,6 +401,7 @@ def _worker_round(
         command_timeout=options.command_timeout,
         durable_timeout=options.durable_timeout,
         retry_backoff=options.retry_backoff,
+        freshness=options.freshness,
     )
     worker = _Worker(index, spec["seed"], manager, options)
     runs = [_RoomRun(worker, r, room) for r, room in enumerate(rooms)]
@@ -506,7 +510,11 @@ async def _final_sync(
         limits: dict[str, int] = {}
         for room in rooms:
             await _fresh_with_retries(worker, room)
-            views[room] = manager.get_messages(room)
+            # The reported view is what a read serves once the room is quiet: with
+            # freshness="push" the later reads may skip their round trip, and what
+            # they serve is checked against Redis like the rest.
+            for _ in range(3):
+                views[room] = await manager.get_messages_async(room)
             limits[room] = manager.get_channel_limit(room)
         return views, limits, manager.stats()
     finally:

@@ -33,6 +33,7 @@ TIERS = {
         "test_changes",
         "test_cursors",
         "test_working_set",
+        "test_push",
         "test_transfer",
         "test_blocking",
         "test_loop_moves",

@@ -25,6 +25,7 @@ from cluster_servers import (
     eventually,
     link_down,
     quick_retry,
+    redis_window,
 )
 from multiproc import run_in_processes
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -32,6 +33,7 @@ from redis.crc import key_slot
 from support import running_cluster
 
 from conversation import ConversationManager, DurabilityError
+from conversation.testing import wait_until
 
 pytestmark = pytest.mark.real_server
 
@@ -354,9 +356,13 @@ async def test_failover_in_the_middle_of_concurrent_writes(
         )
         for _ in range(3)
     ]
+    # A reader in push mode (SPEC §37): its subscriber on the victim dies with it.
+    reader = make_manager(cluster_client(), freshness="push")
     workload = Workload(managers, rooms)
     workload.start()
     await eventually(lambda: workload.count(busy) >= 60, 30, "appends flowing")
+    for room in rooms:
+        await reader.get_messages_async(room)
 
     cluster.kill(victim)
     workload.mark_killed()
@@ -375,6 +381,21 @@ async def test_failover_in_the_middle_of_concurrent_writes(
     client = cluster_client()
     assert cluster.slot_owner(slot_of(busy)).port == replica.port
     await assert_converged(managers, client, rooms)
+    for room in rooms:
+        stored = [message["content"] for message in await redis_window(client, room)]
+
+        async def read_converged(room: str = room, stored: list[str] = stored) -> bool:
+            messages = await reader.get_messages_async(room)
+            return [message["content"] for message in messages] == stored
+
+        await wait_until(read_converged, what=f"the push reader to converge in {room}")
+
+    async def pushed_again() -> bool:
+        before = reader.stats()["push_reads"]
+        await reader.get_messages_async(busy)
+        return reader.stats()["push_reads"] > before
+
+    await wait_until(pushed_again, what="push to serve the failed-over room again")
     label = f"cluster failover, min_replicas={min_replicas}"
     lost = await workload.report(label, client, busy, promoted_after, record_property)
     if min_replicas:

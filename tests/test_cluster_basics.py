@@ -87,3 +87,53 @@ async def test_workers_converge_on_a_cluster(
     finally:
         await a.aclose()
         await b.aclose()
+
+
+async def test_push_freshness_on_a_cluster(
+    cluster: LocalCluster, clients: list[RedisCluster]
+) -> None:
+    """Sharded pub/sub: one subscriber per primary, each room on its slot's owner."""
+    from conversation.testing import wait_until
+
+    prefix = "cl2"
+    rooms = ROOMS  # on every primary, several slots per primary
+    writer = ConversationManager(None, redis=clients[0], key_prefix=prefix)
+    reader = ConversationManager(None, redis=clients[1], key_prefix=prefix, freshness="push")
+    try:
+        for room in rooms:
+            await writer.append_async(room, "user", f"hello {room}")
+
+        async def all_pushed() -> bool:
+            before = reader.stats()["push_reads"]
+            for room in rooms:
+                assert await reader.get_messages_async(room) == writer.get_messages(room)
+            return reader.stats()["push_reads"] == before + len(rooms)
+
+        await wait_until(all_pushed, what="every room served by push")
+        trips = reader.stats()["round_trips"]
+        for room in rooms:
+            await reader.get_messages_async(room)
+        assert reader.stats()["round_trips"] == trips
+
+        for room in rooms:
+            await writer.append_async(room, "assistant", "again")
+
+        async def sees_all() -> bool:
+            for room in rooms:
+                if await reader.get_messages_async(room) != writer.get_messages(room):
+                    return False
+            return True
+
+        await wait_until(sees_all, what="the push reader to see every room's new write")
+        await wait_until(all_pushed, what="every room served by push again")
+        channels = [reader._keyspace.notices(room) for room in rooms]
+        holders: list[bytes] = []
+        for port in cluster.primary_ports():
+            async with aioredis.Redis(port=port) as node:
+                for channel in channels:
+                    counts = await node.pubsub_shardnumsub(channel)
+                    holders.extend(channel for _, n in counts if n)
+        assert sorted(holders) == sorted(channels)  # each on exactly one primary: its slot's
+    finally:
+        await writer.aclose()
+        await reader.aclose()

@@ -24,10 +24,12 @@ from cluster_servers import (
     eventually,
     link_down,
     quick_retry,
+    redis_window,
 )
 from redis.asyncio.sentinel import Sentinel
 
 from conversation import ConversationManager
+from conversation.testing import wait_until
 
 pytestmark = pytest.mark.real_server
 
@@ -140,10 +142,14 @@ async def test_sentinel_failover_in_the_middle_of_concurrent_writes(
         )
         for _ in range(3)
     ]
+    # A reader in push mode (SPEC §37): its subscriber connection dies with the primary.
+    reader = make_manager(sentinel_client(), freshness="push")
     old, replica = sentinel.primary(), sentinel.replica()
     workload = Workload(managers, names)
     workload.start()
     await eventually(lambda: workload.count(names[0]) >= 60, 30, "appends flowing")
+    for name in names:
+        await reader.get_messages_async(name)
 
     old.kill()
     workload.mark_killed()
@@ -161,6 +167,21 @@ async def test_sentinel_failover_in_the_middle_of_concurrent_writes(
 
     client = sentinel_client()
     await assert_converged(managers, client, names)
+    for name in names:
+        stored = [message["content"] for message in await redis_window(client, name)]
+
+        async def read_converged(name: str = name, stored: list[str] = stored) -> bool:
+            messages = await reader.get_messages_async(name)
+            return [message["content"] for message in messages] == stored
+
+        await wait_until(read_converged, what=f"the push reader to converge in {name}")
+
+    async def pushed_again() -> bool:
+        before = reader.stats()["push_reads"]
+        await reader.get_messages_async(names[0])
+        return reader.stats()["push_reads"] > before
+
+    await wait_until(pushed_again, what="push to serve again from the new primary")
     label = f"sentinel failover, min_replicas={min_replicas}"
     lost = await workload.report(label, client, names[0], promoted_after, record_property)
     if min_replicas:

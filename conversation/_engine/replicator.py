@@ -36,6 +36,7 @@ from .._redis.retry import TRANSIENT_ERRORS, is_permanent
 from .._redis.rooms import RoomStore
 from .._stats import Stats
 from .ops import MAX_CONFLICTS, AppendOp, Op, now_ms
+from .push import Push
 from .rooms import Batch, Room, RoomTable
 from .settings import Settings
 from .window import Held, RoomState, apply_reply, decode_rows, needs_slices
@@ -199,6 +200,8 @@ class Replicator:
         self, store: RoomStore, rooms: RoomTable, stats: Stats, settings: Settings
     ) -> None:
         self.store, self.rooms, self.stats, self.settings = store, rooms, stats, settings
+        # freshness="push": every sync tells it what stood when it began.
+        self.push: Push | None = None
 
     # ------------------------------------------------------------- queueing
 
@@ -552,6 +555,7 @@ class Replicator:
     async def refresh(self, room: Room) -> None:
         """Bring the room to what Redis holds, in one round trip."""
         async with room.lock:
+            mark = self.push.begin(room) if self.push is not None else None
             tokens, owners = self._unconfirmed(room)
             reply, flags = await self.store.sync_asking(room.keys, room.synced, tokens)
             landed = False
@@ -559,14 +563,15 @@ class Replicator:
                 for op in ops:
                     if flag == "2" and not op.landed:
                         op.landed = landed = True
-            if reply.kind == 0 and reply.version == room.synced.version and not landed:
-                return
-            await self.absorb(room, reply)
-            if reply.kind == 2:
-                self.stats.reloads += 1
-            else:
-                self.stats.catch_ups += 1
-            self.rebuild_view(room)
+            if not (reply.kind == 0 and reply.version == room.synced.version and not landed):
+                await self.absorb(room, reply)
+                if reply.kind == 2:
+                    self.stats.reloads += 1
+                else:
+                    self.stats.catch_ups += 1
+                self.rebuild_view(room)
+            if mark is not None and self.push is not None:
+                self.push.end(room, mark)
 
     async def defer(self, room: Room, identity: str, event: bytes, keep_ms: int) -> Deferral:
         """Keep ``event`` in Redis until its message comes, if the room still lacks it."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .._entries import Cell
@@ -78,6 +78,8 @@ class RoomTable:
     def __init__(self, keyspace: KeySpace) -> None:
         self.keyspace = keyspace
         self._rooms: dict[str, Room] = {}
+        # Told the id of every room that leaves (freshness="push" unsubscribes it).
+        self.on_forget: Callable[[str], None] | None = None
 
     def __len__(self) -> int:
         return len(self._rooms)
@@ -103,7 +105,8 @@ class RoomTable:
         return room
 
     def forget(self, room_id: str) -> None:
-        self._rooms.pop(room_id, None)
+        if self._rooms.pop(room_id, None) is not None and self.on_forget is not None:
+            self.on_forget(room_id)
 
     def reap(self, max_idle_seconds: float) -> int:
         """Forget the idle rooms unused for that long; how many went."""
@@ -111,6 +114,8 @@ class RoomTable:
         stale = [r.room_id for r in self._rooms.values() if r.last_used < cutoff and r.idle()]
         for room_id in stale:
             del self._rooms[room_id]
+            if self.on_forget is not None:
+                self.on_forget(room_id)
         return len(stale)
 
     def working_set(self) -> list[RoomInfo]:

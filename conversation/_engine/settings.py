@@ -8,6 +8,8 @@ from typing import Any
 from .._errors import ConfigurationError, require_positive_int
 from .._redis.retry import Backoff
 
+FRESHNESS = ("sync", "push")
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -17,6 +19,8 @@ class Settings:
     command_timeout: float | None
     sync_timeout: float
     backoff: Backoff
+    #: "sync" (a warm read makes its one-round-trip sync) or "push" (SPEC §37).
+    freshness: str = "sync"
 
 
 def checked_settings(
@@ -31,6 +35,7 @@ def checked_settings(
     retry_backoff: tuple[float, float],
     min_replicas: int,
     replica_timeout_ms: int,
+    freshness: str = "sync",
 ) -> Settings:
     """Refuse any setting that cannot work, with an error naming it."""
     if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
@@ -40,6 +45,10 @@ def checked_settings(
     _check_replication(redis, min_replicas, replica_timeout_ms, command_timeout)
     require_positive_int("max_pending_writes", max_pending_writes)
     _reject_decoding_client(redis)
+    if freshness not in FRESHNESS:
+        raise ConfigurationError(
+            f"freshness must be one of {', '.join(map(repr, FRESHNESS))}, got {freshness!r}"
+        )
     return Settings(
         max_history=max_history,
         max_pending=max_pending_writes,
@@ -47,6 +56,7 @@ def checked_settings(
         command_timeout=command_timeout,
         sync_timeout=sync_timeout,
         backoff=Backoff(*retry_backoff),
+        freshness=freshness,
     )
 
 

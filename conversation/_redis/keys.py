@@ -18,6 +18,10 @@ WINDOW, META, LOG, IDEM, ARCHIVE, LEASE = "", ":meta", ":log", ":idem", ":archiv
 REACTIONS, DEFERRED = ":reactions", ":deferred"
 #: The room's named change-feed cursors (a HASH: name -> cursor).
 CURSORS = ":cursors"
+#: The room's change-notice channel (not a key): every mutating script SPUBLISHes
+#: "<epoch> <version>" there (lua/_lib.lua notify(), which appends this suffix to
+#: the window key); under the room's hash tag, so a Cluster shards it to the room's slot.
+NOTICE = ":notice"
 
 
 def glob_escape(text: str) -> str:
@@ -102,6 +106,10 @@ class KeySpace:
 
     def lease(self, room_id: str) -> str:
         return self.room_base(room_id) + LEASE
+
+    def notices(self, room_id: str) -> bytes:
+        """The room's change-notice channel (``freshness="push"``), as the subscriber names it."""
+        return (self.room_base(room_id) + NOTICE).encode()
 
     def meta_pattern(self, room_glob: str = "*") -> str:
         """SCAN pattern matching the meta key of every room whose id matches ``room_glob``.

@@ -90,6 +90,9 @@ ROW_KEYS: tuple[str, ...] = (
     "warm_read_vs_lrange",
     "warm_read_vs_get_render",
     "warm_read_round_trips",
+    "warm_read_vs_lrange_push",
+    "push_staleness_p50",
+    "push_staleness_p99",
     "edit_update_100",
     "edit_update_100_bytes",
     "edit_update_1000",
@@ -297,6 +300,7 @@ class Bench:
         max_history: int = 100,
         renderer: Any = None,
         ttl_seconds: float | None = 3600,
+        freshness: str = "sync",
     ) -> ConversationManager:
         return ConversationManager(
             renderer,
@@ -304,6 +308,7 @@ class Bench:
             redis=client,
             key_prefix=self.prefix,
             ttl_seconds=ttl_seconds,
+            freshness=freshness,
         )
 
     def room(self, label: str) -> str:
@@ -645,6 +650,8 @@ async def bench_warm_read(bench: Bench) -> list[Row]:
             )
         )
 
+    rows.extend(await _push_reads(bench, client, raw, rng))
+
     rendering = bench.manager(client, renderer=renderer)
     async with closing(rendering):
         room_id = bench.room("warm")
@@ -677,6 +684,104 @@ async def bench_warm_read(bench: Bench) -> list[Row]:
                 details={"engine_runs": engine_values, "baseline_runs": raw_values},
             )
         )
+    return rows
+
+
+async def _until_pushed(manager: ConversationManager, room_id: str) -> None:
+    """Read until a read is served by push (subscription confirmed, then synced)."""
+    for _ in range(10_000):
+        before = manager.stats()["push_reads"]
+        await manager.get_messages_async(room_id)
+        if manager.stats()["push_reads"] > before:
+            return
+        await asyncio.sleep(0.001)
+    raise RuntimeError("push never served a read (no subscription confirmed?)")
+
+
+async def _push_reads(
+    bench: Bench, client: aioredis.Redis, raw: aioredis.Redis, rng: random.Random
+) -> list[Row]:
+    """freshness="push": the warm read without its round trip, and how stale it can be.
+
+    Staleness: a worker in the default mode appends; the time from its reply to the
+    moment the push worker's ``get_messages_async`` first returns the new entry (it
+    reads in a loop, yielding once between reads, as a busy bot's turns would). Both
+    workers share this process and its loop: the notice's trip, the listener's turn
+    and the sync the notice sends the read through are all in it. The baseline is
+    the same probe read by a worker in the default mode (its first read syncs).
+    """
+    sizes, calls = bench.sizes, bench.sizes.warm_calls
+    pushed = bench.manager(client, freshness="push")
+    writer = bench.manager(bench.client())
+    synced = bench.manager(bench.client())
+    rows: list[Row] = []
+    async with closing(pushed), closing(writer), closing(synced):
+        room_id = bench.room("warm")
+        await fill(writer, room_id, 100, rng)
+        await _until_pushed(pushed, room_id)
+        window_key = bench.keys(room_id).window
+
+        async def engine() -> float:
+            start = time.perf_counter()
+            for _ in range(calls):
+                await pushed.get_messages_async(room_id)
+            return (time.perf_counter() - start) / calls * 1e6
+
+        async def lrange() -> float:
+            start = time.perf_counter()
+            for _ in range(calls):
+                decode_rows(await lrange_rows(raw, window_key))
+            return (time.perf_counter() - start) / calls * 1e6
+
+        before = pushed.stats()
+        engine_values, raw_values = await paired(sizes.repeats, engine, lrange)
+        after = pushed.stats()
+        rows.append(
+            ratio_row(
+                "warm_read_vs_lrange_push",
+                'warm get_messages_async (100), freshness="push", vs LRANGE+decode',
+                "us",
+                median(engine_values),
+                median(raw_values),
+                at_most=0.35,
+                details={
+                    "engine_runs": engine_values,
+                    "baseline_runs": raw_values,
+                    "push_reads": after["push_reads"] - before["push_reads"],
+                    "push_fallbacks": after["push_fallbacks"] - before["push_fallbacks"],
+                    "round_trips": after["round_trips"] - before["round_trips"],
+                },
+            )
+        )
+
+        async def seen_after(reader: ConversationManager, text: str) -> float:
+            await writer.append_async(room_id, "user", text)
+            acknowledged = time.perf_counter()
+            while True:
+                messages = await reader.get_messages_async(room_id)
+                if messages and messages[-1]["content"] == text:
+                    return (time.perf_counter() - acknowledged) * 1e3
+                await asyncio.sleep(0)
+
+        await synced.get_messages_async(room_id)
+        lags: dict[str, list[float]] = {"push": [], "sync": []}
+        for index in range(calls):
+            order = [("push", pushed), ("sync", synced)]
+            if index % 2:
+                order.reverse()
+            for kind, reader in order:
+                lags[kind].append(await seen_after(reader, f"staleness probe {kind} {index}"))
+        for key, q in (("push_staleness_p50", 0.5), ("push_staleness_p99", 0.99)):
+            rows.append(
+                value_row(
+                    key,
+                    f"write acknowledged -> seen by a push read, p{q * 100:g} (sync: same)",
+                    "ms",
+                    percentile(lags["push"], q),
+                    percentile(lags["sync"], q),
+                    details={"samples": len(lags["push"]), "max_ms": max(lags["push"])},
+                )
+            )
     return rows
 
 

@@ -43,6 +43,14 @@ logger = logging.getLogger(__name__)
 LEASE_SECONDS = 1.0
 # Unanswered PINGs remembered; an older one's late reply could not vouch anyway.
 _PINGS_KEPT = 16
+# How long dropping a subscriber connection may take before it is left to finish alone.
+_CLOSE_SECONDS = 1.0
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # a teardown that failed is nothing to report
+
 
 Notice = Callable[[bytes, str, int], None]
 
@@ -317,8 +325,12 @@ class NoticeListener:
             if connection is not None:
                 # It goes back to the pool: its reconnects are no longer ours.
                 connection.deregister_connect_callback(self._reconnected)
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
+            # redis-py's aclose cannot be cancelled (it finishes its teardown
+            # first), and that teardown waits for the pool: bounded here, so
+            # neither a reconnect nor the manager's aclose can hang on it.
+            closing = asyncio.ensure_future(pubsub.aclose())
+            closing.add_done_callback(_consume)
+            await asyncio.wait({closing}, timeout=_CLOSE_SECONDS)
 
 
 class ClusterNotices:

@@ -375,13 +375,23 @@ local function trim(m, len)
     return 0
   end
   local drop = len - limit
-  local first = redis.call('LINDEX', WINDOW, 0)
+  -- An append drops a row or two: one LRANGE reads the head row and the first
+  -- rows that would be kept (a LINDEX each would be two calls or more). A big
+  -- drop (a lower limit) reads them one by one, never the rows that go.
+  local head_rows = {}
+  if drop <= 2 then
+    head_rows = redis.call('LRANGE', WINDOW, 0, drop + 1)
+  end
+  local first = head_rows[1] or redis.call('LINDEX', WINDOW, 0)
   local keep_summary = limit > 1 and is_summary(first)
   local next_kept = drop
   if keep_summary then
     next_kept = drop + 1
   end
-  while next_kept < len and is_tool(redis.call('LINDEX', WINDOW, next_kept)) do
+  local function row_at(i)
+    return head_rows[i + 1] or redis.call('LINDEX', WINDOW, i)
+  end
+  while next_kept < len and is_tool(row_at(next_kept)) do
     drop = drop + 1
     next_kept = next_kept + 1
   end

@@ -42,7 +42,8 @@
 --     date from head, length and the log alone, provided the log holds every
 --     record logn says it should; anyone else gets a snapshot.
 --
--- Lineage tags: meta also holds `tag`, the tag of the current version, and a ring
+-- Lineage tags: meta also holds `tag`, "<version>:<tag>" of the last version this
+-- engine tagged, and a ring
 -- t0 .. t<TAG_RING - 1>, field t<v mod TAG_RING> the tag of version v. A tag is 8
 -- random hex digits chosen by the call that created the version. Workers hold the
 -- tag of the version they are at and send it back; a caller whose tag is not the
@@ -51,8 +52,9 @@
 -- AOF, which then reuses their versions for other rows): it gets a snapshot, never
 -- a patch. A caller older than the ring cannot be checked, so it gets a snapshot
 -- too. The caller's slot is read in read_meta's one HMGET and the tags are stored
--- in save()'s one HSET: this costs no redis.call. A meta without `tag` (written
--- only by an older engine) has nothing to check.
+-- in save()'s one HSET: this costs no redis.call. A room whose current version no
+-- script tagged (written by an older engine, as during a rolling deploy) has
+-- nothing to check: callers are trusted on their epoch, as before tags.
 --
 -- Every script returns a sync reply, prefixed by its own status:
 --   {status, 0, version, tag}                               nothing changed
@@ -164,8 +166,13 @@ local function read_meta()
     rebackfill = tonumber(m[7]) or 0,
     iseq = tonumber(m[8]), -- nil: not counted yet (see remember)
     logn = tonumber(m[9]), -- nil: written by an older engine (the log is trusted)
-    tag = m[10] or nil, -- nil: no tags yet (an older engine's meta)
   }
+  if m[10] then
+    local sep = string.find(m[10], ':', 1, true)
+    if sep and tonumber(string.sub(m[10], 1, sep - 1)) == meta.version then
+      meta.tag = string.sub(m[10], sep + 1) -- else nil: an older engine wrote since
+    end
+  end
   meta.tagged = meta.version -- the version whose tag is stored (see save)
   meta.known = C_EPOCH == meta.epoch and same_lineage(meta, C_VERSION, C_TAG, m[11] or false)
   return meta
@@ -192,7 +199,7 @@ local function ensure_meta()
   else
     m.tag = TAG
     redis.call('HSET', META, 'epoch', FRESH_EPOCH, 'version', 0, 'head', 0, 'base', 0,
-               'logfloor', 0, 'logn', 0, 'tag', TAG, ring_field(0), TAG)
+               'logfloor', 0, 'logn', 0, 'tag', '0:' .. TAG, ring_field(0), TAG)
   end
   return m
 end
@@ -235,7 +242,7 @@ local function save(m, ...)
     -- does not hold its tag).
     m.tag, m.tagged = TAG, m.version
     fields[#fields + 1] = 'tag'
-    fields[#fields + 1] = TAG
+    fields[#fields + 1] = m.version .. ':' .. TAG
     fields[#fields + 1] = ring_field(m.version)
     fields[#fields + 1] = TAG
   end
@@ -387,13 +394,23 @@ local function trim(m, len)
     return 0
   end
   local drop = len - limit
-  local first = redis.call('LINDEX', WINDOW, 0)
+  -- An append drops a row or two: one LRANGE reads the head row and the first
+  -- rows that would be kept (a LINDEX each would be two calls or more). A big
+  -- drop (a lower limit) reads them one by one, never the rows that go.
+  local head_rows = {}
+  if drop <= 2 then
+    head_rows = redis.call('LRANGE', WINDOW, 0, drop + 1)
+  end
+  local first = head_rows[1] or redis.call('LINDEX', WINDOW, 0)
   local keep_summary = limit > 1 and is_summary(first)
   local next_kept = drop
   if keep_summary then
     next_kept = drop + 1
   end
-  while next_kept < len and is_tool(redis.call('LINDEX', WINDOW, next_kept)) do
+  local function row_at(i)
+    return head_rows[i + 1] or redis.call('LINDEX', WINDOW, i)
+  end
+  while next_kept < len and is_tool(row_at(next_kept)) do
     drop = drop + 1
     next_kept = next_kept + 1
   end

@@ -157,7 +157,8 @@ def test_inspect_json_is_the_atomic_snapshot(
     with redis_server.sync_client() as direct:
         stored_epoch, stored_tag = direct.hmget(f"sg:conversation:{{{ALPHA}}}:meta", "epoch", "tag")
     assert snapshot["epoch"] == stored_epoch.decode()
-    assert snapshot["tag"] == stored_tag.decode()  # the lineage tag of that version
+    # "<version>:<tag>": the lineage tag of that version
+    assert f"{snapshot['version']}:{snapshot['tag']}" == stored_tag.decode()
     assert [e["position"] for e in snapshot["entries"]] == [0, 1, 2, 3]
     assert [e["message_id"] for e in snapshot["entries"]] == ["1", "2", None, None]
     image = snapshot["entries"][1]["content"][1]

@@ -535,3 +535,31 @@ async def test_trim_keeps_a_consolidation_summary_at_the_head(
     assert reader.stats()["reloads"] == before["reloads"]  # caught up incrementally
     rows = await redis_rows(any_client, room)
     assert len(rows) == 3 and rows[0].startswith(b'{"message_id":"summary:1","role":"system"')
+
+
+async def test_versions_an_older_engine_wrote_are_trusted_on_their_epoch(
+    any_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    """During a rolling deploy an older engine writes versions without a lineage tag:
+    a worker of this engine catches up on them incrementally, once, instead of
+    reloading on every sync because its version has no tag to check."""
+    writer, reader = make_manager(any_client), make_manager(any_client)
+    await writer.append_async(room, "user", "[Message ID: 1] tagged")
+    await reader.get_messages_async(room)
+    meta = window_key(room) + ":meta"
+    # What an older engine's append does to the keys: a row, and the version moves.
+    await any_client.rpush(
+        window_key(room), b'{"message_id":"2","role":"user","content":"[Message ID: 2] old"}'
+    )
+    await any_client.hincrby(meta, "version", 1)
+    before = reader.stats()["reloads"]
+    for _ in range(3):
+        await reader.ensure_fresh_from_redis(room)
+    assert [m["content"] for m in reader.get_messages(room)] == [
+        "[Message ID: 1] tagged",
+        "[Message ID: 2] old",
+    ]
+    assert reader.stats()["reloads"] == before
+    await writer.append_async(room, "user", "[Message ID: 3] tagged again")
+    await reader.ensure_fresh_from_redis(room)
+    assert len(reader.get_messages(room)) == 3

@@ -344,16 +344,21 @@ async def closing(manager: ConversationManager) -> AsyncIterator[ConversationMan
 
 
 class ServerClock:
-    """Server-side time per call of one command, from ``INFO commandstats`` deltas."""
+    """Server-side time per script call, from ``INFO commandstats`` deltas: the
+    engine's calls are ``FCALL`` where the server has functions, else ``EVALSHA``."""
 
-    def __init__(self, client: aioredis.Redis, command: str = "evalsha") -> None:
+    def __init__(self, client: aioredis.Redis, commands: Sequence[str] = ("evalsha", "fcall")):
         self.client = client
-        self.field = f"cmdstat_{command}"
+        self.fields = [f"cmdstat_{command}" for command in commands]
 
     async def read(self) -> tuple[int, float]:
         info: dict[str, Any] = await self.client.info("commandstats")
-        stat = info.get(self.field) or {}
-        return int(stat.get("calls", 0)), float(stat.get("usec", 0))
+        calls, usec = 0, 0.0
+        for name in self.fields:
+            stat = info.get(name) or {}
+            calls += int(stat.get("calls", 0))
+            usec += float(stat.get("usec", 0))
+        return calls, usec
 
     @staticmethod
     def per_call(before: tuple[int, float], after: tuple[int, float]) -> float:

@@ -6,8 +6,6 @@ A smoke test only: tiny sizes, and it asserts the shape of the rows, never a tim
 from __future__ import annotations
 
 import math
-import types
-from typing import Literal
 
 import pytest
 
@@ -18,7 +16,6 @@ from conversation._tools.bench_peers import (
     PEERS,
     PeerSizes,
     bench_peers,
-    freshness_modes,
 )
 
 pytestmark = pytest.mark.real_server
@@ -54,22 +51,5 @@ def test_the_bench_table_lists_the_peer_rows() -> None:
         assert f"peers_append_engine_{mode}" in PEER_ROW_KEYS
 
 
-def test_freshness_modes_follow_the_managers_setting() -> None:
-    """The section runs the engine in every mode the manager accepts, default first."""
-
-    class Before:
-        def __init__(self, prompt_renderer: object, *, key_prefix: str = "sg") -> None: ...
-
-    class Typed:
-        def __init__(self, *, freshness: Literal["sync", "push"] = "sync") -> None: ...
-
-    class Declared:
-        def __init__(self, *, freshness: str = "sync") -> None: ...
-
-    nothing = types.SimpleNamespace()
-    assert freshness_modes(Before, nothing) == ("sync",)
-    assert freshness_modes(Typed, nothing) == ("sync", "push")
-    assert freshness_modes(Declared, nothing) == ("sync",)
-    declared = types.SimpleNamespace(FRESHNESS_MODES=("push", "sync"))
-    assert freshness_modes(Declared, declared) == ("sync", "push")
-    assert FRESHNESS_MODES[0] == "sync"
+def test_the_engine_runs_in_every_freshness_mode_default_first() -> None:
+    assert FRESHNESS_MODES == ("sync", "push")

@@ -24,9 +24,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.util
-import inspect
 import time
-import typing
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -34,7 +32,7 @@ from typing import Any, Protocol
 import orjson
 import redis.asyncio as aioredis
 
-from .._engine import settings as engine_settings
+from .._engine.settings import FRESHNESS
 from .._manager import ConversationManager
 from .bench_core import NetMeter, Row, median, paired, progress, ratio_row, skipped_row
 
@@ -44,7 +42,6 @@ __all__ = [
     "PEER_ROW_KEYS",
     "PeerSizes",
     "bench_peers",
-    "freshness_modes",
 ]
 
 #: The window the append rows trim to: below the rooms' message count, so the
@@ -54,40 +51,8 @@ READ_WINDOW = 100
 _TEXT = "the quick brown fox jumps over the lazy dog while bots read every message " * 5
 
 
-def freshness_modes(
-    manager: type = ConversationManager, settings: object = engine_settings
-) -> tuple[str, ...]:
-    """The freshness modes ``manager`` accepts, default first.
-
-    SPEC §37 adds ``freshness="push"`` beside the default ``"sync"``. The modes are
-    read from the code, so the rows follow it: ``FRESHNESS_MODES`` next to the
-    setting if the engine defines it, else the ``Literal`` of the parameter, else
-    its default; and ``("sync",)`` (the only behaviour) before the setting exists.
-    """
-    parameter = inspect.signature(manager).parameters.get("freshness")
-    if parameter is None:
-        return ("sync",)
-    default = parameter.default if isinstance(parameter.default, str) else "sync"
-    declared = getattr(settings, "FRESHNESS_MODES", None)
-    if declared:
-        modes = tuple(str(mode) for mode in declared)
-    else:
-        modes = tuple(str(arg) for arg in typing.get_args(_annotation(manager))) or (default,)
-    return (default, *(mode for mode in modes if mode != default))
-
-
-def _annotation(manager: type) -> object:
-    try:
-        return inspect.signature(manager, eval_str=True).parameters["freshness"].annotation
-    except NameError:  # an annotation imported only for type checking
-        return None
-
-
-def _has_freshness(manager: type = ConversationManager) -> bool:
-    return "freshness" in inspect.signature(manager).parameters
-
-
-FRESHNESS_MODES: tuple[str, ...] = freshness_modes()
+#: The engine runs in every freshness mode it accepts (SPEC §37), the default first.
+FRESHNESS_MODES: tuple[str, ...] = FRESHNESS
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,9 +145,13 @@ def _row(index: int, text: str | None = None) -> bytes:
 
 class EngineSubject:
     def __init__(self, client: aioredis.Redis, prefix: str, window: int, mode: str) -> None:
-        options: dict[str, Any] = {"freshness": mode} if _has_freshness() else {}
         self.manager = ConversationManager(
-            None, max_history=window, redis=client, key_prefix=prefix, ttl_seconds=3600, **options
+            None,
+            max_history=window,
+            redis=client,
+            key_prefix=prefix,
+            ttl_seconds=3600,
+            freshness=mode,
         )
         self.label = f"engine (freshness={mode})"
         self.trims = True

@@ -63,8 +63,11 @@ def _missing(result: Any) -> bool:
 
 def _no_functions(result: Any) -> bool:
     """A reply saying the server has no FCALL (it did not run)."""
+    # The type first: a reply (a snapshot of a thousand rows) is never made text.
+    if not isinstance(result, ResponseError):
+        return False
     text = str(result).lower()
-    return isinstance(result, ResponseError) and "unknown command" in text and "fcall" in text
+    return "unknown command" in text and "fcall" in text
 
 
 @dataclass(slots=True)

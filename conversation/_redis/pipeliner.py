@@ -76,6 +76,8 @@ class _Call:
     keys: list[str]
     args: list[Arg]
     future: asyncio.Future[Any] | None  # None: sent directly (Pipeliner.run)
+    # A command run right after the script in one MULTI (see Pipeliner.run).
+    alongside: tuple[Arg, ...] | None = None
 
 
 class Pipeliner:
@@ -109,9 +111,26 @@ class Pipeliner:
         # Whether calls go by FCALL: until the server says it has no functions.
         self._functions = functions_enabled() if functions is None else functions
 
-    async def run(self, script: Script, keys: list[str], args: list[Arg], direct: bool) -> Any:
+    @property
+    def transactions(self) -> bool:
+        """Whether ``run`` takes ``alongside`` (not on a Cluster: its tick's calls
+        go out side by side, each on its own, see ``_execute``)."""
+        return not self._cluster
+
+    async def run(
+        self,
+        script: Script,
+        keys: list[str],
+        args: list[Arg],
+        direct: bool,
+        alongside: tuple[Arg, ...] | None = None,
+    ) -> Any:
         """Run one script call; ``direct``: send it at once from the caller's task
         if no other call is outstanding (else it joins the tick's pipeline).
+
+        ``alongside`` (only where ``transactions``): a command sent right after the
+        script in one ``MULTI``, so it sees exactly the state the script left; the
+        reply is then ``[script's reply, its reply]``.
 
         A caller awaiting its own write asks for ``direct``: a lone call then skips
         the flush task, two loop iterations fewer per awaited write. Under load
@@ -119,20 +138,26 @@ class Pipeliner:
         background persists always do.
         """
         if not direct or self._outstanding:
-            return await self.call(script, keys, args)
+            return await self.call(script, keys, args, alongside)
         self._outstanding += 1
         try:
-            (result,) = await self._results([_Call(script, keys, args, None)])
+            (result,) = await self._results([_Call(script, keys, args, None, alongside)])
         finally:
             self._outstanding -= 1
         if isinstance(result, Exception):
             raise result
         return result
 
-    def call(self, script: Script, keys: list[str], args: list[Arg]) -> asyncio.Future[Any]:
+    def call(
+        self,
+        script: Script,
+        keys: list[str],
+        args: list[Arg],
+        alongside: tuple[Arg, ...] | None = None,
+    ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append(_Call(script, keys, args, future))
+        self._queue.append(_Call(script, keys, args, future, alongside))
         self._outstanding += 1
         if not self._scheduled:
             self._scheduled = True
@@ -251,7 +276,7 @@ class Pipeliner:
             if self._cluster:
                 return await self._execute_cluster_waiting(calls)
             return await self._execute_pipelined(calls, wait=True)
-        if len(calls) == 1:
+        if len(calls) == 1 and calls[0].alongside is None:
             # Awaited in place: a gather would make a task for the one call that
             # every awaited write sends.
             try:
@@ -274,12 +299,30 @@ class Pipeliner:
         connection, so WAIT counts the replicas that hold everything they wrote."""
         pipe = self._redis.pipeline(transaction=False)
         for call in calls:
+            if call.alongside is None:
+                pipe.execute_command(*self._command(call))
+                continue
+            # A MULTI block inside the batch: redis-py's transaction pipeline would
+            # make it a batch of its own (and raise, not report, a queuing error).
+            pipe.execute_command("MULTI")
             pipe.execute_command(*self._command(call))
+            pipe.execute_command(*call.alongside)
+            pipe.execute_command("EXEC")
+        if wait:
+            pipe.execute_command("WAIT", self._min_replicas, self._replica_timeout_ms)
+        replies = list(await pipe.execute(raise_on_error=False))
+        results: list[Any] = []
+        at = 0
+        for call in calls:
+            if call.alongside is None:
+                results.append(replies[at])
+                at += 1
+            else:
+                results.append(_transaction_result(replies[at : at + 4]))
+                at += 4
         if not wait:
-            return list(await pipe.execute(raise_on_error=False))
-        pipe.execute_command("WAIT", self._min_replicas, self._replica_timeout_ms)
-        *results, confirmed = await pipe.execute(raise_on_error=False)
-        return self._confirm(calls, results, confirmed)
+            return results
+        return self._confirm(calls, results, replies[at])
 
     async def _execute_cluster_waiting(self, calls: list[_Call]) -> list[Any]:
         """One pinned pipeline per primary: its scripts, then its WAIT.
@@ -452,6 +495,20 @@ def _close_orphan(connection: Any) -> None:
         transport._sock = None
     transport._closing = True  # what close() sets first; the stream then knows it is closed
     connection._writer = connection._reader = None
+
+
+def _transaction_result(replies: Sequence[Any]) -> Any:
+    """A call's result from its MULTI, script, alongside, EXEC replies: ``[script's
+    reply, alongside's reply]``, or the error that kept the script from running
+    (queued or not: NOSCRIPT and unknown FCALL then reach the reload path)."""
+    _multi, queued, _alongside, executed = replies
+    if isinstance(queued, Exception):
+        return queued  # refused while queuing (unknown command): EXEC aborted
+    if isinstance(executed, Exception):
+        return executed
+    if isinstance(executed[0], Exception):
+        return executed[0]
+    return list(executed)
 
 
 def _per_call(outcomes: Sequence[Any]) -> list[Any]:

@@ -141,12 +141,26 @@ class RoomStore:
         The reply's status is 2 when every token landed, else 0.
         """
         args = self._common(state, "", "")
+        # A caller that knows nothing gets a snapshot: its rows come from a plain
+        # LRANGE in the script's MULTI (lua/sync.lua), not copied through Lua.
+        cold = not state.epoch and not state.version and not state.size
+        alongside = (
+            ("LRANGE", keys.window, 0, -1) if cold and self._pipeliner.transactions else None
+        )
+        args.append("r" if alongside else "")
         args.extend(tokens)
-        raw = await self._pipeliner.run(self.scripts["sync"], keys.as_list(), args, False)
+        raw = await self._pipeliner.run(
+            self.scripts["sync"], keys.as_list(), args, False, alongside
+        )
+        rows = None
+        if alongside is not None:
+            raw, rows = raw
+            if isinstance(rows, Exception):
+                raise rows
         flags = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
         flags = "" if flags == "0" else flags
         raw[0] = 2 if flags and set(flags) == {"2"} else 0
-        reply = SyncReply.parse(raw)
+        reply = SyncReply.parse(raw, rows)
         self._stats.bytes_received += reply.payload_bytes()
         return reply, flags
 

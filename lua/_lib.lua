@@ -1,7 +1,8 @@
 -- Shared prelude of the room scripts: each script here is "this prelude + its own
 -- body" (see bind() below for how the loader puts them together).
 --
--- KEYS (every script, all sharing the room's hash tag {<room_id>}):
+-- KEYS (every script, all sharing the room's hash tag {<room_id>}; sync.lua takes
+-- only [1..4], the keys it reads):
 --   [1] window  LIST of rows (orjson entries, identity and role first)
 --   [2] meta    HASH epoch, version, head, base, logfloor, logn, limit, rebackfill,
 --               iseq, replays (writes whose token had already applied); for the change

@@ -73,7 +73,7 @@ def _no_functions(result: Any) -> bool:
 @dataclass(slots=True)
 class _Call:
     script: Script
-    keys: list[str]
+    keys: Sequence[Arg]
     args: list[Arg]
     future: asyncio.Future[Any] | None  # None: sent directly (Pipeliner.run)
     # A command run right after the script in one MULTI (see Pipeliner.run).
@@ -110,6 +110,7 @@ class Pipeliner:
         self._repair: asyncio.Task[None] | None = None
         # Whether calls go by FCALL: until the server says it has no functions.
         self._functions = functions_enabled() if functions is None else functions
+        self._heads: dict[tuple[str, int, bool], tuple[Arg, ...]] = {}
 
     @property
     def transactions(self) -> bool:
@@ -120,7 +121,7 @@ class Pipeliner:
     async def run(
         self,
         script: Script,
-        keys: list[str],
+        keys: Sequence[Arg],
         args: list[Arg],
         direct: bool,
         alongside: tuple[Arg, ...] | None = None,
@@ -151,7 +152,7 @@ class Pipeliner:
     def call(
         self,
         script: Script,
-        keys: list[str],
+        keys: Sequence[Arg],
         args: list[Arg],
         alongside: tuple[Arg, ...] | None = None,
     ) -> asyncio.Future[Any]:
@@ -262,9 +263,15 @@ class Pipeliner:
             await self._redis.script_load(script.source)
 
     def _command(self, call: _Call) -> tuple[Arg, ...]:
-        if self._functions:
-            return ("FCALL", call.script.function, len(call.keys), *call.keys, *call.args)
-        return ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+        # The command's head, encoded once per script and key count: redis-py
+        # encodes every argument of every call, and bytes are its fast path.
+        form = (call.script.name, len(call.keys), self._functions)
+        head = self._heads.get(form)
+        if head is None:
+            named = call.script.function if self._functions else call.script.sha
+            head = ("FCALL" if self._functions else "EVALSHA", named.encode(), b"%d" % form[1])
+            self._heads[form] = head
+        return (*head, *call.keys, *call.args)
 
     async def _execute(self, calls: list[_Call]) -> list[Any]:
         self._stats.round_trips += 1
@@ -407,14 +414,11 @@ class Pipeliner:
         return checked
 
     async def _evalsha(self, call: _Call) -> Any:
+        _name, named, count, *rest = self._command(call)
         try:
             if self._functions:
-                return await self._redis.fcall(
-                    call.script.function, len(call.keys), *call.keys, *call.args
-                )
-            return await self._redis.evalsha(
-                call.script.sha, len(call.keys), *call.keys, *call.args
-            )
+                return await self._redis.fcall(named, count, *rest)
+            return await self._redis.evalsha(named, count, *rest)
         except ResponseError as exc:  # NOSCRIPT and "Function not found" included
             return exc  # per call, as a pipeline reports it
 

@@ -114,9 +114,10 @@ class Pipeliner:
 
     @property
     def transactions(self) -> bool:
-        """Whether ``run`` takes ``alongside`` (not on a Cluster: its tick's calls
-        go out side by side, each on its own, see ``_execute``)."""
-        return not self._cluster
+        """Whether ``run`` takes ``alongside``: not on a Cluster with
+        ``min_replicas`` (each primary's calls then go as one pinned pipeline with
+        its WAIT, see ``_execute_cluster_waiting``)."""
+        return not (self._cluster and self._min_replicas)
 
     async def run(
         self,
@@ -283,20 +284,29 @@ class Pipeliner:
             if self._cluster:
                 return await self._execute_cluster_waiting(calls)
             return await self._execute_pipelined(calls, wait=True)
-        if len(calls) == 1 and calls[0].alongside is None:
+        if len(calls) == 1 and (calls[0].alongside is None or self._cluster):
             # Awaited in place: a gather would make a task for the one call that
             # every awaited write sends.
+            call = calls[0]
             try:
-                outcome = await self._evalsha(calls[0])
+                if call.alongside is None:
+                    outcome = await self._evalsha(call)
+                else:
+                    outcome = await self._transaction(call)
             except Exception as exc:
                 outcome = exc
             return _per_call([outcome])
         if self._cluster:
             # redis-py refuses EVALSHA (and FCALL) inside a cluster pipeline: on a cluster the
             # tick's calls go out concurrently instead, each to its slot's primary,
-            # and a dead primary fails only its own rooms' calls.
+            # and a dead primary fails only its own rooms' calls. A call with an
+            # alongside goes as a cluster transaction (which does take scripts).
             outcomes = await asyncio.gather(
-                *(self._evalsha(call) for call in calls), return_exceptions=True
+                *(
+                    self._evalsha(call) if call.alongside is None else self._transaction(call)
+                    for call in calls
+                ),
+                return_exceptions=True,
             )
             return _per_call(outcomes)
         return await self._execute_pipelined(calls, wait=False)
@@ -421,6 +431,19 @@ class Pipeliner:
             return await self._redis.evalsha(named, count, *rest)
         except ResponseError as exc:  # NOSCRIPT and "Function not found" included
             return exc  # per call, as a pipeline reports it
+
+    async def _transaction(self, call: _Call) -> Any:
+        """On a Cluster: the call and its ``alongside`` in one MULTI on the slot's
+        primary (redis-py's cluster transaction: both name the room's slot)."""
+        assert call.alongside is not None
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.execute_command(*self._command(call))
+                pipe.execute_command(*call.alongside)
+                script, alongside = await pipe.execute(raise_on_error=False)
+        except ResponseError as exc:  # refused while queuing: nothing ran
+            return exc
+        return script if isinstance(script, Exception) else [script, alongside]
 
     async def wait_idle(self) -> None:
         while self._tasks:

@@ -635,7 +635,9 @@ async def bench_warm_read(bench: Bench) -> list[Row]:
                 "us",
                 median(engine_values),
                 median(raw_values),
-                at_most=0.35,
+                # Issue 15's target for the default mode: a read that syncs has a
+                # round trip of its own (0.35x is freshness="push"'s, below).
+                at_most=1.3,
                 details={
                     "engine_runs": engine_values,
                     "baseline_runs": raw_values,

@@ -1,7 +1,8 @@
 -- Shared prelude of the room scripts: each script here is "this prelude + its own
 -- body" (see bind() below for how the loader puts them together).
 --
--- KEYS (every script, all sharing the room's hash tag {<room_id>}):
+-- KEYS (every script, all sharing the room's hash tag {<room_id>}; sync.lua takes
+-- only [1..4], the keys it reads):
 --   [1] window  LIST of rows (orjson entries, identity and role first)
 --   [2] meta    HASH epoch, version, head, base, logfloor, logn, limit, rebackfill,
 --               iseq, replays (writes whose token had already applied); for the change
@@ -61,6 +62,9 @@
 --   {status, 1, version, tag, head, limit, rebackfill, own_k, n,
 --        pos_1, row_1, ..., pos_n, row_n, tail rows...}    incremental
 --   {status, 2, epoch, version, tag, head, limit, rebackfill, rows...}  snapshot
+--   {status, 3, epoch, version, tag, head, limit, rebackfill}  snapshot whose
+--        rows are the reply of the LRANGE that follows in the caller's MULTI
+--        (sync.lua only, when its caller asks; see snapshot)
 -- tag: the tag of the reply's version ('' when the room has none).
 -- own_k: how many of the caller's own just-appended rows end the window (not
 -- echoed back); pos_i/row_i: rows replaced since the caller's version that lie
@@ -87,6 +91,10 @@ local C_EPOCH, C_TAG, C_VERSION, C_HEAD, C_LEN
 local TOKEN, TTL, DEFAULT_LIMIT, FRESH_EPOCH, TAG, ARCHIVE_TTL
 local created -- keys this call may have created (see touch)
 local wrote -- whether this call saved meta (see sync_reply)
+-- Whether the caller runs this call in a transaction whose next command is
+-- LRANGE window 0 -1 (sync.lua sets it): a snapshot then leaves its rows to that
+-- LRANGE (see snapshot).
+local rows_follow
 
 local function bind(keys, args)
   unpack = global_unpack()
@@ -111,6 +119,7 @@ local function bind(keys, args)
   ARCHIVE_TTL = tonumber(ARGV[9])
   created = {}
   wrote = false
+  rows_follow = false
 end
 
 local TAG_RING = 64
@@ -480,7 +489,15 @@ log_replace = function(m, pos)
   end
 end
 
+-- With rows_follow the reply is the header alone, kind 3: the LRANGE queued
+-- right after this call in the same MULTI reads the rows, from the same state
+-- (nothing runs between the two). Copying every row into Lua strings and back
+-- costs the server several times what the LRANGE does (a window of images: tens
+-- of milliseconds against a few), and blocks every other client meanwhile.
 local function snapshot(status, m)
+  if rows_follow then
+    return {status, 3, m.epoch, m.version, m.tag or '', m.head, m.limit, m.rebackfill}
+  end
   local reply = {status, 2, m.epoch, m.version, m.tag or '', m.head, m.limit, m.rebackfill}
   local rows = redis.call('LRANGE', WINDOW, 0, -1)
   for i = 1, #rows do

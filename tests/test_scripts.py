@@ -190,3 +190,32 @@ async def test_the_lease_scripts_release_and_renew_only_for_their_holder(
     assert await store.lease_renew(lease, "me", 20_000)
     assert await store.lease_release(lease, "me")
     assert await store.redis.get(lease) is None
+
+
+async def test_after_a_reset_cold_and_stale_callers_get_a_snapshot_of_exactly_the_new_rows(
+    store: RoomStore, keys: RoomKeys
+) -> None:
+    writer, stale = RoomState(), RoomState()
+    await appended(store, keys, writer, ("t1", [row("1"), row("2")]))
+    absorb(stale, await store.sync(keys, stale), keys.window)
+    absorb(writer, await store.clear(keys, writer, "c1", EPOCH), keys.window)
+    await appended(store, keys, writer, ("t2", [row("3")]))
+
+    # A cold caller's rows come from the LRANGE in its MULTI, a stale one's from
+    # the script: the same snapshot either way.
+    cold = RoomState()
+    for state in (cold, stale):
+        reply = await store.sync(keys, state)
+        assert reply.kind == 2 and reply.rows == [row("3")]
+        assert (reply.epoch, reply.version, reply.tag) == (writer.epoch, writer.version, writer.tag)
+        absorb(state, reply, keys.window)
+        assert ids(state) == ["3"]
+        assert (await store.sync(keys, state)).kind == 0
+
+
+def test_a_header_only_snapshot_needs_the_rows_of_its_lrange() -> None:
+    header = [0, 3, EPOCH, 4, "abcd1234", 2, 0, 0]
+    with pytest.raises(ValueError, match="without its rows"):
+        SyncReply.parse(list(header))
+    reply = SyncReply.parse(list(header), [row("3")])
+    assert (reply.kind, reply.version, reply.head, reply.rows) == (2, 4, 2, [row("3")])

@@ -217,3 +217,46 @@ async def test_a_big_reply_to_a_write_in_flight_converges_with_writes_made_meanw
     ids = [orjson.loads(row)["message_id"] for row in rows]
     assert ids[:300] == [str(i) for i in range(300)]
     assert ids[300:] == ["a1", "a2", "a3"]
+
+
+async def test_cold_hydrates_of_a_big_window_beside_busy_writers_converge(
+    redis_client: aioredis.Redis, make_manager: Make, room: str
+) -> None:
+    """A cold read's snapshot takes its rows from an LRANGE in the sync's MULTI
+    (lua/sync.lua): header and rows must be of one version, or the readers'
+    later catch-ups (patched from that version) would not land on Redis's rows."""
+    writer = make_manager(redis_client, max_history=600)
+    for index in range(600):
+        writer.append(room, "user" if index % 2 == 0 else "assistant", f"[Message ID: w{index}] x")
+    await writer.drain()
+    executed = (await redis_client.info("commandstats")).get("cmdstat_exec", {}).get("calls", 0)
+    stop = False
+
+    async def write() -> None:
+        index = 0
+        while not stop:
+            index += 1
+            await writer.append_async(room, "user", f"[Message ID: n{index}] more")
+            # An edit of an older row: only a reader at the right version is patched right.
+            await writer.update_message_async(
+                room, f"w{300 + index}", f"[Message ID: w{300 + index}] e"
+            )
+
+    task = asyncio.create_task(write())
+    readers = []
+    for _ in range(8):
+        reader = make_manager(redis_client, max_history=600)
+        assert len(await reader.get_messages_async(room)) == 600
+        readers.append(reader)
+        await asyncio.sleep(0)
+    stop = True
+    await task
+    await writer.drain()
+    stored = [orjson.loads(row) for row in await redis_client.lrange(window_key(room), 0, -1)]
+    for entry in stored:
+        del entry["message_id"]
+    for reader in readers:
+        await reader.ensure_fresh_from_redis(room)
+        assert reader.get_messages(room) == stored
+    after = (await redis_client.info("commandstats"))["cmdstat_exec"]["calls"]
+    assert after - executed >= len(readers)  # each cold read went as one MULTI

@@ -197,10 +197,12 @@ class Window:
 
     def push_decoded(self, held: Sequence[Held]) -> int:
         """Append rows ``decode_rows`` made; returns how many were corrupt."""
-        roles = [role for _, _, role in held]
+        if not held:
+            return 0
+        cells, ids, roles = zip(*held, strict=True)  # one pass, not three
         bad = roles.count(None)
-        self.cells.extend([cell for cell, _, _ in held])
-        self.ids.extend([identity for _, identity, _ in held])
+        self.cells.extend(cells)
+        self.ids.extend(ids)
         self.roles.extend(roles)
         self.corrupt += bad
         return bad

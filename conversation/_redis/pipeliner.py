@@ -63,16 +63,21 @@ def _missing(result: Any) -> bool:
 
 def _no_functions(result: Any) -> bool:
     """A reply saying the server has no FCALL (it did not run)."""
+    # The type first: a reply (a snapshot of a thousand rows) is never made text.
+    if not isinstance(result, ResponseError):
+        return False
     text = str(result).lower()
-    return isinstance(result, ResponseError) and "unknown command" in text and "fcall" in text
+    return "unknown command" in text and "fcall" in text
 
 
 @dataclass(slots=True)
 class _Call:
     script: Script
-    keys: list[str]
+    keys: Sequence[Arg]
     args: list[Arg]
     future: asyncio.Future[Any] | None  # None: sent directly (Pipeliner.run)
+    # A command run right after the script in one MULTI (see Pipeliner.run).
+    alongside: tuple[Arg, ...] | None = None
 
 
 class Pipeliner:
@@ -105,10 +110,29 @@ class Pipeliner:
         self._repair: asyncio.Task[None] | None = None
         # Whether calls go by FCALL: until the server says it has no functions.
         self._functions = functions_enabled() if functions is None else functions
+        self._heads: dict[tuple[str, int, bool], tuple[Arg, ...]] = {}
 
-    async def run(self, script: Script, keys: list[str], args: list[Arg], direct: bool) -> Any:
+    @property
+    def transactions(self) -> bool:
+        """Whether ``run`` takes ``alongside``: not on a Cluster with
+        ``min_replicas`` (each primary's calls then go as one pinned pipeline with
+        its WAIT, see ``_execute_cluster_waiting``)."""
+        return not (self._cluster and self._min_replicas)
+
+    async def run(
+        self,
+        script: Script,
+        keys: Sequence[Arg],
+        args: list[Arg],
+        direct: bool,
+        alongside: tuple[Arg, ...] | None = None,
+    ) -> Any:
         """Run one script call; ``direct``: send it at once from the caller's task
         if no other call is outstanding (else it joins the tick's pipeline).
+
+        ``alongside`` (only where ``transactions``): a command sent right after the
+        script in one ``MULTI``, so it sees exactly the state the script left; the
+        reply is then ``[script's reply, its reply]``.
 
         A caller awaiting its own write asks for ``direct``: a lone call then skips
         the flush task, two loop iterations fewer per awaited write. Under load
@@ -116,20 +140,26 @@ class Pipeliner:
         background persists always do.
         """
         if not direct or self._outstanding:
-            return await self.call(script, keys, args)
+            return await self.call(script, keys, args, alongside)
         self._outstanding += 1
         try:
-            (result,) = await self._results([_Call(script, keys, args, None)])
+            (result,) = await self._results([_Call(script, keys, args, None, alongside)])
         finally:
             self._outstanding -= 1
         if isinstance(result, Exception):
             raise result
         return result
 
-    def call(self, script: Script, keys: list[str], args: list[Arg]) -> asyncio.Future[Any]:
+    def call(
+        self,
+        script: Script,
+        keys: Sequence[Arg],
+        args: list[Arg],
+        alongside: tuple[Arg, ...] | None = None,
+    ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append(_Call(script, keys, args, future))
+        self._queue.append(_Call(script, keys, args, future, alongside))
         self._outstanding += 1
         if not self._scheduled:
             self._scheduled = True
@@ -234,9 +264,15 @@ class Pipeliner:
             await self._redis.script_load(script.source)
 
     def _command(self, call: _Call) -> tuple[Arg, ...]:
-        if self._functions:
-            return ("FCALL", call.script.function, len(call.keys), *call.keys, *call.args)
-        return ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+        # The command's head, encoded once per script and key count: redis-py
+        # encodes every argument of every call, and bytes are its fast path.
+        form = (call.script.name, len(call.keys), self._functions)
+        head = self._heads.get(form)
+        if head is None:
+            named = call.script.function if self._functions else call.script.sha
+            head = ("FCALL" if self._functions else "EVALSHA", named.encode(), b"%d" % form[1])
+            self._heads[form] = head
+        return (*head, *call.keys, *call.args)
 
     async def _execute(self, calls: list[_Call]) -> list[Any]:
         self._stats.round_trips += 1
@@ -248,20 +284,29 @@ class Pipeliner:
             if self._cluster:
                 return await self._execute_cluster_waiting(calls)
             return await self._execute_pipelined(calls, wait=True)
-        if len(calls) == 1:
+        if len(calls) == 1 and (calls[0].alongside is None or self._cluster):
             # Awaited in place: a gather would make a task for the one call that
             # every awaited write sends.
+            call = calls[0]
             try:
-                outcome = await self._evalsha(calls[0])
+                if call.alongside is None:
+                    outcome = await self._evalsha(call)
+                else:
+                    outcome = await self._transaction(call)
             except Exception as exc:
                 outcome = exc
             return _per_call([outcome])
         if self._cluster:
             # redis-py refuses EVALSHA (and FCALL) inside a cluster pipeline: on a cluster the
             # tick's calls go out concurrently instead, each to its slot's primary,
-            # and a dead primary fails only its own rooms' calls.
+            # and a dead primary fails only its own rooms' calls. A call with an
+            # alongside goes as a cluster transaction (which does take scripts).
             outcomes = await asyncio.gather(
-                *(self._evalsha(call) for call in calls), return_exceptions=True
+                *(
+                    self._evalsha(call) if call.alongside is None else self._transaction(call)
+                    for call in calls
+                ),
+                return_exceptions=True,
             )
             return _per_call(outcomes)
         return await self._execute_pipelined(calls, wait=False)
@@ -271,12 +316,30 @@ class Pipeliner:
         connection, so WAIT counts the replicas that hold everything they wrote."""
         pipe = self._redis.pipeline(transaction=False)
         for call in calls:
+            if call.alongside is None:
+                pipe.execute_command(*self._command(call))
+                continue
+            # A MULTI block inside the batch: redis-py's transaction pipeline would
+            # make it a batch of its own (and raise, not report, a queuing error).
+            pipe.execute_command("MULTI")
             pipe.execute_command(*self._command(call))
+            pipe.execute_command(*call.alongside)
+            pipe.execute_command("EXEC")
+        if wait:
+            pipe.execute_command("WAIT", self._min_replicas, self._replica_timeout_ms)
+        replies = list(await pipe.execute(raise_on_error=False))
+        results: list[Any] = []
+        at = 0
+        for call in calls:
+            if call.alongside is None:
+                results.append(replies[at])
+                at += 1
+            else:
+                results.append(_transaction_result(replies[at : at + 4]))
+                at += 4
         if not wait:
-            return list(await pipe.execute(raise_on_error=False))
-        pipe.execute_command("WAIT", self._min_replicas, self._replica_timeout_ms)
-        *results, confirmed = await pipe.execute(raise_on_error=False)
-        return self._confirm(calls, results, confirmed)
+            return results
+        return self._confirm(calls, results, replies[at])
 
     async def _execute_cluster_waiting(self, calls: list[_Call]) -> list[Any]:
         """One pinned pipeline per primary: its scripts, then its WAIT.
@@ -361,16 +424,26 @@ class Pipeliner:
         return checked
 
     async def _evalsha(self, call: _Call) -> Any:
+        _name, named, count, *rest = self._command(call)
         try:
             if self._functions:
-                return await self._redis.fcall(
-                    call.script.function, len(call.keys), *call.keys, *call.args
-                )
-            return await self._redis.evalsha(
-                call.script.sha, len(call.keys), *call.keys, *call.args
-            )
+                return await self._redis.fcall(named, count, *rest)
+            return await self._redis.evalsha(named, count, *rest)
         except ResponseError as exc:  # NOSCRIPT and "Function not found" included
             return exc  # per call, as a pipeline reports it
+
+    async def _transaction(self, call: _Call) -> Any:
+        """On a Cluster: the call and its ``alongside`` in one MULTI on the slot's
+        primary (redis-py's cluster transaction: both name the room's slot)."""
+        assert call.alongside is not None
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.execute_command(*self._command(call))
+                pipe.execute_command(*call.alongside)
+                script, alongside = await pipe.execute(raise_on_error=False)
+        except ResponseError as exc:  # refused while queuing: nothing ran
+            return exc
+        return script if isinstance(script, Exception) else [script, alongside]
 
     async def wait_idle(self) -> None:
         while self._tasks:
@@ -449,6 +522,20 @@ def _close_orphan(connection: Any) -> None:
         transport._sock = None
     transport._closing = True  # what close() sets first; the stream then knows it is closed
     connection._writer = connection._reader = None
+
+
+def _transaction_result(replies: Sequence[Any]) -> Any:
+    """A call's result from its MULTI, script, alongside, EXEC replies: ``[script's
+    reply, alongside's reply]``, or the error that kept the script from running
+    (queued or not: NOSCRIPT and unknown FCALL then reach the reload path)."""
+    _multi, queued, _alongside, executed = replies
+    if isinstance(queued, Exception):
+        return queued  # refused while queuing (unknown command): EXEC aborted
+    if isinstance(executed, Exception):
+        return executed
+    if isinstance(executed[0], Exception):
+        return executed[0]
+    return list(executed)
 
 
 def _per_call(outcomes: Sequence[Any]) -> list[Any]:

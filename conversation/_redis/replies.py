@@ -36,7 +36,7 @@ class SyncReply:
     """A parsed reply of any script (see ``lua/_lib.lua``)."""
 
     status: int
-    kind: int  # 0 nothing changed, 1 incremental, 2 snapshot
+    kind: int  # 0 nothing changed, 1 incremental, 2 snapshot (3 on the wire: see parse)
     version: int
     tag: str = ""  # the lineage tag of ``version`` (see lua/_lib.lua), sent back with it
     epoch: str = ""
@@ -48,14 +48,20 @@ class SyncReply:
     rows: list[bytes] = field(default_factory=list)
 
     @classmethod
-    def parse(cls, raw: list[Any]) -> SyncReply:
+    def parse(cls, raw: list[Any], rows: list[Any] | None = None) -> SyncReply:
+        """``rows``: the reply of the LRANGE sent in the script's MULTI, if one was;
+        a snapshot of kind 3 (its header alone) takes its rows from it."""
         status, kind = int(raw[0]), int(raw[1])
         if kind == 0:
             return cls(status, kind, int(raw[2]), _text(raw[3]))
-        if kind == 2:
+        if kind == 3:
+            if rows is None:
+                raise ValueError("a snapshot without its rows: no LRANGE went with the script")
+            raw = [*raw[:8], *rows]
+        if kind in (2, 3):
             return cls(
                 status,
-                kind,
+                2,
                 int(raw[3]),
                 _text(raw[4]),
                 epoch=_text(raw[2]),
@@ -80,7 +86,8 @@ class SyncReply:
         )
 
     def payload_bytes(self) -> int:
-        return sum(len(row) for row in self.rows) + sum(len(row) for _, row in self.replaced)
+        # map, not a generator: a snapshot has a thousand rows to count.
+        return sum(map(len, self.rows)) + sum(len(row) for _, row in self.replaced)
 
 
 def _text(value: Any) -> str:

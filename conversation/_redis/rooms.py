@@ -7,6 +7,7 @@ when ``min_replicas`` asks); every reply is parsed into a ``SyncReply``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import secrets
@@ -43,6 +44,13 @@ def index_ranges(indexes: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
+@functools.lru_cache(maxsize=4096)
+def _sync_keys(keys: RoomKeys) -> tuple[bytes, ...]:
+    """KEYS of ``lua/sync.lua``: the first four only (it reads no other key),
+    encoded once per room (every warm read sends them)."""
+    return tuple(key.encode() for key in keys.as_list()[:4])
+
+
 class DeferredEventsWaiting(Exception):
     """The append refused: events wait for some of its rows (``pending``: each
     message's identity field and its events as stored). Apply them and send again."""
@@ -74,6 +82,12 @@ class RoomStore:
         # None: the archive lives as long as the room's other keys.
         self._archive_ttl_ms = ttl_ms if archive_ttl_ms is None else archive_ttl_ms
         self._default_limit = default_limit
+        # ARGV[6], [7] and [9] of every call, encoded once (redis-py's fast path).
+        self._constants = (
+            b"%d" % ttl_ms,
+            b"%d" % default_limit,
+            b"%d" % self._archive_ttl_ms,
+        )
         self._timeout = command_timeout
         self._pipeliner_settings = (min_replicas, replica_timeout_ms)
         self._pipeliner = self._new_pipeliner()
@@ -97,16 +111,17 @@ class RoomStore:
         forget_pooled_connections(self.redis)
 
     def _common(self, state: SyncedState, token: str, fresh_epoch: str) -> list[Arg]:
+        ttl, limit, archive_ttl = self._constants
         return [
             lineage(state.epoch, state.tag),
             state.version,
             state.head,
             state.size,
             token,
-            self._ttl_ms,
-            self._default_limit,
+            ttl,
+            limit,
             fresh_epoch,
-            self._archive_ttl_ms,
+            archive_ttl,
         ]
 
     async def _run(
@@ -141,12 +156,26 @@ class RoomStore:
         The reply's status is 2 when every token landed, else 0.
         """
         args = self._common(state, "", "")
+        # A caller that knows nothing gets a snapshot: its rows come from a plain
+        # LRANGE in the script's MULTI (lua/sync.lua), not copied through Lua.
+        cold = not state.epoch and not state.version and not state.size
+        alongside = (
+            ("LRANGE", keys.window, 0, -1) if cold and self._pipeliner.transactions else None
+        )
+        args.append("r" if alongside else "")
         args.extend(tokens)
-        raw = await self._pipeliner.run(self.scripts["sync"], keys.as_list(), args, False)
+        raw = await self._pipeliner.run(
+            self.scripts["sync"], _sync_keys(keys), args, True, alongside
+        )
+        rows = None
+        if alongside is not None:
+            raw, rows = raw
+            if isinstance(rows, Exception):
+                raise rows
         flags = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
         flags = "" if flags == "0" else flags
         raw[0] = 2 if flags and set(flags) == {"2"} else 0
-        reply = SyncReply.parse(raw)
+        reply = SyncReply.parse(raw, rows)
         self._stats.bytes_received += reply.payload_bytes()
         return reply, flags
 

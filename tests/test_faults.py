@@ -287,3 +287,30 @@ async def test_scripts_run_as_functions_or_by_sha_and_reload_after_a_flush(
         assert "cmdstat_evalsha" in stats and "cmdstat_fcall" not in stats
         assert libraries == []
     await client.aclose()
+
+
+async def test_a_user_allowed_evalsha_but_not_functions_still_writes(
+    redis_server: RedisServer, make_manager: Make, room: str
+) -> None:
+    """An ACL written before Redis Functions (EVALSHA and SCRIPT allowed, FCALL and
+    FUNCTION not, as ``-@scripting +evalsha +script`` gives) kept working before
+    the scripts ran as functions: a refused FCALL means EVALSHA, not a failed write."""
+    with redis_server.sync_client() as admin:
+        admin.acl_setuser(
+            "oldacl",
+            enabled=True,
+            passwords=["+pw"],
+            keys=["*"],
+            channels=["*"],
+            commands=["+@all", "-@scripting", "+evalsha", "+eval", "+script"],
+        )
+    client = aioredis.Redis(port=redis_server.port, username="oldacl", password="pw")
+    try:
+        manager = make_manager(client, retry_backoff=(0.01, 0.05))
+        await manager.append_async(room, "user", "[Message ID: 1] one")
+        assert await manager.update_message_async(room, 1, "[Message ID: 1] edited")
+        reader = make_manager(client)
+        messages = await reader.get_messages_async(room)
+        assert [m["content"] for m in messages] == ["[Message ID: 1] edited"]
+    finally:
+        await client.aclose()

@@ -12,11 +12,12 @@ write that too few replicas confirmed fails with ``ReplicationTimeout``.
 
 Scripts run as Redis Functions (``FCALL`` of the family's library, see
 ``scripts.py``) unless the server has none (it answers ``FCALL`` with "unknown
-command": from then on ``EVALSHA``), or ``CONVERSATION_FUNCTIONS=0`` forces
-``EVALSHA`` (for a proxy that does not pass ``FCALL`` on, or to compare). A missing
-function or script (a restart without persistence, ``FUNCTION FLUSH``,
-``SCRIPT FLUSH``, a failover) is the one reload path: the family is loaded again
-and only the calls that did not run are sent again.
+command", or the client's ACL user may not run it: from then on ``EVALSHA``),
+or ``CONVERSATION_FUNCTIONS=0`` forces ``EVALSHA`` (for a proxy that does not
+pass ``FCALL`` on, or to compare). A missing function or script (a restart
+without persistence, ``FUNCTION FLUSH``, ``SCRIPT FLUSH``, a failover) is the one
+reload path: the family is loaded again and only the calls that did not run are
+sent again.
 """
 
 from __future__ import annotations
@@ -61,13 +62,19 @@ def _missing(result: Any) -> bool:
     )
 
 
+def _refused(text: str) -> bool:
+    # No such command, or an ACL that does not allow it (one written before Redis
+    # Functions: EVALSHA and SCRIPT allowed, FCALL and FUNCTION not).
+    return "unknown command" in text or "no permissions" in text
+
+
 def _no_functions(result: Any) -> bool:
-    """A reply saying the server has no FCALL (it did not run)."""
+    """A reply saying this client may not FCALL here (it did not run)."""
     # The type first: a reply (a snapshot of a thousand rows) is never made text.
     if not isinstance(result, ResponseError):
         return False
     text = str(result).lower()
-    return "unknown command" in text and "fcall" in text
+    return _refused(text) and "fcall" in text
 
 
 @dataclass(slots=True)
@@ -224,7 +231,7 @@ class Pipeliner:
             async with asyncio.timeout(self._timeout):
                 results = await self._execute(calls)
             if self._functions and any(map(_no_functions, results)):
-                self._functions = False  # a server without functions: EVALSHA from now on
+                self._functions = False  # no functions for us here: EVALSHA from now on
             retry = [
                 call
                 for call, result in zip(calls, results, strict=True)
@@ -257,9 +264,9 @@ class Pipeliner:
                 await self._redis.function_load(self._scripts.library, replace=True)
                 return
             except ResponseError as exc:
-                if "unknown command" not in str(exc).lower():
+                if not _refused(str(exc).lower()):
                     raise
-                self._functions = False  # a server without functions
+                self._functions = False  # a server (or an ACL user) without functions
         for script in self._scripts.values():
             await self._redis.script_load(script.source)
 

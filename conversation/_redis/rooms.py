@@ -164,8 +164,13 @@ class RoomStore:
         )
         args.append("r" if alongside else "")
         args.extend(tokens)
+        # Not direct: a read's caller gives up after command_timeout (the manager
+        # serves memory then), and a command the caller's own task sends cannot
+        # be left that fast: cancelled, redis-py releases its connection through
+        # the pool, whose lock a reconnect to a stalled server holds for as long
+        # again (tests/test_hardening.py, a read behind a stalled persist).
         raw = await self._pipeliner.run(
-            self.scripts["sync"], _sync_keys(keys), args, True, alongside
+            self.scripts["sync"], _sync_keys(keys), args, False, alongside
         )
         rows = None
         if alongside is not None:

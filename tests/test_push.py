@@ -293,3 +293,57 @@ async def test_a_user_without_channel_rights_writes_and_push_reads_sync(
         assert reader.stats()["push_reads"] == 0
     finally:
         await client.aclose()
+
+
+def test_a_loop_ends_even_if_a_redis_call_turns_the_listeners_cancellation_into_an_error(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation can come back out of redis-py as a lost connection (or be
+    lost, Python 3.11's ``wait_for``): the listener must not connect again, or
+    the ``asyncio.run`` that cancels it on its way out never returns."""
+    import asyncio
+    import threading
+
+    from redis.asyncio.client import PubSub
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    entered = threading.Event()
+    turned: list[bool] = []
+
+    async def ping_that_turns_a_cancel_into_an_error(
+        self: PubSub, *args: Any, **kwargs: Any
+    ) -> None:
+        entered.set()
+        try:
+            await asyncio.sleep(3600)  # a PING the server never answers
+        except asyncio.CancelledError:
+            turned.append(True)
+            raise RedisConnectionError("connection lost while cancelled") from None
+
+    monkeypatch.setattr(PubSub, "ping", ping_that_turns_a_cancel_into_an_error)
+    room = "test:push-lost-cancel"
+    client = aioredis.Redis(port=redis_server.port)
+    reader = ConversationManager(None, redis=client, freshness="push")
+
+    async def phase() -> None:
+        await reader.append_async(room, "user", "one")
+        await reader.get_messages_async(room)  # the listener starts, and pings
+        await wait_until(entered.is_set, what="the listener to send its PING")
+
+    done = threading.Event()
+
+    def run() -> None:
+        asyncio.run(phase())  # cancels the listener on its way out
+        done.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert done.is_set(), "asyncio.run never returned: the listener outlived its cancellation"
+    assert turned == [True]
+
+    async def close() -> None:
+        await reader.aclose()
+        await client.aclose()
+
+    asyncio.run(close())

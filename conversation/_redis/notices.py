@@ -54,6 +54,23 @@ def _consume(future: asyncio.Future[Any]) -> None:
 
 Notice = Callable[[bytes, str, int], None]
 
+
+def _raise_if_cancelled() -> None:
+    """Go on cancelling a task whose cancellation was swallowed.
+
+    A cancellation can come back out of redis-py as something else: on Python
+    3.11 the ``asyncio.wait_for`` under every send (its socket timeout) loses one
+    that arrives as the send completes (CPython gh-86296), and a cancelled read
+    can surface as a lost connection. The listener would then connect again (a
+    reader task the cancelling ``asyncio.run`` never saw), and that
+    ``asyncio.run`` would wait for it forever. The task still counts the
+    request (``cancelling()``), so each turn asks.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 # Generations are unique across every listener of the process, so a room that a
 # Cluster moved from one node's listener to another's is never vouched for by a
 # number that only happens to match.
@@ -208,6 +225,7 @@ class NoticeListener:
     async def _run(self) -> None:
         failures = 0
         while not self._closed:
+            _raise_if_cancelled()
             try:
                 await self._serve()
             except asyncio.CancelledError:
@@ -247,6 +265,7 @@ class NoticeListener:
         interval = self.lease / 4
         next_ping = 0.0
         while True:
+            _raise_if_cancelled()
             if reader.done():
                 reader.result()  # its error ends this connection
                 return
@@ -289,6 +308,7 @@ class NoticeListener:
 
     async def _read(self, pubsub: PubSub) -> None:
         while True:
+            _raise_if_cancelled()
             message = await pubsub.get_message(timeout=None)
             if message is None:
                 continue

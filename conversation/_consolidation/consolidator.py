@@ -235,11 +235,11 @@ class Consolidator:
             while True:
                 state = room.synced if engine.store is not None else room.view
                 read_limit = await self._read_limit(room_id, state)
-                plan = plan_fold(state, self.config, keep, read_limit)
+                plan = await plan_fold(state, self.config, keep, read_limit)
                 if plan is None:
                     outcome: Literal["nothing_to_fold", "waiting_for_cursors"] = (
                         "waiting_for_cursors"
-                        if read_limit is not None and plan_fold(state, self.config, keep)
+                        if read_limit is not None and can_fold(state, self.config, keep)
                         else "nothing_to_fold"
                     )
                     return ConsolidationResult(room_id, outcome, 0, None, attempts, calls)

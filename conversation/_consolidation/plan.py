@@ -23,6 +23,7 @@ from .._entries import (
     first_text,
     is_summary,
     message_of,
+    row_of,
 )
 from .config import ConsolidationConfig
 
@@ -174,14 +175,23 @@ def can_fold(state: RoomState, config: ConsolidationConfig, keep_recent: int) ->
     return _bounds(state, config, keep_recent, None) is not None
 
 
-def plan_fold(
+#: Bytes of rows a plan writes between two yields to the loop (see ``plan_fold``).
+PLAN_SLICE_BYTES = 1024 * 1024
+
+
+async def plan_fold(
     state: RoomState,
     config: ConsolidationConfig,
     keep_recent: int,
     read_limit: int | None = None,
 ) -> FoldPlan | None:
     """``read_limit``: fold none of the window's rows from this index on (rows the
-    ``wait_for_cursors`` readers have not read); None: no such limit."""
+    ``wait_for_cursors`` readers have not read); None: no such limit.
+
+    The window holds rows decoded, so the plan writes their bytes again: a window
+    of images is a hundred megabytes of ``orjson.dumps``, done in slices that
+    yield to the loop, from the rows as they stood when the plan was called (the
+    held rows are immutable, so the lists are copied, not the rows)."""
     bounds = _bounds(state, config, keep_recent, read_limit)
     if bounds is None:
         return None
@@ -192,15 +202,24 @@ def plan_fold(
         previous_id = window.ids[0]
         previous_text = _summary_text(window.row(0), config.summary_prefix)
         seq = _summary_seq(previous_id) + 1
-    rows = [window.row(index) for index in range(end)]
+    epoch, head, version, tag = state.epoch, state.head, state.version, state.tag
+    cells, ids, roles = window.cells[:end], window.ids[:end], window.roles[:end]
+    rows: list[bytes] = []
+    written = 0
+    for cell, identity, role in zip(cells, ids, roles, strict=True):
+        rows.append(row_of(cell, identity, role))
+        written += len(rows[-1])
+        if written > PLAN_SLICE_BYTES:
+            written = 0
+            await asyncio.sleep(0)
     return FoldPlan(
-        epoch=state.epoch,
-        head=state.head,
-        version=state.version,
-        tag=state.tag,
+        epoch=epoch,
+        head=head,
+        version=version,
+        tag=tag,
         rows=rows,
         keep=keep,
-        keep_meta=(window.ids[keep], window.roles[keep]) if keep >= 0 else (None, None),
+        keep_meta=(ids[keep], roles[keep]) if keep >= 0 else (None, None),
         archived=archived,
         folded=[rows[i] for i in archived],
         corrupt=end - start - len(archived) - (1 if keep >= 0 else 0),
